@@ -1,0 +1,87 @@
+"""busway: a lightweight enterprise service bus and message router on NATS JetStream.
+
+The public API. Everything else lives in `busway._*` modules and may change without notice.
+
+    import anyio, busway
+
+    async def main() -> None:
+        async with busway.Bus.from_file("busway.toml") as bus:
+            await bus.wait_until_stopped()
+
+    anyio.run(main)
+"""
+
+from busway._bus import Bus
+from busway._components import (
+    BuildContext,
+    Message,
+    PublishAck,
+    Publisher,
+    Sink,
+    Source,
+    SourceContext,
+)
+from busway._config import (
+    Config,
+    DeadLetterConfig,
+    HttpConfig,
+    NatsConfig,
+    RetryPolicy,
+    RouteConfig,
+    SinkConfig,
+    SourceConfig,
+    StreamConfig,
+    decode_config,
+    load_config,
+)
+from busway._durations import Duration
+from busway._errors import (
+    BatchError,
+    BuswayError,
+    ConfigError,
+    DeliveryError,
+    PermanentError,
+    PublishError,
+    RetryableError,
+    StartupError,
+)
+from busway._metrics import ComponentStats
+from busway._registry import Adapter, AdapterRegistry, default_registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterRegistry",
+    "BatchError",
+    "BuildContext",
+    "Bus",
+    "BuswayError",
+    "ComponentStats",
+    "Config",
+    "ConfigError",
+    "DeadLetterConfig",
+    "DeliveryError",
+    "Duration",
+    "HttpConfig",
+    "Message",
+    "NatsConfig",
+    "PermanentError",
+    "PublishAck",
+    "PublishError",
+    "Publisher",
+    "RetryPolicy",
+    "RetryableError",
+    "RouteConfig",
+    "Sink",
+    "SinkConfig",
+    "Source",
+    "SourceConfig",
+    "SourceContext",
+    "StartupError",
+    "StreamConfig",
+    "__version__",
+    "decode_config",
+    "default_registry",
+    "load_config",
+]

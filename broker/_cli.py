@@ -1,0 +1,123 @@
+"""The `busway` command: a thin layer over `Bus` and `load_config`.
+
+    busway run busway.toml      run until SIGINT/SIGTERM, then stop gracefully (exit 0)
+    busway check busway.toml    decode and compile everything without connecting
+
+Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from busway import __version__
+from busway._bus import Bus
+from busway._config import load_config, locate_in_file
+from busway._errors import BuswayError, ConfigError, StartupError
+from busway._logging import configure_logging
+from busway._plan import build_plan
+from busway._registry import default_registry
+
+__all__ = ["main"]
+
+logger = logging.getLogger("busway")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `busway` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    handler = _COMMANDS[args.command]
+    return handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="busway",
+        description="A lightweight enterprise service bus on NATS JetStream.",
+    )
+    parser.add_argument("--version", action="version", version=f"busway {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="run the daemon for a config file")
+    run.add_argument("config", help="path of the busway TOML file")
+    run.add_argument("--log-format", choices=["human", "json"], default="human")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    check = commands.add_parser(
+        "check", help="validate a config file: decode, compile expressions, build adapters"
+    )
+    check.add_argument("config", help="path of the busway TOML file")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    try:
+        bus_config = load_config(
+            args.config, source_types=registry.source_config, sink_types=registry.sink_config
+        )
+        plan = build_plan(bus_config, registry, file=args.config)
+    except ConfigError as exc:
+        exc = locate_in_file(exc, args.config) if exc.line is None else exc
+        print(f"busway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(
+        f"{args.config}: ok ({len(bus_config.streams)} stream(s), {len(plan.sources)} source(s), "
+        f"{len(plan.routes)} route(s), {len(plan.sinks)} sink(s))"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(log_format=args.log_format, level=args.log_level)
+    try:
+        bus = Bus.from_file(args.config)
+    except ConfigError as exc:
+        logger.error("invalid configuration: %s", exc)
+        return EXIT_CONFIG
+    try:
+        anyio.run(_serve, bus, backend="asyncio", backend_options={"use_uvloop": True})
+    except StartupError as exc:
+        logger.error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    except BuswayError as exc:
+        logger.error("stopped on error: %s", exc)
+        return EXIT_FAILURE
+    logger.info("stopped")
+    return 0
+
+
+async def _serve(bus: Bus) -> None:
+    """Run `bus` until SIGINT/SIGTERM; a second signal, or a stuck drain, forces the exit."""
+    grace = float(bus.config.shutdown_timeout) + 15
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if bus.stopping:
+                        logger.warning("second %s: stopping now", signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
+                    logger.info("%s received: stopping", signal.Signals(signum).name)
+                    bus.stop()
+                    tg.cancel_scope.deadline = anyio.current_time() + grace
+
+            tg.start_soon(watch_signals)
+            async with bus:
+                await bus.wait_until_stopped()
+            tg.cancel_scope.cancel()
+
+
+_COMMANDS = {"run": _run, "check": _check}

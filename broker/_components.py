@@ -1,0 +1,145 @@
+"""The two interfaces an adapter implements, and what the engine hands them.
+
+A **source** takes messages from the outside world and publishes them into JetStream. It answers
+its peer (an HTTP 202, moving a file to done/, committing a watermark) only after
+`SourceContext.publish` returned, i.e. after JetStream confirmed the message is stored.
+
+A **sink** delivers batches of messages to the outside world. The engine acks every message of a
+batch after `Sink.write` returned; if it raises, the engine decides per message from the error:
+`RetryableError` naks with back-off, `PermanentError` dead-letters, `BatchError` says which
+messages of the batch failed and how. The ack never travels inside the message: the engine keeps
+it beside the batch, so a sink cannot forget or double an ack.
+
+    class PrintSink(Sink):
+        async def write(self, batch: Sequence[Message]) -> None:
+            for message in batch:
+                print(message.subject, message.data)
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from anyio.abc import TaskStatus
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from busway._metrics import ComponentStats
+
+__all__ = [
+    "BuildContext",
+    "Message",
+    "PublishAck",
+    "Publisher",
+    "Sink",
+    "Source",
+    "SourceContext",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildContext:
+    """What an adapter's factory may need besides its own config: where relative paths start."""
+
+    base_dir: Path
+
+    def resolve_path(self, path: str) -> Path:
+        """`path` (with `~` expanded) made absolute against the config file's directory."""
+        return (self.base_dir / Path(path).expanduser()).resolve()
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    """One message delivered to a sink.
+
+    `id` is stable across redeliveries: the `Nats-Msg-Id` the message was published with, or
+    `<stream>:<sequence>` when it had none. Sinks use it to make writes idempotent.
+    """
+
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+    id: str
+    stream: str
+    sequence: int
+    attempt: int
+
+
+@dataclass(slots=True, frozen=True)
+class PublishAck:
+    """JetStream's confirmation that a message is stored (`duplicate`: it already was)."""
+
+    stream: str
+    sequence: int
+    duplicate: bool
+
+
+class Publisher(Protocol):
+    """Publishes into JetStream and returns once the message is stored."""
+
+    async def publish(
+        self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> PublishAck:
+        """Store `data` on `subject`; raises PublishError if JetStream did not confirm it.
+
+        Put a `Nats-Msg-Id` in `headers` to make retries of the same message harmless.
+        """
+        ...
+
+
+@dataclass(kw_only=True)
+class SourceContext:
+    """What the engine gives a source: a publisher, the HTTP listener, metrics and a logger."""
+
+    name: str
+    publisher: Publisher
+    stats: ComponentStats
+    logger: logging.Logger
+    http_routes: list[BaseRoute] | None = field(default=None)
+
+    def add_http_route(self, route: BaseRoute) -> None:
+        """Serve `route` on the shared HTTP listener; only during `Source.run` start-up."""
+        if self.http_routes is None:
+            from busway._errors import ConfigError
+
+            raise ConfigError(
+                f"source {self.name!r} serves HTTP but [http] listen is not set: "
+                'add `[http] listen = "127.0.0.1:8080"`'
+            )
+        self.http_routes.append(route)
+
+
+class Source(abc.ABC):
+    """An inbound adapter: brings messages into JetStream."""
+
+    @abc.abstractmethod
+    async def run(self, context: SourceContext, *, task_status: TaskStatus[None]) -> None:
+        """Run until cancelled; call `task_status.started()` once ready to take messages.
+
+        Everything that can fail at start-up (binding, connecting, opening) happens before
+        `started()`, so the daemon refuses to start rather than run half-broken.
+        """
+
+
+class Sink(abc.ABC):
+    """An outbound adapter: delivers batches of messages out of the bus."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Acquire resources (files, pools); raise StartupError if the sink cannot work."""
+
+    @abc.abstractmethod
+    async def write(self, batch: Sequence[Message]) -> None:
+        """Deliver every message of `batch` durably, or raise (see the module docstring)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release resources; called once, after the last `write` returned."""
+
+    def ready(self) -> bool:
+        """False while the sink knows it cannot deliver (e.g. disk full); shown in /readyz."""
+        return True

@@ -1,0 +1,570 @@
+"""Configuration as typed data: TOML decoded once into frozen structs, then checked as a whole.
+
+Decoding runs in three steps, each reporting errors as `ConfigError(file, $.key.path, line)`:
+
+1. TOML is parsed and `${ENV_VAR}` / `${file:/path}` references in strings are resolved (`$${`
+   escapes a literal `${`), so secrets stay out of the file.
+2. msgspec converts the document into the structs below (`forbid_unknown_fields` catches typos).
+   Sources and sinks are tagged on `type` and decoded by the struct their adapter registered.
+3. The topology is checked: unique names, valid subjects, every subject read or written is
+   captured by a declared stream, and no route feeds itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from busway._durations import Duration, parse_duration
+from busway._errors import ConfigError
+from busway.routers.subject import covers, is_valid_subject, overlaps
+
+__all__ = [
+    "Config",
+    "DeadLetterConfig",
+    "HttpConfig",
+    "NatsConfig",
+    "RetryPolicy",
+    "RouteConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "StreamConfig",
+    "decode_config",
+    "load_config",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_T = TypeVar("_T")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """(host, port) from a validated `host:port` listen string."""
+    return _split_listen(listen)
+
+
+class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config table: immutable, keyword-only, unknown keys rejected."""
+
+
+class RetryPolicy(_Strict, kw_only=True):
+    """How often and how patiently a failing message is retried before it is dead-lettered.
+
+    The n-th redelivery waits `min(backoff * 2**(n-1), max_backoff)`, with ±20 % jitter so a
+    burst of failures does not come back as a burst.
+    """
+
+    max_attempts: int = 10
+    backoff: Duration = Duration(0.5)
+    max_backoff: Duration = Duration(60.0)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+
+class NatsConfig(_Strict, kw_only=True):
+    """Where JetStream is. Without `servers`, busway runs an embedded nats-server."""
+
+    servers: list[str] | None = None
+    data_dir: str = "var/nats"
+    listen: str = "127.0.0.1:4222"
+    sync: str = "always"
+    name: str = "busway"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    credentials: str | None = None
+    connect_timeout: Duration = Duration(5.0)
+    publish_timeout: Duration = Duration(10.0)
+    publish_window: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.sync != "always":
+            parse_duration(self.sync)
+        if self.publish_window < 1:
+            raise ValueError("publish_window must be at least 1")
+        _split_listen(self.listen)
+
+
+class HttpConfig(_Strict, kw_only=True):
+    """The shared HTTP listener: HTTP sources, `/metrics`, `/healthz`, `/readyz`."""
+
+    listen: str | None = "127.0.0.1:8080"
+
+    def __post_init__(self) -> None:
+        if self.listen is not None:
+            _split_listen(self.listen)
+
+
+class StreamConfig(_Strict, kw_only=True):
+    """A JetStream stream busway creates (or, with `create = false`, expects to exist).
+
+    `duplicate_window` must cover a restart plus the consumers' `ack_wait`: a message redelivered
+    after a crash republishes its outputs with the same `Nats-Msg-Id`, which the stream drops only
+    while the first copy is inside the window.
+    """
+
+    name: str
+    subjects: list[str]
+    duplicate_window: Duration = Duration(300.0)
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
+    max_age: Duration | None = None
+    max_bytes: int | None = None
+    max_msgs: int | None = None
+    create: bool = True
+
+
+class DeadLetterConfig(_Strict, kw_only=True):
+    """Where messages that cannot be handled go: `<subject_prefix>.<component name>`."""
+
+    stream: str = "BUSWAY_DEADLETTER"
+    subject_prefix: str = "busway.deadletter"
+    max_age: Duration = Duration(14 * 86400.0)
+
+
+class _Consumer(_Strict, kw_only=True):
+    """What every component that reads from JetStream shares (routes and sinks)."""
+
+    name: str
+    from_: str = msgspec.field(name="from")
+    stream: str | None = None
+    dead_letter: str | None = None
+    max_in_flight: int = 1024
+    ack_wait: Duration = Duration(30.0)
+    retry: RetryPolicy = RetryPolicy()
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+
+
+class RouteConfig(_Consumer, kw_only=True):
+    """A route: read `from`, keep what `when` matches, reshape with `transform`, publish `to`."""
+
+    to: list[str]
+    when: str | None = None
+    transform: str | None = None
+
+
+class SourceConfig(_Strict, kw_only=True, tag_field="type"):
+    """Base of every source adapter's config.
+
+    An adapter subclasses it as `class MyConfig(SourceConfig, tag="my-type", kw_only=True)`.
+    """
+
+    name: str
+    subject: str
+
+
+class SinkConfig(_Consumer, kw_only=True, tag_field="type"):
+    """Base of every sink adapter's config.
+
+    An adapter subclasses it as `class MyConfig(SinkConfig, tag="my-type", kw_only=True)`.
+
+    A sink receives batches of up to `batch_size` messages, waiting at most `batch_wait` to fill
+    one, so a sink that fsyncs or commits per batch amortises it without adding latency at low
+    load.
+    """
+
+    batch_size: int = 256
+    batch_wait: Duration = Duration(0.005)
+
+
+class Config(_Strict, kw_only=True):
+    """A whole busway deployment: where NATS is, what streams exist, what flows where."""
+
+    nats: NatsConfig = NatsConfig()
+    http: HttpConfig = HttpConfig()
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
+    shutdown_timeout: Duration = Duration(15.0)
+    streams: list[StreamConfig] = []
+    routes: list[RouteConfig] = []
+    sources: tuple[SourceConfig, ...] = ()
+    sinks: tuple[SinkConfig, ...] = ()
+    base_dir: str = "."
+    """Directory relative paths are resolved against: the config file's own directory."""
+
+    def resolve_path(self, path: str) -> Path:
+        """`path` made absolute against the config file's directory."""
+        return (Path(self.base_dir) / os.path.expanduser(path)).resolve()
+
+    def stream_for(self, subject: str) -> StreamConfig | None:
+        """The declared stream that captures `subject` (a pattern is captured if covered)."""
+        for stream in self.streams:
+            if any(covers(pattern, subject) for pattern in stream.subjects):
+                return stream
+        if covers(f"{self.dead_letter.subject_prefix}.>", subject):
+            return self.dead_letter_stream
+        return None
+
+    @property
+    def dead_letter_stream(self) -> StreamConfig:
+        """The stream busway creates for dead letters of every route and sink."""
+        return StreamConfig(
+            name=self.dead_letter.stream,
+            subjects=[f"{self.dead_letter.subject_prefix}.>"],
+            max_age=self.dead_letter.max_age,
+        )
+
+    def dead_letter_subject(self, component: _Consumer) -> str:
+        """Where `component` dead-letters: its own `dead_letter`, or the shared prefix."""
+        return component.dead_letter or f"{self.dead_letter.subject_prefix}.{component.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+SourceTypes = Callable[[str], type[SourceConfig] | None]
+SinkTypes = Callable[[str], type[SinkConfig] | None]
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    source_types: SourceTypes,
+    sink_types: SinkTypes,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Read and decode the TOML file at `path`; see `decode_config`."""
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror}", file=file) from None
+    return decode_config(
+        text,
+        file=file,
+        base_dir=str(Path(file).resolve().parent),
+        source_types=source_types,
+        sink_types=sink_types,
+        environ=environ,
+    )
+
+
+def decode_config(
+    text: str,
+    *,
+    file: str = "<config>",
+    base_dir: str = ".",
+    source_types: SourceTypes,
+    sink_types: SinkTypes,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Decode TOML `text` into a checked `Config`.
+
+    `source_types` / `sink_types` map a `type = "..."` name to its adapter's config struct (the
+    adapter registry provides them). Raises ConfigError naming file, key path and line.
+    """
+
+    def located(error: ConfigError) -> ConfigError:
+        return error.located(file=file, line=_line_of(text, error.path or "$"))
+
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=file) from None
+    try:
+        document = _interpolate(document, "$", os.environ if environ is None else environ)
+        if not isinstance(document, dict):  # pragma: no cover - tomllib always yields a table
+            raise ConfigError("the config must be a TOML table", path="$")
+        sources = _pop_list(document, "sources")
+        sinks = _pop_list(document, "sinks")
+        document["base_dir"] = base_dir
+        config = _convert(document, Config, "$")
+        config = msgspec.structs.replace(
+            config,
+            sources=tuple(
+                _convert_tagged(raw, f"$.sources[{i}]", source_types, "source")
+                for i, raw in enumerate(sources)
+            ),
+            sinks=tuple(
+                _convert_tagged(raw, f"$.sinks[{i}]", sink_types, "sink")
+                for i, raw in enumerate(sinks)
+            ),
+        )
+        _check_topology(config)
+    except ConfigError as error:
+        raise located(error) from None
+    return config
+
+
+def _pop_list(document: dict[str, Any], key: str) -> list[Any]:
+    value = document.pop(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"expected an array of tables ([[{key}]]), got {_kind(value)}", path=f"$.{key}"
+        )
+    return value
+
+
+def _convert(raw: object, kind: type[_T], path: str) -> _T:
+    try:
+        return msgspec.convert(raw, kind, dec_hook=_decode_hook)
+    except msgspec.ValidationError as exc:
+        detail, _, where = str(exc).rpartition(" - at `")
+        if not detail:
+            detail, where = str(exc), "$`"
+        raise ConfigError(_explain(detail), path=path + where[1:-1]) from None
+
+
+def _convert_tagged(
+    raw: object, path: str, types: Callable[[str], type[_T] | None], role: str
+) -> _T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a table, got {_kind(raw)}", path=path)
+    name = raw.get("type")
+    if not isinstance(name, str):
+        raise ConfigError(f'every {role} needs `type = "..."` naming its adapter', path=path)
+    struct = types(name)
+    if struct is None:
+        raise ConfigError(
+            f"unknown {role} type {name!r}: no installed adapter provides it "
+            f"(adapters register under the 'busway.adapters' entry-point group)",
+            path=f"{path}.type",
+        )
+    return _convert(raw, struct, path)
+
+
+def _decode_hook(kind: type, value: Any) -> Any:
+    if kind is Duration:
+        return parse_duration(value)
+    raise NotImplementedError(kind)
+
+
+def _explain(detail: str) -> str:
+    """msgspec's wording, plus what to do where that is not obvious."""
+    if detail.startswith("Object contains unknown field"):
+        return detail + ": remove it or check its spelling"
+    if detail.startswith("Object missing required field"):
+        return detail.replace("Object", "table", 1)
+    return detail
+
+
+def _kind(value: object) -> str:
+    return {dict: "a table", list: "an array", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ${ENV} and ${file:...} references
+
+_REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+
+
+def _interpolate(value: Any, path: str, environ: os._Environ[str] | dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _resolve_references(value, path, environ) if "${" in value else value
+    if isinstance(value, dict):
+        return {key: _interpolate(item, f"{path}.{key}", environ) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, f"{path}[{i}]", environ) for i, item in enumerate(value)]
+    return value
+
+
+def _resolve_references(text: str, path: str, environ: os._Environ[str] | dict[str, str]) -> str:
+    def replace(found: re.Match[str]) -> str:
+        if found.group(0) == "$${":
+            return "${"
+        reference = found.group(1).strip()
+        if reference.startswith("file:"):
+            file = reference[5:]
+            try:
+                return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read ${{file:{file}}}: {exc.strerror}", path=path
+                ) from None
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", reference):
+            raise ConfigError(
+                f"invalid reference ${{{reference}}}: expected ${{ENV_VAR}} or ${{file:/path}} "
+                "(write $${ for a literal ${)",
+                path=path,
+            )
+        if reference not in environ:
+            raise ConfigError(
+                f"environment variable {reference} is not set (referenced as ${{{reference}}})",
+                path=path,
+            )
+        return environ[reference]
+
+    return _REFERENCE.sub(replace, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-config checks
+
+
+def _check_topology(config: Config) -> None:
+    stream_names: set[str] = set()
+    for i, stream in enumerate(config.streams):
+        path = f"$.streams[{i}]"
+        if not _NAME.match(stream.name):
+            raise ConfigError(
+                f"stream name {stream.name!r} must be 1-64 letters, digits, '-' or '_'",
+                path=f"{path}.name",
+            )
+        if stream.name in stream_names or stream.name == config.dead_letter.stream:
+            raise ConfigError(f"stream name {stream.name!r} is used twice", path=f"{path}.name")
+        stream_names.add(stream.name)
+        if not stream.subjects:
+            raise ConfigError("a stream needs at least one subject", path=f"{path}.subjects")
+        for j, subject in enumerate(stream.subjects):
+            _check_subject(subject, f"{path}.subjects[{j}]", wildcards=True)
+            for k, other in enumerate(config.streams[:i]):
+                if any(overlaps(subject, theirs) for theirs in other.subjects):
+                    raise ConfigError(
+                        f"subject {subject!r} overlaps stream {other.name!r} "
+                        f"($.streams[{k}]); JetStream refuses overlapping streams",
+                        path=f"{path}.subjects[{j}]",
+                    )
+
+    _check_unique_names("routes", [route.name for route in config.routes])
+    _check_unique_names("sources", [source.name for source in config.sources])
+    _check_unique_names("sinks", [sink.name for sink in config.sinks])
+
+    for i, route in enumerate(config.routes):
+        path = f"$.routes[{i}]"
+        _check_consumer(config, route, path)
+        if not route.to:
+            raise ConfigError("a route needs at least one subject in `to`", path=f"{path}.to")
+        for j, target in enumerate(route.to):
+            _check_subject(target, f"{path}.to[{j}]", wildcards=False)
+            _check_captured(config, target, f"{path}.to[{j}]")
+            if covers(route.from_, target):
+                raise ConfigError(
+                    f"route publishes to {target!r}, which its own `from` ({route.from_!r}) "
+                    "matches: it would route its outputs again forever",
+                    path=f"{path}.to[{j}]",
+                )
+    for i, sink in enumerate(config.sinks):
+        _check_consumer(config, sink, f"$.sinks[{i}]")
+    for i, source in enumerate(config.sources):
+        path = f"$.sources[{i}]"
+        if "{" not in source.subject:  # templated subjects are checked by their adapter
+            _check_subject(source.subject, f"{path}.subject", wildcards=False)
+            _check_captured(config, source.subject, f"{path}.subject")
+
+
+def _check_unique_names(kind: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"name {name!r} must be 1-64 letters, digits, '-' or '_' "
+                "(it names the JetStream consumer)",
+                path=f"$.{kind}[{i}].name",
+            )
+        if name in seen:
+            raise ConfigError(
+                f"name {name!r} is used twice in [[{kind}]]", path=f"$.{kind}[{i}].name"
+            )
+        seen.add(name)
+
+
+def _check_consumer(config: Config, component: _Consumer, path: str) -> None:
+    _check_subject(component.from_, f"{path}.from", wildcards=True)
+    if component.stream is None:
+        _check_captured(config, component.from_, f"{path}.from")
+    elif component.stream not in {stream.name for stream in config.streams}:
+        raise ConfigError(
+            f"stream {component.stream!r} is not declared: add a [[streams]] table for it "
+            "(with `create = false` if it is managed elsewhere)",
+            path=f"{path}.stream",
+        )
+    dead_letter = config.dead_letter_subject(component)
+    _check_subject(dead_letter, f"{path}.dead_letter", wildcards=False)
+    _check_captured(config, dead_letter, f"{path}.dead_letter")
+
+
+def _check_subject(subject: str, path: str, *, wildcards: bool) -> None:
+    if not is_valid_subject(subject, wildcards=wildcards):
+        expected = (
+            "dot-separated tokens; `*` for one token, `>` for the rest"
+            if wildcards
+            else "dot-separated tokens without wildcards"
+        )
+        raise ConfigError(f"invalid subject {subject!r}: expected {expected}", path=path)
+
+
+def _check_captured(config: Config, subject: str, path: str) -> None:
+    if config.stream_for(subject) is None:
+        raise ConfigError(
+            f"no stream captures subject {subject!r}: add it to the `subjects` of a [[streams]] "
+            "table (messages are only durable inside a stream)",
+            path=path,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Line numbers for key paths
+
+
+def locate_in_file(error: ConfigError, file: str | os.PathLike[str]) -> ConfigError:
+    """`error` (found after decoding, e.g. by compiling an expression) placed in `file`."""
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError:
+        return error
+    return error.located(file=os.fspath(file), line=_line_of(text, error.path or "$"))
+
+
+_HEADER = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]?\]\s*(#.*)?$")
+_PATH_TOKEN = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]")
+
+
+def _line_of(text: str, path: str) -> int | None:
+    """Best-effort 1-based line of the key at `path` (`$.routes[1].to`) in TOML `text`.
+
+    Handles the shapes busway configs use: top-level keys, `[table]`, `[[array]]` and keys inside
+    them. Returns None where the key is not written out (a default) or the shape is unusual.
+    """
+    tokens: list[tuple[str, int | None]] = []
+    for name, index in _PATH_TOKEN.findall(path):
+        if name:
+            tokens.append((name, None))
+        elif tokens and tokens[-1][1] is None:
+            tokens[-1] = (tokens[-1][0], int(index))
+    if not tokens:
+        return None
+    lines = text.splitlines()
+    (table, index), rest = tokens[0], tokens[1:]
+    if index is None and not rest:  # `$.shutdown_timeout`: a top-level key
+        return _find_key(lines, 0, table)
+    seen = -1
+    for number, line in enumerate(lines):
+        header = _HEADER.match(line)
+        if not header or header.group(2) != table or (header.group(1) is None) != (index is None):
+            continue
+        seen += 1
+        if index is not None and seen != index:
+            continue
+        if rest and rest[0][0]:
+            return _find_key(lines, number + 1, rest[0][0]) or number + 1
+        return number + 1
+    return None
+
+
+def _find_key(lines: list[str], start: int, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for number in range(start, len(lines)):
+        if _HEADER.match(lines[number]):
+            return None
+        if pattern.match(lines[number]):
+            return number + 1
+    return None

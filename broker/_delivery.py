@@ -1,0 +1,113 @@
+"""The delivery contract's small pieces, shared by routes and sinks.
+
+* `delivery_of` reads a JetStream delivery's stream sequence and attempt number straight from
+  its reply subject (nats-py's `Msg.metadata` builds dataclasses and a datetime per message);
+* `retry_delay` is the back-off of the n-th attempt, passed with each `nak` because a
+  consumer's `backoff` list does not apply to explicit naks (nats-server 4726);
+* `dead_letter_headers` is what a dead letter carries so an operator can tell what failed,
+  where, and replay it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from busway._config import RetryPolicy
+
+__all__ = [
+    "NAK",
+    "TERM",
+    "dead_letter_headers",
+    "delivery_of",
+    "passthrough_headers",
+    "retry_delay",
+]
+
+ACK = b""
+NAK = b"-NAK"
+TERM = b"+TERM"
+
+_MAX_ERROR_CHARS = 1024
+
+
+def delivery_of(reply: str) -> tuple[str, int]:
+    """(stream sequence, attempt) of a JetStream delivery, from its `$JS.ACK...` reply subject.
+
+    Handles both the classic 9-token form and the 12-token form with domain and account hash.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return tokens[5], int(tokens[4])
+    return tokens[7], int(tokens[6])
+
+
+def retry_delay(attempt: int, policy: RetryPolicy, retry_after: float | None = None) -> float:
+    """Seconds before attempt `attempt + 1`: exponential with ±20 % jitter, capped.
+
+    A peer's own `retry_after` (e.g. HTTP Retry-After) wins when it is longer.
+    """
+    delay = min(policy.backoff * 2 ** max(0, attempt - 1), policy.max_backoff)
+    delay *= random.uniform(0.8, 1.2)
+    if retry_after is not None and retry_after > delay:
+        delay = min(retry_after, policy.max_backoff)
+    return delay
+
+
+def nak_payload(delay: float) -> bytes:
+    """The `-NAK {"delay": ns}` ack payload that asks for redelivery after `delay` seconds."""
+    return b'-NAK {"delay": %d}' % int(delay * 1e9)
+
+
+def passthrough_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers an output inherits from its input: all but NATS' own (`Nats-*`, status)."""
+    if not headers:
+        return {}
+    return {
+        key: value
+        for key, value in headers.items()
+        if not key.startswith("Nats-") and key not in ("Status", "Description")
+    }
+
+
+def dead_letter_headers(
+    *,
+    component: str,
+    kind: str,
+    reason: str,
+    error: str,
+    subject: str,
+    stream: str,
+    sequence: str,
+    attempt: int,
+    headers: Mapping[str, str] | None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Headers of a dead letter: what failed (`Busway-Error`), where, and the original's place.
+
+    The id is deterministic so a dead letter re-sent after a crash is deduplicated.
+    """
+    result = passthrough_headers(headers)
+    result.update(
+        {
+            "Nats-Msg-Id": f"deadletter:{stream}:{sequence}:{component}",
+            "Busway-Component": component,
+            "Busway-Component-Kind": kind,
+            "Busway-Error-Reason": reason,
+            "Busway-Error": _one_line(error),
+            "Busway-Original-Subject": subject,
+            "Busway-Original-Stream": stream,
+            "Busway-Original-Sequence": sequence,
+            "Busway-Attempts": str(attempt),
+        }
+    )
+    if headers and "Nats-Msg-Id" in headers:
+        result["Busway-Original-Msg-Id"] = headers["Nats-Msg-Id"]
+    if extra:
+        result.update(extra)
+    return result
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _MAX_ERROR_CHARS else flat[: _MAX_ERROR_CHARS - 1] + "…"

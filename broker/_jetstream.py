@@ -1,0 +1,215 @@
+"""The one module that talks JetStream management and translates nats-py's errors into ours.
+
+Streams and consumers are declared idempotently at start-up (create, or update to match the
+config), so a restarted or second daemon converges on the same state. Publishing goes through
+nats-py's `publish_async` (pipelined acks, bounded by `publish_async_max_pending`), which this
+module wraps only to add a deadline and to turn its failures into `PublishError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    PubAck,
+    StorageType,
+)
+from nats.js.api import StreamConfig as NatsStreamConfig
+
+from busway._components import PublishAck
+from busway._config import NatsConfig, StreamConfig
+from busway._errors import PublishError, StartupError
+
+__all__ = [
+    "JetStreamPublisher",
+    "await_pub_ack",
+    "connect",
+    "ensure_consumer",
+    "ensure_stream",
+    "publish_error",
+]
+
+logger = logging.getLogger("busway.nats")
+
+
+async def connect(
+    config: NatsConfig,
+    servers: list[str],
+    *,
+    on_reconnected: Callable[[], Awaitable[None]],
+) -> NatsClient:
+    """Connect to `servers`, reconnecting forever once connected; StartupError if unreachable."""
+
+    async def error_cb(exc: Exception) -> None:
+        logger.warning("NATS connection error: %s", exc or type(exc).__name__)
+
+    async def disconnected_cb() -> None:
+        logger.warning("disconnected from NATS; publishing waits and consumers pause")
+
+    async def reconnected_cb() -> None:
+        logger.info(
+            "reconnected to NATS at %s",
+            client.connected_url.netloc if client.connected_url else "?",
+        )
+        await on_reconnected()
+
+    options: dict[str, object] = {}
+    if config.user is not None:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.token is not None:
+        options["token"] = config.token
+    if config.credentials is not None:
+        options["user_credentials"] = config.credentials
+    try:
+        client = await nats.connect(
+            servers,
+            name=config.name,
+            connect_timeout=max(1, round(config.connect_timeout)),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            pending_size=8 * 1024 * 1024,
+            **options,  # type: ignore[arg-type]
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise StartupError(
+            f"cannot connect to NATS at {', '.join(servers)}: {exc or type(exc).__name__}; "
+            "check [nats] servers and that the server is running"
+        ) from exc
+    return client
+
+
+@contextlib.contextmanager
+def _startup_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except nats.js.errors.APIError as exc:
+        raise StartupError(
+            f"{what}: JetStream refused: {exc.description} (code {exc.err_code})"
+        ) from exc
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise StartupError(f"{what}: {exc or type(exc).__name__}") from exc
+
+
+async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
+    """Create `stream`, or update it to match; with `create = false`, only check it exists."""
+    what = f"stream {stream.name!r}"
+    if not stream.create:
+        with _startup_errors(f"{what} (create = false) must already exist"):
+            await js.stream_info(stream.name)
+        return
+    config = NatsStreamConfig(
+        name=stream.name,
+        subjects=list(stream.subjects),
+        storage=StorageType.FILE if stream.storage == "file" else StorageType.MEMORY,
+        num_replicas=stream.replicas,
+        duplicate_window=float(stream.duplicate_window),
+        max_age=float(stream.max_age) if stream.max_age else None,
+        max_bytes=stream.max_bytes,
+        max_msgs=stream.max_msgs,
+        discard=DiscardPolicy.OLD,
+    )
+    with _startup_errors(f"cannot declare {what}"):
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # stream name already in use with a different config
+                raise
+            await js.update_stream(config)
+
+
+async def ensure_consumer(
+    js: JetStreamContext,
+    *,
+    stream: str,
+    durable: str,
+    filter_subject: str,
+    ack_wait: float,
+    max_ack_pending: int,
+) -> None:
+    """Create the durable pull consumer `durable`, or update it to match.
+
+    `max_deliver` stays unlimited: busway counts attempts itself and dead-letters, because
+    JetStream would otherwise stop redelivering silently (it has no dead-letter queue).
+    """
+    config = ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_ack_pending=max_ack_pending,
+        max_deliver=-1,
+        filter_subject=filter_subject,
+        max_waiting=512,
+    )
+    with _startup_errors(f"cannot declare consumer {durable!r} on stream {stream!r}"):
+        await js.add_consumer(stream, config)
+
+
+def publish_error(exc: BaseException, subject: str) -> PublishError:
+    """Our error for a failed JetStream publish to `subject`, saying what to do."""
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        return PublishError(f"no stream captures subject {subject!r} (or JetStream is down)")
+    if isinstance(exc, nats.js.errors.APIError):
+        return PublishError(
+            f"JetStream refused {subject!r}: {exc.description} (code {exc.err_code})"
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return PublishError(f"no PubAck for {subject!r} in time: JetStream slow or unreachable")
+    if isinstance(exc, asyncio.CancelledError):
+        return PublishError(f"publish to {subject!r} abandoned (connection closed)")
+    return PublishError(f"publish to {subject!r} failed: {exc!r}")
+
+
+async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: float) -> PubAck:
+    """The PubAck of `future`, or PublishError; a future past `timeout` is cancelled.
+
+    Cancelling matters: nats-py holds a `publish_async_max_pending` slot until the future is
+    done, so an abandoned future would shrink the publish window forever.
+    """
+    if not future.done():
+        await asyncio.wait((future,), timeout=timeout)
+        if not future.done():
+            future.cancel()
+            raise publish_error(TimeoutError(), subject)
+    try:
+        return future.result()
+    except (nats.errors.Error, asyncio.CancelledError) as exc:
+        raise publish_error(exc, subject) from exc
+
+
+class JetStreamPublisher:
+    """A `Publisher` for sources: publishes and waits for the PubAck, with a deadline."""
+
+    def __init__(self, js: JetStreamContext, *, timeout: float) -> None:
+        self._js = js
+        self._timeout = timeout
+
+    async def publish(
+        self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> PublishAck:
+        """Store `data` on `subject`; PublishError unless JetStream confirmed it in time."""
+        try:
+            future = await self._js.publish_async(
+                subject, data, headers=dict(headers) if headers else None, wait_stall=self._timeout
+            )
+        except (nats.errors.Error, nats.js.errors.TooManyStalledMsgsError) as exc:
+            raise publish_error(exc, subject) from exc
+        ack = await await_pub_ack(future, subject, self._timeout)
+        return PublishAck(stream=ack.stream, sequence=ack.seq or 0, duplicate=bool(ack.duplicate))

@@ -1,0 +1,119 @@
+"""The shared HTTP listener: HTTP sources' routes plus `/metrics`, `/healthz` and `/readyz`.
+
+uvicorn (with httptools and uvloop) serves a Starlette router. busway binds the socket itself,
+so a port already in use is a StartupError at start-up instead of uvicorn's `sys.exit`, and
+turns off uvicorn's own signal handlers, because the daemon (or the embedding application)
+owns shutdown: `stop()` lets in-flight requests finish, then closes.
+
+The app is plain ASGI (`Listener.app`), so an application can mount busway's routes into its
+own ASGI server instead of running this listener.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterator, Sequence
+
+import anyio
+import uvicorn
+from anyio.abc import TaskStatus
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from busway._config import split_listen
+from busway._errors import StartupError
+
+__all__ = ["Listener", "build_app"]
+
+logger = logging.getLogger("busway.http")
+
+
+def build_app(
+    routes: Sequence[BaseRoute],
+    *,
+    registry: CollectorRegistry,
+    readiness: Callable[[], dict[str, bool]],
+) -> Starlette:
+    """The ASGI app: the sources' `routes` plus the operational endpoints."""
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        checks = readiness()
+        ready = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    operational = [
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    return Starlette(routes=[*operational, *routes])
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: whoever runs the bus decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Listener:
+    """Runs the ASGI app on `listen` (host:port) until `stop()`."""
+
+    def __init__(self, app: Starlette, listen: str) -> None:
+        self.app = app
+        self.host, self.port = split_listen(listen)
+        self._server: _EmbeddedServer | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind (StartupError if taken), report started, serve until `stop()`."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot listen on {self.host}:{self.port} ([http] listen): {exc.strerror}; "
+                "choose another port or stop whatever uses it"
+            ) from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            http="httptools",
+            lifespan="off",
+            timeout_graceful_shutdown=10,
+            server_header=False,
+        )
+        self._server = _EmbeddedServer(config)
+        logger.info("HTTP listening on http://%s:%d", self.host, self.port)
+        task_status.started()
+        try:
+            await self._server.serve(sockets=[sock])
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        """Stop accepting; requests in progress finish (bounded by the graceful timeout)."""
+        if self._server is not None:
+            self._server.should_exit = True

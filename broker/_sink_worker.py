@@ -1,0 +1,122 @@
+"""Runs one sink: pull → batch → `Sink.write` → ack the batch, or retry / dead-letter each.
+
+Batches form from what has already arrived: the batcher takes everything queued (up to
+`batch_size`) and, while the batch is not full, waits at most `batch_wait` for more. A sink
+that fsyncs or commits per batch thus pays once per batch under load and adds at most
+`batch_wait` of latency when traffic is light.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from nats.aio.msg import Msg
+
+from busway._components import Message, Sink
+from busway._consumer import ConsumerComponent
+from busway._errors import BatchError, PermanentError, RetryableError
+
+__all__ = ["SinkWorker"]
+
+
+class SinkWorker(ConsumerComponent):
+    """One sink's consumer, batcher and settler."""
+
+    def __init__(self, *, sink: Sink, batch_size: int, batch_wait: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sink = sink
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait
+        # Room for every message the pull loop may hold: it never requests more than that.
+        self._send: MemoryObjectSendStream[tuple[Msg, Message, float]]
+        self._receive: MemoryObjectReceiveStream[tuple[Msg, Message, float]]
+        self._send, self._receive = anyio.create_memory_object_stream(self.max_in_flight)
+
+    async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
+        """Open the sink and start the batcher."""
+        await self.sink.open()
+        tg.start_soon(self._write_batches)
+
+    async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
+        """Queue `message` for the batcher (never blocks: the queue holds `max_in_flight`)."""
+        headers = message.headers or {}
+        delivery = Message(
+            subject=message.subject,
+            data=message.data,
+            headers=headers,
+            id=headers.get("Nats-Msg-Id") or f"{self.stream}:{sequence}",
+            stream=self.stream,
+            sequence=int(sequence),
+            attempt=attempt,
+        )
+        self._send.send_nowait((message, delivery, time.monotonic()))
+
+    async def _write_batches(self) -> None:
+        try:
+            async for first in self._receive:
+                batch = [first]
+                self._fill(batch)
+                if len(batch) < self.batch_size and self.batch_wait > 0:
+                    with anyio.move_on_after(self.batch_wait):
+                        while len(batch) < self.batch_size:
+                            batch.append(await self._receive.receive())
+                            self._fill(batch)
+                await self._deliver(batch)
+        finally:
+            self._send.close()
+            self._receive.close()
+            with anyio.CancelScope(shield=True):
+                await self.sink.close()
+
+    def _fill(self, batch: list[tuple[Msg, Message, float]]) -> None:
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except anyio.WouldBlock:
+                return
+
+    async def _deliver(self, batch: list[tuple[Msg, Message, float]]) -> None:
+        try:
+            await self.sink.write([delivery for _, delivery, _ in batch])
+        except BatchError as exc:
+            failures: dict[int, BaseException] = dict(exc.failures)
+        except Exception as exc:
+            if not isinstance(exc, PermanentError | RetryableError):
+                self.logger.exception("sink %s raised an unclassified error", self.stats.name)
+            failures = dict.fromkeys(range(len(batch)), exc)
+        else:
+            failures = {}
+        self.stats.ready = self.sink.ready()
+        now = time.monotonic()
+        for index, (message, delivery, received) in enumerate(batch):
+            failure = failures.get(index)
+            if failure is None:
+                self.stats.published += 1
+                self.stats.latency.observe(now - received)
+                if delivery.attempt > 1:
+                    self.forget_error(str(delivery.sequence))
+                await self.settle(message, b"")
+            elif isinstance(failure, PermanentError):
+                await self.dead_letter(
+                    message,
+                    str(delivery.sequence),
+                    delivery.attempt,
+                    reason="permanent",
+                    error=str(failure),
+                )
+            else:
+                # Retryable by its own word, or an error the adapter did not classify: retry,
+                # and let max_attempts dead-letter it if it keeps failing.
+                reason = "retryable" if isinstance(failure, RetryableError) else "sink_error"
+                retry_after = failure.retry_after if isinstance(failure, RetryableError) else None
+                await self.retry_later(
+                    message,
+                    str(delivery.sequence),
+                    delivery.attempt,
+                    str(failure) or repr(failure),
+                    reason=reason,
+                    retry_after=retry_after,
+                )

@@ -1,0 +1,918 @@
+"""Compile a JMESPath AST into nested Python closures, once, at start-up.
+
+Why: jmespath's interpreter walks the AST and dispatches on node-type strings for every
+document (~9 µs for a three-clause predicate). Here each AST node becomes one closure
+`(value, ctx) -> result` that has already captured everything it needs (child closures,
+field names, literals, the comparison to perform), so evaluation is a handful of direct calls.
+
+Shapes that dominate routing get their own closures:
+
+* a field chain `a.b.c` is one closure doing successive `dict.get` calls;
+* a comparison against a literal captures the literal and the type test to apply;
+* `&&`, `||`, `!` and filter conditions have a *predicate* form returning a Python bool,
+  which is what `Expression.is_truthy` and `[?...]` need;
+* a call to a built-in with only literal arguments is evaluated once, here.
+
+Semantics follow jmespath 1.1.0's interpreter (the compliance suite is the referee), except
+where the specification is stricter: equality never treats `true` as `1` (also inside arrays),
+`contains()` likewise, `to_number()` only accepts JSON number syntax, and comparing a number
+with a string gives null instead of crashing.
+
+Every closure takes the evaluation context as its second argument and passes it down; only
+calls to custom functions look at it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import operator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
+
+from jmespath import exceptions as jmespath_exceptions
+from jmespath.lexer import Lexer
+from jmespath.parser import Parser
+
+from ._errors import ExpressionError, ExpressionRuntimeError, ExpressionSyntaxError
+from ._functions import BUILTINS, Builtin, ExpRef, Function, Param, json_equal
+
+__all__ = ["Evaluator", "Node", "Predicate", "Token", "compile_tree", "parse"]
+
+#: A compiled node: `(current value, context) -> JMESPath value`.
+Evaluator = Callable[[Any, Any], Any]
+#: A compiled node in boolean position: `(current value, context) -> JMESPath truthiness`.
+Predicate = Callable[[Any, Any], bool]
+#: jmespath's AST node: `{"type": str, "children": list, "value": Any}`.
+Node = dict[str, Any]
+
+_NUMBER: Final = frozenset({int, float})
+_STRING: Final = frozenset({str})
+_NOTHING: Final[frozenset[type]] = frozenset()
+_ORDERING: Final[dict[str, Callable[[Any, Any], bool]]] = {
+    "lt": operator.lt,
+    "lte": operator.le,
+    "gt": operator.gt,
+    "gte": operator.ge,
+}
+# `literal < x` is `x > literal`: lets every literal comparison put the literal on the right.
+_MIRRORED: Final = {"lt": "gt", "lte": "gte", "gt": "lt", "gte": "lte", "eq": "eq", "ne": "ne"}
+# Arguments that cannot be an expression reference. The specification only allows `&expr`
+# directly as a function argument, so a field (`sort_by(items, price)`, a classic slip) is
+# rejected even though jmespath would accept a field holding an `&expr` built elsewhere.
+_NEVER_EXPREF: Final = frozenset(
+    {
+        "literal",
+        "field",
+        "comparator",
+        "multi_select_list",
+        "multi_select_dict",
+        "projection",
+        "value_projection",
+        "filter_projection",
+        "flatten",
+        "not_expression",
+    }
+)
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+#: A lexer token: `{"type": str, "value": Any, "start": int, "end": int}`.
+Token = dict[str, Any]
+
+
+class _StrictLexer(Lexer):
+    """jmespath's lexer, minus the deprecated "`foo` means the string foo" fallback.
+
+    JEP-12 deprecated non-JSON literals; jmespath still accepts them with a warning. In a route
+    that fallback turns a typo such as `` `1O0` `` into a string and the predicate silently
+    never matches, so it is a syntax error here. Scanning the text with this lexer before
+    handing it to jmespath's parser also yields the tokens used to locate function calls.
+    """
+
+    def _consume_literal(self) -> Token:
+        start = self._position
+        lexeme = self._consume_until("`").replace("\\`", "`")
+        try:
+            value = json.loads(lexeme)
+        except ValueError:
+            message = f"literal `{lexeme}` is not valid JSON"
+            word = lexeme.strip()
+            if word and all(char.isalnum() or char in " _-" for char in word):
+                message += f"; a string is written '{word}' or `\"{word}\"`"
+            raise jmespath_exceptions.LexerError(
+                lexer_position=start, lexer_value=lexeme, message=message
+            ) from None
+        return {"type": "literal", "value": value, "start": start, "end": self._position}
+
+
+def parse(source: str) -> tuple[Node, list[Token]]:
+    """Parse with jmespath's parser; translate its errors into `ExpressionSyntaxError`."""
+    if not isinstance(source, str):
+        raise TypeError(f"expression must be a str, got {type(source).__name__}")
+    try:
+        tokens: list[Token] = list(_StrictLexer().tokenize(source))
+        tree: Node = Parser().parse(source).parsed  # a new Parser: instances are not reentrant
+    except jmespath_exceptions.EmptyExpressionError:
+        raise ExpressionSyntaxError(
+            "syntax",
+            "empty expression; expected a JMESPath expression such as `total` or `a.b`",
+            expression=source,
+            position=0,
+        ) from None
+    except jmespath_exceptions.IncompleteExpressionError:
+        raise ExpressionSyntaxError(
+            "syntax",
+            "incomplete expression: it ends where an operand or a closing bracket is expected",
+            expression=source,
+            position=len(source),
+        ) from None
+    except jmespath_exceptions.LexerError as error:
+        raise ExpressionSyntaxError(
+            "syntax", error.message, expression=source, position=error.lexer_position
+        ) from None
+    except jmespath_exceptions.ParseError as error:
+        raise ExpressionSyntaxError(
+            "syntax", _parse_error_detail(error), expression=source, position=error.lex_position
+        ) from None
+    except jmespath_exceptions.JMESPathError as error:  # defensive: any other parser complaint
+        raise ExpressionSyntaxError("syntax", str(error), expression=source) from None
+    return tree, tokens
+
+
+def _parse_error_detail(error: jmespath_exceptions.ParseError) -> str:
+    token = "end of expression" if error.token_type == "EOF" else repr(error.token_value)
+    message = error.msg
+    if message in ("Invalid jmespath expression", "syntax error"):
+        return f"unexpected token {token}"
+    if message.startswith("Expecting:"):
+        expected = message.split(",", 1)[0].removeprefix("Expecting:").strip()
+        return f"unexpected {token}; expected {expected}"
+    return f"{message.rstrip('.')} (at {token})"
+
+
+def _source_order(node: Node) -> Iterator[Node]:
+    """Nodes in the order their text appears; a filter's condition precedes its projection."""
+    yield node
+    children = [child for child in node.get("children", ()) if isinstance(child, dict)]
+    if node["type"] == "filter_projection":
+        children = [children[0], children[2], children[1]]
+    for child in children:
+        yield from _source_order(child)
+
+
+def _function_positions(tree: Node, tokens: list[Token]) -> dict[int, int]:
+    """Map `id(function node)` to the offset of its name in the source, when unambiguous.
+
+    jmespath's AST carries no positions, so they are recovered by pairing function nodes (in
+    source order) with `name (` token pairs. If that pairing is not exact (`(f)(x)` is legal)
+    positions are simply left out.
+    """
+    calls = [node for node in _source_order(tree) if node["type"] == "function_expression"]
+    if not calls:
+        return {}
+    names = [
+        (token["value"], token["start"])
+        for token, following in zip(tokens, tokens[1:], strict=False)
+        if token["type"] == "unquoted_identifier" and following["type"] == "lparen"
+    ]
+    if [name for name, _ in names] != [node["value"] for node in calls]:
+        return {}
+    return {id(node): start for node, (_, start) in zip(calls, names, strict=True)}
+
+
+# --- small shared closures ------------------------------------------------------------------
+
+
+def _identity(value: Any, ctx: Any) -> Any:
+    return value
+
+
+def _constant(value: Any) -> Evaluator:
+    def constant(_value: Any, _ctx: Any) -> Any:
+        return value
+
+    return constant
+
+
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy_json(element) for element in value]
+    if isinstance(value, dict):
+        return {key: _copy_json(element) for key, element in value.items()}
+    return value
+
+
+def _fresh_copy(value: Any) -> Evaluator:
+    """A container constant handed out as a new copy each time: results may be mutated."""
+
+    def fresh(_value: Any, _ctx: Any) -> Any:
+        return _copy_json(value)
+
+    return fresh
+
+
+def is_truthy(value: Any) -> bool:
+    """JMESPath truthiness: false, null, "", [] and {} are false; every number is true."""
+    return bool(value) or value.__class__ in _NUMBER
+
+
+def _compose(first: Evaluator, second: Evaluator) -> Evaluator:
+    def composed(value: Any, ctx: Any) -> Any:
+        return second(first(value, ctx), ctx)
+
+    return composed
+
+
+# --- field access ---------------------------------------------------------------------------
+# `.get` raises AttributeError on anything that is not an object (null, arrays, strings,
+# numbers), which is exactly when JMESPath yields null; the `try` costs nothing when it does
+# not fire, so the common "field present" path is a bare dict lookup.
+
+
+def _field(name: str) -> Evaluator:
+    def field(value: Any, ctx: Any) -> Any:
+        try:
+            return value.get(name)
+        except AttributeError:
+            return None
+
+    return field
+
+
+def _field_chain(names: tuple[str, ...]) -> Evaluator:
+    if len(names) == 1:
+        return _field(names[0])
+    if len(names) == 2:
+        first, second = names
+
+        def chain2(value: Any, ctx: Any) -> Any:
+            try:
+                return value.get(first).get(second)
+            except AttributeError:
+                return None
+
+        return chain2
+    if len(names) == 3:
+        first, second, third = names
+
+        def chain3(value: Any, ctx: Any) -> Any:
+            try:
+                return value.get(first).get(second).get(third)
+            except AttributeError:
+                return None
+
+        return chain3
+
+    def chain(value: Any, ctx: Any) -> Any:
+        try:
+            for name in names:
+                value = value.get(name)
+        except AttributeError:
+            return None
+        return value
+
+    return chain
+
+
+# --- the compiler ---------------------------------------------------------------------------
+
+
+class _Compiler:
+    """Turns one parsed expression into closures; holds what error messages need."""
+
+    def __init__(
+        self, source: str, tree: Node, tokens: list[Token], functions: Mapping[str, Function]
+    ) -> None:
+        self.source = source
+        self.functions = functions
+        self.positions = _function_positions(tree, tokens)
+
+    def error(
+        self, kind: str, detail: str, node: Node | None = None
+    ) -> ExpressionSyntaxError:
+        position = None if node is None else self.positions.get(id(node))
+        return ExpressionSyntaxError(kind, detail, expression=self.source, position=position)
+
+    # -- dispatch (compile time only) --
+
+    def value(self, node: Node) -> Evaluator:
+        """The closure computing `node`'s value."""
+        method: Callable[[Node], Evaluator] | None = getattr(self, f"_v_{node['type']}", None)
+        if method is None:
+            raise self.error(
+                "syntax", f"unsupported expression construct {node['type']!r}", node
+            )
+        return method(node)
+
+    def predicate(self, node: Node) -> Predicate:
+        """The closure computing `node`'s JMESPath truthiness as a Python bool."""
+        kind = node["type"]
+        if kind == "comparator":
+            return self._comparator(node, as_predicate=True)
+        if kind == "and_expression":
+            return _both(self.predicate(node["children"][0]), self.predicate(node["children"][1]))
+        if kind == "or_expression":
+            return _either(
+                self.predicate(node["children"][0]), self.predicate(node["children"][1])
+            )
+        if kind == "not_expression":
+            return _negate(self.predicate(node["children"][0]))
+        if kind == "literal":
+            return _constant(is_truthy(node["value"]))
+        return _truthiness(self.value(node))
+
+    # -- leaves --
+
+    def _v_identity(self, node: Node) -> Evaluator:
+        return _identity
+
+    _v_current = _v_identity
+
+    def _v_literal(self, node: Node) -> Evaluator:
+        value = node["value"]
+        return _fresh_copy(value) if isinstance(value, list | dict) else _constant(value)
+
+    def _v_field(self, node: Node) -> Evaluator:
+        return _field(node["value"])
+
+    # -- sequences: `a.b`, `a[0]`, `a | b` all feed each step's result to the next --
+
+    def _v_subexpression(self, node: Node) -> Evaluator:
+        return self._sequence(node["children"])
+
+    _v_index_expression = _v_subexpression
+    _v_pipe = _v_subexpression
+
+    def _sequence(self, children: list[Node]) -> Evaluator:
+        steps: list[Evaluator] = []
+        names: list[str] = []
+        for child in children:
+            if child["type"] == "field":
+                names.append(child["value"])
+                continue
+            if names:
+                steps.append(_field_chain(tuple(names)))
+                names = []
+            if child["type"] not in ("identity", "current"):
+                steps.append(self.value(child))
+        if names:
+            steps.append(_field_chain(tuple(names)))
+        if not steps:
+            return _identity
+        evaluator = steps[0]
+        for step in steps[1:]:
+            evaluator = _compose(evaluator, step)
+        return evaluator
+
+    def _v_index(self, node: Node) -> Evaluator:
+        return _index(node["value"])
+
+    def _v_slice(self, node: Node) -> Evaluator:
+        start, stop, step = node["children"]
+        if step == 0:
+            raise self.error("invalid-value", "slice step cannot be 0; use a positive or "
+                             "negative step, e.g. [::1] or [::-1]")
+        return _slice(slice(start, stop, step))
+
+    # -- projections --
+
+    def _v_projection(self, node: Node) -> Evaluator:
+        left, right = node["children"]
+        return _projection(self.value(left), self._optional(right))
+
+    def _v_value_projection(self, node: Node) -> Evaluator:
+        left, right = node["children"]
+        return _value_projection(self.value(left), self._optional(right))
+
+    def _v_filter_projection(self, node: Node) -> Evaluator:
+        left, right, condition = node["children"]
+        base = self.value(left)
+        keep = self.predicate(condition)  # before `right`: source order, for positions
+        return _filter_projection(base, keep, self._optional(right))
+
+    def _v_flatten(self, node: Node) -> Evaluator:
+        return _flatten(self.value(node["children"][0]))
+
+    def _optional(self, node: Node) -> Evaluator | None:
+        """`None` for the identity, so projections can skip a no-op call per element."""
+        if node["type"] in ("identity", "current"):
+            return None
+        return self.value(node)
+
+    # -- multi-selects --
+
+    def _v_multi_select_list(self, node: Node) -> Evaluator:
+        return _multi_select_list(tuple(self.value(child) for child in node["children"]))
+
+    def _v_multi_select_dict(self, node: Node) -> Evaluator:
+        pairs = tuple((pair["value"], self.value(pair["children"][0])) for pair in node["children"])
+        return _multi_select_dict(pairs)
+
+    # -- logic --
+
+    def _v_and_expression(self, node: Node) -> Evaluator:
+        left, right = node["children"]
+        return _and(self.value(left), self.value(right))
+
+    def _v_or_expression(self, node: Node) -> Evaluator:
+        left, right = node["children"]
+        return _or(self.value(left), self.value(right))
+
+    def _v_not_expression(self, node: Node) -> Evaluator:
+        return _negate(self.predicate(node["children"][0]))
+
+    # -- comparisons --
+
+    def _v_comparator(self, node: Node) -> Evaluator:
+        return self._comparator(node, as_predicate=False)
+
+    def _comparator(self, node: Node, *, as_predicate: bool) -> Evaluator:
+        """Compile `left OP right`; with a literal side, the literal is captured and the type
+        test specialised. `as_predicate` turns "not comparable" (null) into False."""
+        op: str = node["value"]
+        left, right = node["children"]
+        if left["type"] == "literal" and right["type"] == "literal":
+            result = _compare_values(op, left["value"], right["value"])
+            return _constant(bool(result) if as_predicate else result)
+        if left["type"] == "literal":
+            left, right, op = right, left, _MIRRORED[op]
+        operand = self.value(left)
+        if right["type"] == "literal":
+            literal = right["value"]
+            if op in ("eq", "ne"):
+                return _equals_literal(operand, literal, negate=op == "ne")
+            return _order_literal(operand, op, literal, as_predicate=as_predicate)
+        other = self.value(right)
+        if op in ("eq", "ne"):
+            return _equals_any(operand, other, negate=op == "ne")
+        return _order_any(operand, other, _ORDERING[op], as_predicate=as_predicate)
+
+    # -- functions --
+
+    def _v_expref(self, node: Node) -> Evaluator:
+        return _expref(self.value(node["children"][0]))
+
+    def _v_function_expression(self, node: Node) -> Evaluator:
+        name: str = node["value"]
+        args: list[Node] = node["children"]
+        builtin = BUILTINS.get(name)
+        if builtin is not None:
+            return self._builtin_call(node, builtin, args)
+        custom = self.functions.get(name)
+        if custom is None:
+            raise self.error("unknown-function", self._unknown_function_detail(name), node)
+        if not custom.accepts(len(args)):
+            raise self.error(
+                "invalid-arity",
+                f"{name}() takes {custom.arity_text()}, got {len(args)}",
+                node,
+            )
+        evaluators = tuple(self.value(arg) for arg in args)
+        position = self.positions.get(id(node))
+        return _custom_call(custom, evaluators, self.source, position)
+
+    def _unknown_function_detail(self, name: str) -> str:
+        known = sorted({*BUILTINS, *self.functions})
+        detail = f"unknown function {name}()"
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            detail += f"; did you mean {close[0]}()?"
+        return detail + f" Expected one of: {', '.join(known)}"
+
+    def _builtin_call(self, node: Node, builtin: Builtin, args: list[Node]) -> Evaluator:
+        name = builtin.name
+        if not builtin.accepts(len(args)):
+            raise self.error(
+                "invalid-arity", f"{name}() takes {builtin.arity_text()}, got {len(args)}", node
+            )
+        for index, arg in enumerate(args):
+            self._check_static_argument(node, builtin, index, arg)
+        if all(arg["type"] == "literal" for arg in args):
+            return self._fold(node, builtin, [arg["value"] for arg in args])
+        evaluators = tuple(self._argument(builtin, arg) for arg in args)
+        params = tuple(builtin.param(index) for index in range(len(args)))
+        return _builtin_call(builtin, evaluators, params, self.source, self.positions.get(id(node)))
+
+    def _check_static_argument(self, node: Node, builtin: Builtin, index: int, arg: Node) -> None:
+        """Reject at compile time what would fail on every evaluation: wrong literal types,
+        `&expr` where a value is expected, and a plain value where `&expr` is required."""
+        param = builtin.param(index)
+        wants_expref = index in builtin.takes_expref
+        if arg["type"] == "literal":
+            if wants_expref or not param.accepts(arg["value"]):
+                raise self._static_type_error(node, param.error(builtin.name, index, arg["value"]))
+        elif arg["type"] == "expref":
+            if param.types is not None and not wants_expref:
+                raise self.error(
+                    "invalid-type",
+                    f"{builtin.name}() argument {index + 1} must be {param.label}, "
+                    "got an expression reference (&...)",
+                    node,
+                )
+        elif wants_expref and _never_expref(arg):
+            raise self.error(
+                "invalid-type",
+                f"{builtin.name}() argument {index + 1} must be {param.label}; "
+                "prefix the expression with &",
+                node,
+            )
+
+    def _static_type_error(self, node: Node, error: ExpressionError) -> ExpressionSyntaxError:
+        return self.error(error.kind, error.detail, node)
+
+    def _fold(self, node: Node, builtin: Builtin, values: list[Any]) -> Evaluator:
+        """A built-in applied to literals only: evaluate once, now."""
+        try:
+            result = builtin.impl(*values)
+        except ExpressionRuntimeError as error:
+            raise self._static_type_error(node, error) from None
+        return self._v_literal({"type": "literal", "value": result, "children": []})
+
+    def _argument(self, builtin: Builtin, arg: Node) -> Evaluator:
+        """Built-ins that never return their arguments may read container literals in place."""
+        if arg["type"] == "literal" and not builtin.leaks:
+            return _constant(arg["value"])
+        return self.value(arg)
+
+
+def _never_expref(node: Node) -> bool:
+    if node["type"] in _NEVER_EXPREF:
+        return True
+    return node["type"] == "subexpression" and all(
+        child["type"] == "field" for child in node["children"]
+    )
+
+
+def _compare_values(op: str, left: Any, right: Any) -> bool | None:
+    """Compare two known values (used to fold literal-vs-literal comparisons)."""
+    if op == "eq":
+        return json_equal(left, right)
+    if op == "ne":
+        return not json_equal(left, right)
+    kinds = _comparable_kinds(right)
+    if left.__class__ in kinds:
+        return _ORDERING[op](left, right)
+    return None
+
+
+def _comparable_kinds(literal: Any) -> frozenset[type]:
+    """Types a value must have to be ordered against `literal`: numbers with numbers,
+    strings with strings (jmespath's extension), nothing with anything else."""
+    if literal.__class__ in _NUMBER:
+        return _NUMBER
+    if literal.__class__ is str:
+        return _STRING
+    return _NOTHING
+
+
+# --- closure factories ----------------------------------------------------------------------
+# Each returns one closure specialised for a node shape; none inspects node types at run time.
+
+
+def _truthiness(evaluate: Evaluator) -> Predicate:
+    def truthy(value: Any, ctx: Any) -> bool:
+        result = evaluate(value, ctx)
+        return bool(result) or result.__class__ in _NUMBER
+
+    return truthy
+
+
+def _both(left: Predicate, right: Predicate) -> Predicate:
+    def both(value: Any, ctx: Any) -> bool:
+        return left(value, ctx) and right(value, ctx)
+
+    return both
+
+
+def _either(left: Predicate, right: Predicate) -> Predicate:
+    def either(value: Any, ctx: Any) -> bool:
+        return left(value, ctx) or right(value, ctx)
+
+    return either
+
+
+def _negate(inner: Predicate) -> Predicate:
+    def negate(value: Any, ctx: Any) -> bool:
+        return not inner(value, ctx)
+
+    return negate
+
+
+def _and(left: Evaluator, right: Evaluator) -> Evaluator:
+    """`a && b`: `a` if it is falsy, else `b` (values, not booleans)."""
+
+    def and_(value: Any, ctx: Any) -> Any:
+        result = left(value, ctx)
+        if result or result.__class__ in _NUMBER:
+            return right(value, ctx)
+        return result
+
+    return and_
+
+
+def _or(left: Evaluator, right: Evaluator) -> Evaluator:
+    """`a || b`: `a` if it is truthy, else `b`."""
+
+    def or_(value: Any, ctx: Any) -> Any:
+        result = left(value, ctx)
+        if result or result.__class__ in _NUMBER:
+            return result
+        return right(value, ctx)
+
+    return or_
+
+
+def _index(position: int) -> Evaluator:
+    def index(value: Any, ctx: Any) -> Any:
+        if isinstance(value, list):
+            try:
+                return value[position]
+            except IndexError:
+                return None
+        return None
+
+    return index
+
+
+def _slice(bounds: slice) -> Evaluator:
+    def slice_(value: Any, ctx: Any) -> Any:
+        return value[bounds] if isinstance(value, list) else None
+
+    return slice_
+
+
+def _projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
+    if each is None:
+
+        def project_all(value: Any, ctx: Any) -> Any:
+            items = base(value, ctx)
+            if not isinstance(items, list):
+                return None
+            return [item for item in items if item is not None]
+
+        return project_all
+
+    def project(value: Any, ctx: Any) -> Any:
+        items = base(value, ctx)
+        if not isinstance(items, list):
+            return None
+        return [result for item in items if (result := each(item, ctx)) is not None]
+
+    return project
+
+
+def _value_projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
+    def project_values(value: Any, ctx: Any) -> Any:
+        obj = base(value, ctx)
+        if not isinstance(obj, dict):
+            return None
+        if each is None:
+            return [item for item in obj.values() if item is not None]
+        return [result for item in obj.values() if (result := each(item, ctx)) is not None]
+
+    return project_values
+
+
+def _filter_projection(base: Evaluator, keep: Predicate, each: Evaluator | None) -> Evaluator:
+    if each is None:
+
+        def filter_all(value: Any, ctx: Any) -> Any:
+            items = base(value, ctx)
+            if not isinstance(items, list):
+                return None
+            return [item for item in items if keep(item, ctx) and item is not None]
+
+        return filter_all
+
+    def filter_(value: Any, ctx: Any) -> Any:
+        items = base(value, ctx)
+        if not isinstance(items, list):
+            return None
+        return [
+            result
+            for item in items
+            if keep(item, ctx) and (result := each(item, ctx)) is not None
+        ]
+
+    return filter_
+
+
+def _flatten(base: Evaluator) -> Evaluator:
+    def flatten(value: Any, ctx: Any) -> Any:
+        items = base(value, ctx)
+        if not isinstance(items, list):
+            return None
+        merged: list[Any] = []
+        for item in items:
+            if isinstance(item, list):
+                merged.extend(item)
+            else:
+                merged.append(item)
+        return merged
+
+    return flatten
+
+
+def _multi_select_list(elements: tuple[Evaluator, ...]) -> Evaluator:
+    def multi_select_list(value: Any, ctx: Any) -> Any:
+        if value is None:
+            return None
+        return [element(value, ctx) for element in elements]
+
+    return multi_select_list
+
+
+def _multi_select_dict(pairs: tuple[tuple[str, Evaluator], ...]) -> Evaluator:
+    def multi_select_dict(value: Any, ctx: Any) -> Any:
+        if value is None:
+            return None
+        result = {}
+        for key, evaluate in pairs:
+            result[key] = evaluate(value, ctx)
+        return result
+
+    return multi_select_dict
+
+
+def _equals_literal(operand: Evaluator, literal: Any, *, negate: bool) -> Predicate:
+    """`x == literal` with the comparison chosen now from the literal's type."""
+    if literal is None or literal.__class__ is bool:  # singletons: identity is equality
+        if negate:
+            return lambda value, ctx: operand(value, ctx) is not literal
+        return lambda value, ctx: operand(value, ctx) is literal
+    if literal.__class__ is str:  # str == only matches str
+        if negate:
+            return lambda value, ctx: operand(value, ctx) != literal
+        return lambda value, ctx: operand(value, ctx) == literal
+    if literal.__class__ in _NUMBER:
+
+        def equals_number(value: Any, ctx: Any) -> bool:
+            result = operand(value, ctx)
+            return (result == literal and result.__class__ is not bool) is not negate
+
+        return equals_number
+    return _equals_any(operand, _constant(literal), negate=negate)
+
+
+def _equals_any(left: Evaluator, right: Evaluator, *, negate: bool) -> Predicate:
+    def equals(value: Any, ctx: Any) -> bool:
+        return json_equal(left(value, ctx), right(value, ctx)) is not negate
+
+    return equals
+
+
+def _order_literal(operand: Evaluator, op: str, literal: Any, *, as_predicate: bool) -> Evaluator:
+    """`x < literal` etc.: only numbers with numbers and strings with strings; otherwise null
+    (or False for a predicate)."""
+    compare = _ORDERING[op]
+    kinds = _comparable_kinds(literal)
+    missing = False if as_predicate else None
+
+    def order(value: Any, ctx: Any) -> Any:
+        result = operand(value, ctx)
+        if result.__class__ in kinds:
+            return compare(result, literal)
+        return missing
+
+    return order
+
+
+def _order_any(
+    left: Evaluator, right: Evaluator, compare: Callable[[Any, Any], bool], *, as_predicate: bool
+) -> Evaluator:
+    missing = False if as_predicate else None
+
+    def order(value: Any, ctx: Any) -> Any:
+        first = left(value, ctx)
+        second = right(value, ctx)
+        kinds = first.__class__
+        if (kinds in _NUMBER and second.__class__ in _NUMBER) or (
+            kinds is str and second.__class__ is str
+        ):
+            return compare(first, second)
+        return missing
+
+    return order
+
+
+def _expref(inner: Evaluator) -> Evaluator:
+    def expref(value: Any, ctx: Any) -> ExpRef:
+        return ExpRef(inner, ctx)
+
+    return expref
+
+
+def _builtin_call(
+    builtin: Builtin,
+    args: tuple[Evaluator, ...],
+    params: tuple[Param, ...],
+    source: str,
+    position: int | None,
+) -> Evaluator:
+    """The call site of a built-in: evaluate, type-check (one set lookup per argument), call.
+
+    Errors raised here or inside the function are stamped with the expression and the call's
+    position; the `try` is free when nothing is raised.
+    """
+    name, impl = builtin.name, builtin.impl
+    if len(args) == 1:
+        (arg,), (param,) = args, params
+        types = param.types or _NOTHING
+
+        def call1(value: Any, ctx: Any) -> Any:
+            try:
+                first = arg(value, ctx)
+                if first.__class__ in types or param.accepts(first):
+                    return impl(first)
+                raise param.error(name, 0, first)
+            except ExpressionError as error:
+                error.located(source, position)
+                raise
+
+        return call1
+    if len(args) == 2:
+        (arg0, arg1), (param0, param1) = args, params
+        types0, types1 = param0.types or _NOTHING, param1.types or _NOTHING
+
+        def call2(value: Any, ctx: Any) -> Any:
+            try:
+                first = arg0(value, ctx)
+                second = arg1(value, ctx)
+                if not (first.__class__ in types0 or param0.accepts(first)):
+                    raise param0.error(name, 0, first)
+                if not (second.__class__ in types1 or param1.accepts(second)):
+                    raise param1.error(name, 1, second)
+                return impl(first, second)
+            except ExpressionError as error:
+                error.located(source, position)
+                raise
+
+        return call2
+
+    def call(value: Any, ctx: Any) -> Any:
+        try:
+            values = [arg(value, ctx) for arg in args]
+            for index, (param, item) in enumerate(zip(params, values, strict=True)):
+                if not param.accepts(item):
+                    raise param.error(name, index, item)
+            return impl(*values)
+        except ExpressionError as error:
+            error.located(source, position)
+            raise
+
+    return call
+
+
+def _custom_call(
+    function: Function, args: tuple[Evaluator, ...], source: str, position: int | None
+) -> Evaluator:
+    """The call site of a caller-supplied function; the context goes first if asked for."""
+    func = function.func
+    with_context = function.pass_context
+
+    if len(args) == 0:
+
+        def call0(value: Any, ctx: Any) -> Any:
+            try:
+                return func(ctx) if with_context else func()
+            except ExpressionError as error:
+                error.located(source, position)
+                raise
+
+        return call0
+    if len(args) == 1:
+        (arg,) = args
+
+        def call1(value: Any, ctx: Any) -> Any:
+            try:
+                first = arg(value, ctx)
+                return func(ctx, first) if with_context else func(first)
+            except ExpressionError as error:
+                error.located(source, position)
+                raise
+
+        return call1
+
+    def call(value: Any, ctx: Any) -> Any:
+        try:
+            values = [arg(value, ctx) for arg in args]
+            return func(ctx, *values) if with_context else func(*values)
+        except ExpressionError as error:
+            error.located(source, position)
+            raise
+
+    return call
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def compile_tree(
+    source: str, functions: Mapping[str, Function]
+) -> tuple[Evaluator, Predicate]:
+    """Parse and compile `source` into its value closure and its truthiness closure."""
+    tree, tokens = parse(source)
+    compiler = _Compiler(source, tree, tokens, functions)
+    return compiler.value(tree), compiler.predicate(tree)

@@ -1,0 +1,466 @@
+"""JMESPath built-in functions, and the description of caller-supplied ones.
+
+Built-ins are plain Python functions over *already evaluated* arguments. The compiler wraps each
+call site in a closure that evaluates the arguments, checks their top-level types against the
+declared `Param.types` (a frozenset membership test, no string dispatch) and calls the function;
+element-level checks ("array of numbers") happen inside the functions, which iterate anyway.
+Keeping the signature declarative gives the compiler what it needs to check arity and literal
+arguments at compile time, and gives error messages their "expected ..." wording.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ._errors import ExpressionRuntimeError, describe_value, type_name
+
+__all__ = [
+    "BUILTINS",
+    "Builtin",
+    "ExpRef",
+    "Function",
+    "Param",
+    "json_equal",
+]
+
+_NoneType: Final = type(None)
+_NUMBER: Final = frozenset({int, float})
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# JSON's number grammar: to_number() must not accept Python-isms such as "1_000", " 7", "inf".
+_JSON_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?P<frac>\.[0-9]+)?(?P<exp>[eE][+-]?[0-9]+)?")
+
+
+class ExpRef:
+    """The value of `&expr`: a compiled expression bound to the evaluation context.
+
+    Built-ins such as `sort_by` unpack `evaluate` and `ctx` directly; custom functions may
+    simply call the object with an element.
+    """
+
+    __slots__ = ("ctx", "evaluate")
+    _is_expref: Final = True
+
+    def __init__(self, evaluate: Callable[[Any, Any], Any], ctx: Any) -> None:
+        self.evaluate = evaluate
+        self.ctx = ctx
+
+    def __call__(self, value: Any) -> Any:
+        """Evaluate the referenced expression against `value`."""
+        return self.evaluate(value, self.ctx)
+
+    def __repr__(self) -> str:
+        return "<expref>"
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """An extra function made available to expressions, e.g. busway's `header('name')`.
+
+    Why this shape: arity is checked when the expression is compiled (a route with
+    `header()` must fail at start-up, not on the first message), and `pass_context` lets a
+    function read per-message state (subject, headers) that is not part of the JSON document,
+    without global variables: the object given as `expr(doc, ctx)` is passed as the first
+    argument. Arguments arrive evaluated (an `&expr` argument arrives as a callable taking one
+    value); no type checking is done for custom functions, they may raise
+    `ExpressionRuntimeError` themselves. Names may not shadow built-ins.
+
+    `max_args=None` makes the function variadic (at least `min_args` arguments).
+    """
+
+    name: str
+    func: Callable[..., Any]
+    min_args: int = 0
+    max_args: int | None = 0
+    pass_context: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or _IDENTIFIER.fullmatch(self.name) is None:
+            raise ValueError(f"function name must be a JMESPath identifier, got {self.name!r}")
+        if not callable(self.func):
+            raise TypeError(f"function {self.name!r}: func must be callable, got {self.func!r}")
+        if self.min_args < 0:
+            raise ValueError(f"function {self.name!r}: min_args must be >= 0")
+        if self.max_args is not None and self.max_args < self.min_args:
+            raise ValueError(
+                f"function {self.name!r}: max_args ({self.max_args}) < min_args "
+                f"({self.min_args}); use max_args=None for a variadic function"
+            )
+
+    def accepts(self, count: int) -> bool:
+        """Whether a call with `count` arguments has the right arity."""
+        return count >= self.min_args and (self.max_args is None or count <= self.max_args)
+
+    def arity_text(self) -> str:
+        """Human wording of the arity, for error messages ("exactly 1 argument", ...)."""
+        return _arity_text(self.min_args, self.max_args)
+
+
+def _arity_text(low: int, high: int | None) -> str:
+    plural = "" if (high if high is not None else low) == 1 else "s"
+    if high is None:
+        return f"at least {low} argument{plural}"
+    if high == low:
+        return f"exactly {low} argument{plural}"
+    return f"{low} to {high} arguments"
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One declared parameter of a built-in.
+
+    `types` holds the accepted Python types (exact match: the fast path is one frozenset
+    lookup); `None` accepts anything. `label` is the JMESPath wording used in messages.
+    """
+
+    label: str
+    types: frozenset[type] | None
+
+    def accepts(self, value: Any) -> bool:
+        """Exact-type check first; subclasses (say an OrderedDict document) are accepted too."""
+        types = self.types
+        if types is None or type(value) in types:
+            return True
+        return any(isinstance(value, t) and not _is_bool_as_number(value, t) for t in types)
+
+    def error(self, function: str, index: int, value: Any) -> ExpressionRuntimeError:
+        """The `invalid-type` error for `value`, naming the function, expected and actual type."""
+        return ExpressionRuntimeError(
+            "invalid-type",
+            f"{function}() argument {index + 1} must be {self.label}, "
+            f"got {describe_value(value)}",
+        )
+
+
+def _is_bool_as_number(value: Any, t: type) -> bool:
+    # bool is a subclass of int in Python, but not a number in JMESPath.
+    return isinstance(value, bool) and t is not bool
+
+
+_ANY: Final = Param("any value", None)
+_NUMBER_P: Final = Param("a number", _NUMBER)
+_STRING_P: Final = Param("a string", frozenset({str}))
+_ARRAY_P: Final = Param("an array", frozenset({list}))
+_OBJECT_P: Final = Param("an object", frozenset({dict}))
+_EXPREF_P: Final = Param("an expression reference (&expr)", frozenset({ExpRef}))
+_ARRAY_OR_STRING: Final = Param("an array or a string", frozenset({list, str}))
+_SIZED: Final = Param("a string, an array or an object", frozenset({str, list, dict}))
+_NUMBERS: Final = Param("an array of numbers", frozenset({list}))
+_STRINGS: Final = Param("an array of strings", frozenset({list}))
+_SORTABLE: Final = Param("an array of numbers or an array of strings", frozenset({list}))
+
+
+@dataclass(frozen=True, slots=True)
+class Builtin:
+    """A built-in function: implementation plus declared signature.
+
+    `variadic` repeats the last parameter. `leaks` says the result may contain (parts of) an
+    argument: the compiler then gives such a function fresh copies of container literals so
+    that a caller mutating a result cannot corrupt the compiled expression's constants.
+    `takes_expref` lists parameter indices that must be `&expr`, checked at compile time.
+    """
+
+    name: str
+    impl: Callable[..., Any]
+    params: tuple[Param, ...]
+    variadic: bool = False
+    leaks: bool = False
+    takes_expref: frozenset[int] = field(default=frozenset())
+
+    @property
+    def min_args(self) -> int:
+        """Fewest arguments accepted."""
+        return len(self.params)
+
+    @property
+    def max_args(self) -> int | None:
+        """Most arguments accepted; `None` when variadic."""
+        return None if self.variadic else len(self.params)
+
+    def accepts(self, count: int) -> bool:
+        """Whether a call with `count` arguments has the right arity."""
+        return count == len(self.params) or (self.variadic and count >= len(self.params))
+
+    def arity_text(self) -> str:
+        """Human wording of the arity, for error messages."""
+        return _arity_text(self.min_args, self.max_args)
+
+    def param(self, index: int) -> Param:
+        """The declared parameter at `index` (the last one repeats when variadic)."""
+        return self.params[min(index, len(self.params) - 1)]
+
+
+# --- equality -------------------------------------------------------------------------------
+
+
+def json_equal(left: Any, right: Any) -> bool:
+    """JMESPath equality: deep, and `true` never equals `1` (Python says `True == 1`)."""
+    if left.__class__ is bool or right.__class__ is bool:
+        return left is right
+    if isinstance(left, list):
+        return (
+            isinstance(right, list)
+            and len(left) == len(right)
+            and all(json_equal(a, b) for a, b in zip(left, right, strict=True))
+        )
+    if isinstance(left, dict):
+        return (
+            isinstance(right, dict)
+            and left.keys() == right.keys()
+            and all(json_equal(value, right[key]) for key, value in left.items())
+        )
+    if isinstance(right, list | dict):
+        return False
+    return bool(left == right)
+
+
+# --- element checks -------------------------------------------------------------------------
+
+
+def _element_error(
+    function: str, expected: str, element: Any, argument: int = 1
+) -> ExpressionRuntimeError:
+    return ExpressionRuntimeError(
+        "invalid-type",
+        f"{function}() argument {argument} must be {expected}, got an array containing "
+        f"{describe_value(element)}",
+    )
+
+
+def _require_numbers(function: str, values: list[Any]) -> None:
+    for element in values:
+        if element.__class__ not in _NUMBER:
+            raise _element_error(function, "an array of numbers", element)
+
+
+def _require_strings(function: str, values: list[Any], argument: int = 1) -> None:
+    for element in values:
+        if element.__class__ is not str:
+            raise _element_error(function, "an array of strings", element, argument)
+
+
+def _require_sortable(function: str, values: list[Any]) -> None:
+    """All numbers or all strings, decided by the first element (as the spec says)."""
+    if not values:
+        return
+    if values[0].__class__ is str:
+        _require_strings(function, values)
+    elif values[0].__class__ in _NUMBER:
+        _require_numbers(function, values)
+    else:
+        raise _element_error(function, "an array of numbers or an array of strings", values[0])
+
+
+def _sort_keys(function: str, array: list[Any], ref: ExpRef) -> list[Any]:
+    """Evaluate `ref` on each element; keys must be all numbers or all strings."""
+    evaluate, ctx = ref.evaluate, ref.ctx
+    keys = [evaluate(element, ctx) for element in array]
+    if not keys:
+        return keys
+    first = keys[0].__class__
+    if first is str:
+        wanted: frozenset[type] = frozenset({str})
+    elif first in _NUMBER:
+        wanted = _NUMBER
+    else:
+        wanted = frozenset()
+    for key in keys:
+        if key.__class__ not in wanted:
+            raise ExpressionRuntimeError(
+                "invalid-type",
+                f"{function}() expression must give a number or a string for every element "
+                f"(all of the same type), got {describe_value(key)}",
+            )
+    return keys
+
+
+# --- the built-ins --------------------------------------------------------------------------
+
+
+def _abs(number: float) -> float:
+    return abs(number)
+
+
+def _avg(numbers: list[Any]) -> float | None:
+    _require_numbers("avg", numbers)
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _ceil(number: float) -> int:
+    return math.ceil(number)
+
+
+def _floor(number: float) -> int:
+    return math.floor(number)
+
+
+def _contains(subject: list[Any] | str, search: Any) -> bool:
+    if subject.__class__ is str or isinstance(subject, str):
+        return isinstance(search, str) and search in subject
+    if search.__class__ is str or search is None:
+        return search in subject  # == on str/None cannot confuse true with 1
+    return any(json_equal(element, search) for element in subject)
+
+
+def _ends_with(subject: str, suffix: str) -> bool:
+    return subject.endswith(suffix)
+
+
+def _starts_with(subject: str, prefix: str) -> bool:
+    return subject.startswith(prefix)
+
+
+def _join(separator: str, strings: list[Any]) -> str:
+    _require_strings("join", strings, argument=2)
+    return separator.join(strings)
+
+
+def _keys(obj: dict[str, Any]) -> list[str]:
+    return list(obj)
+
+
+def _values(obj: dict[str, Any]) -> list[Any]:
+    return list(obj.values())
+
+
+def _length(value: str | list[Any] | dict[str, Any]) -> int:
+    return len(value)
+
+
+def _map(ref: ExpRef, array: list[Any]) -> list[Any]:
+    evaluate, ctx = ref.evaluate, ref.ctx
+    return [evaluate(element, ctx) for element in array]
+
+
+def _max(values: list[Any]) -> Any:
+    _require_sortable("max", values)
+    return max(values) if values else None
+
+
+def _min(values: list[Any]) -> Any:
+    _require_sortable("min", values)
+    return min(values) if values else None
+
+
+def _max_by(array: list[Any], ref: ExpRef) -> Any:
+    keys = _sort_keys("max_by", array, ref)
+    if not keys:
+        return None
+    return array[max(range(len(keys)), key=keys.__getitem__)]
+
+
+def _min_by(array: list[Any], ref: ExpRef) -> Any:
+    keys = _sort_keys("min_by", array, ref)
+    if not keys:
+        return None
+    return array[min(range(len(keys)), key=keys.__getitem__)]
+
+
+def _merge(*objects: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for obj in objects:
+        merged.update(obj)
+    return merged
+
+
+def _not_null(*values: Any) -> Any:
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _reverse(value: list[Any] | str) -> list[Any] | str:
+    return value[::-1]
+
+
+def _sort(values: list[Any]) -> list[Any]:
+    _require_sortable("sort", values)
+    return sorted(values)
+
+
+def _sort_by(array: list[Any], ref: ExpRef) -> list[Any]:
+    keys = _sort_keys("sort_by", array, ref)
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # sorted() is stable, as required
+    return [array[i] for i in order]
+
+
+def _sum(numbers: list[Any]) -> float:
+    _require_numbers("sum", numbers)
+    return sum(numbers)
+
+
+def _to_array(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _to_number(value: Any) -> float | None:
+    if value.__class__ in _NUMBER:
+        return value  # type: ignore[no-any-return]
+    if not isinstance(value, str):
+        return None
+    match = _JSON_NUMBER.fullmatch(value)
+    if match is None:
+        return None
+    if match["frac"] is None and match["exp"] is None:
+        return int(value)
+    return float(value)
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _type(value: Any) -> str:
+    name = type_name(value)
+    if name.startswith("Python "):
+        raise ExpressionRuntimeError(
+            "invalid-type", f"type() argument 1 must be a JSON value, got {name}"
+        )
+    return name
+
+
+def _builtins(*functions: Builtin) -> dict[str, Builtin]:
+    return {function.name: function for function in functions}
+
+
+#: Name -> built-in. Read-only by convention; compile_expression layers custom functions on top.
+BUILTINS: Final[dict[str, Builtin]] = _builtins(
+    Builtin("abs", _abs, (_NUMBER_P,)),
+    Builtin("avg", _avg, (_NUMBERS,)),
+    Builtin("ceil", _ceil, (_NUMBER_P,)),
+    Builtin("contains", _contains, (_ARRAY_OR_STRING, _ANY)),
+    Builtin("ends_with", _ends_with, (_STRING_P, _STRING_P)),
+    Builtin("floor", _floor, (_NUMBER_P,)),
+    Builtin("join", _join, (_STRING_P, _STRINGS)),
+    Builtin("keys", _keys, (_OBJECT_P,)),
+    Builtin("length", _length, (_SIZED,)),
+    Builtin("map", _map, (_EXPREF_P, _ARRAY_P), leaks=True, takes_expref=frozenset({0})),
+    Builtin("max", _max, (_SORTABLE,)),
+    Builtin("max_by", _max_by, (_ARRAY_P, _EXPREF_P), leaks=True, takes_expref=frozenset({1})),
+    Builtin("merge", _merge, (_OBJECT_P,), variadic=True, leaks=True),
+    Builtin("min", _min, (_SORTABLE,)),
+    Builtin("min_by", _min_by, (_ARRAY_P, _EXPREF_P), leaks=True, takes_expref=frozenset({1})),
+    Builtin("not_null", _not_null, (_ANY,), variadic=True, leaks=True),
+    Builtin("reverse", _reverse, (_ARRAY_OR_STRING,), leaks=True),
+    Builtin("sort", _sort, (_SORTABLE,), leaks=True),
+    Builtin("sort_by", _sort_by, (_ARRAY_P, _EXPREF_P), leaks=True, takes_expref=frozenset({1})),
+    Builtin("starts_with", _starts_with, (_STRING_P, _STRING_P)),
+    Builtin("sum", _sum, (_NUMBERS,)),
+    Builtin("to_array", _to_array, (_ANY,), leaks=True),
+    Builtin("to_number", _to_number, (_ANY,)),
+    Builtin("to_string", _to_string, (_ANY,)),
+    Builtin("type", _type, (_ANY,)),
+    Builtin("values", _values, (_OBJECT_P,), leaks=True),
+)
+
+
+def builtin_names() -> Sequence[str]:
+    """Sorted built-in names, for "expected one of" messages."""
+    return sorted(BUILTINS)

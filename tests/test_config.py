@@ -1,0 +1,204 @@
+"""Config decoding: the example works, and every error names file, key path, line and remedy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from busway import Config, ConfigError, default_registry, load_config
+from busway._config import decode_config
+from busway._durations import parse_duration
+from busway.adapters.file import FileSinkConfig
+from busway.adapters.http import HttpSourceConfig
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "busway.toml"
+
+VALID = """
+[nats]
+data_dir = "var/nats"
+
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+
+[[sources]]
+name = "orders-api"
+type = "http"
+path = "/orders"
+subject = "orders.received"
+
+[[routes]]
+name = "big-orders"
+from = "orders.received"
+when = "total > `100`"
+to = ["orders.big"]
+
+[[sinks]]
+name = "out"
+type = "file"
+from = "orders.big"
+path = "out.jsonl"
+"""
+
+
+def decode(text: str, **environ: str) -> Config:
+    registry = default_registry()
+    return decode_config(
+        text,
+        file="busway.toml",
+        source_types=registry.source_config,
+        sink_types=registry.sink_config,
+        environ=environ,
+    )
+
+
+def error_of(text: str, **environ: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        decode(text, **environ)
+    return caught.value
+
+
+def test_the_bundled_example_decodes_with_typed_adapters() -> None:
+    registry = default_registry()
+    config = load_config(
+        EXAMPLE, source_types=registry.source_config, sink_types=registry.sink_config
+    )
+    assert [route.name for route in config.routes] == ["big-orders"]
+    assert config.routes[0].from_ == "orders.received"
+    assert isinstance(config.sources[0], HttpSourceConfig)
+    assert isinstance(config.sinks[0], FileSinkConfig)
+    assert config.nats.servers is None and config.nats.sync == "always"
+    assert config.resolve_path(config.nats.data_dir) == EXAMPLE.parent / "var" / "nats"
+
+
+def test_unknown_key_names_the_path_and_line() -> None:
+    error = error_of(VALID.replace('to = ["orders.big"]', 'to = ["orders.big"]\ntoo = 1'))
+    assert error.path == "$.routes[0]"
+    assert error.file == "busway.toml"
+    assert error.line == VALID.splitlines().index("[[routes]]") + 1
+    assert "unknown field `too`" in str(error) and "check its spelling" in str(error)
+
+
+def test_wrong_type_names_the_key_path_line_and_expectation() -> None:
+    error = error_of(VALID.replace('to = ["orders.big"]', 'to = "orders.big"'))
+    assert error.path == "$.routes[0].to"
+    assert error.line == VALID.splitlines().index('to = ["orders.big"]') + 1
+    assert "Expected `array`, got `str`" in str(error)
+    assert str(error).startswith(f"busway.toml:{error.line} at $.routes[0].to:")
+
+
+def test_second_route_error_points_at_the_second_table() -> None:
+    text = (
+        VALID + '\n[[routes]]\nname = "b"\nfrom = "orders.received"\nto = ["orders.x"]\nwhen = 5\n'
+    )
+    error = error_of(text)
+    assert error.path == "$.routes[1].when"
+    assert error.line == len(text.splitlines())
+
+
+def test_unknown_adapter_type_lists_where_adapters_come_from() -> None:
+    error = error_of(VALID.replace('type = "http"', 'type = "htp"'))
+    assert error.path == "$.sources[0].type"
+    assert "unknown source type 'htp'" in str(error)
+    assert "busway.adapters" in str(error)
+
+
+def test_missing_required_key_in_an_adapter_table() -> None:
+    error = error_of(VALID.replace('path = "/orders"\n', ""))
+    assert error.path == "$.sources[0]"
+    assert "missing required field `path`" in str(error)
+
+
+def test_subject_not_captured_by_any_stream_is_rejected_with_the_remedy() -> None:
+    error = error_of(VALID.replace('to = ["orders.big"]', 'to = ["invoices.big"]'))
+    assert error.path == "$.routes[0].to[0]"
+    assert "no stream captures subject 'invoices.big'" in str(error)
+    assert "[[streams]]" in str(error)
+
+
+def test_route_that_would_feed_itself_is_rejected() -> None:
+    error = error_of(VALID.replace('from = "orders.received"', 'from = "orders.>"', 1))
+    assert error.path == "$.routes[0].to[0]"
+    assert "forever" in str(error)
+
+
+def test_overlapping_streams_are_rejected() -> None:
+    text = VALID + '\n[[streams]]\nname = "ALL"\nsubjects = ["orders.*"]\n'
+    error = error_of(text)
+    assert error.path == "$.streams[1].subjects[0]"
+    assert "overlaps stream 'ORDERS'" in str(error)
+
+
+def test_wildcards_are_rejected_where_a_literal_subject_is_needed() -> None:
+    error = error_of(VALID.replace('to = ["orders.big"]', 'to = ["orders.*"]'))
+    assert error.path == "$.routes[0].to[0]"
+    assert "without wildcards" in str(error)
+
+
+def test_duplicate_names_are_rejected() -> None:
+    text = (
+        VALID + '\n[[routes]]\nname = "big-orders"\nfrom = "orders.received"\nto = ["orders.x"]\n'
+    )
+    error = error_of(text)
+    assert error.path == "$.routes[1].name"
+    assert "used twice" in str(error)
+
+
+def test_environment_and_file_references_are_resolved(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    text = VALID.replace(
+        'data_dir = "var/nats"',
+        f'data_dir = "${{DATA}}/nats"\ntoken = "${{file:{secret}}}"\nname = "$${{literal}}"',
+    )
+    config = decode(text, DATA="/srv/busway")
+    assert config.nats.data_dir == "/srv/busway/nats"
+    assert config.nats.token == "s3cret"
+    assert config.nats.name == "${literal}"
+
+
+def test_missing_environment_variable_names_it_and_the_key() -> None:
+    error = error_of(VALID.replace('data_dir = "var/nats"', 'data_dir = "${BUSWAY_NOPE}"'))
+    assert error.path == "$.nats.data_dir"
+    assert "BUSWAY_NOPE is not set" in str(error)
+    assert error.line == 3
+
+
+def test_invalid_duration_says_what_is_accepted() -> None:
+    text = VALID.replace(
+        'subjects = ["orders.>"]', 'subjects = ["orders.>"]\nduplicate_window = "5 minutes"'
+    )
+    error = error_of(text)
+    assert error.path == "$.streams[0].duplicate_window"
+    assert "'500ms', '5s', '2m'" in str(error)
+
+
+def test_invalid_toml_names_the_file_and_position() -> None:
+    error = error_of("[nats\n")
+    assert error.file == "busway.toml"
+    assert "invalid TOML" in str(error) and "line 1" in str(error)
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    registry = default_registry()
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(
+            tmp_path / "missing.toml",
+            source_types=registry.source_config,
+            sink_types=registry.sink_config,
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0), (0.25, 0.25)],
+)
+def test_durations(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5", "-1s", "1 week", True, -2])
+def test_bad_durations_are_rejected(text: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)

@@ -1,0 +1,257 @@
+"""The daemon as a user runs it: `busway run` / `busway check` as subprocesses.
+
+The quickstart runs the bundled example with its embedded nats-server on free ports; the crash
+test kills a daemon with SIGKILL in the middle of 10,000 messages and checks the restarted one
+leaves exactly 10,000 outputs: none lost, none duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import nats
+import nats.js.errors
+import orjson
+import pytest
+
+from tests.support import REPO, NatsServer, free_port, run_cli, stream_messages
+
+EXAMPLE = REPO / "deploy" / "busway.toml"
+
+
+class Daemon:
+    """`busway run CONFIG` in a child process, its output in a log file."""
+
+    def __init__(self, config: Path, *extra: str) -> None:
+        self.log = config.with_suffix(f".{time.monotonic_ns()}.log")
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "busway", "run", str(config), *extra],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while "busway ready" not in self.output():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {self.process.returncode}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon not ready after {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 40) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test started; any still running at the end are killed by pid."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+def quickstart_config(tmp_path: Path) -> tuple[Path, int, int]:
+    http_port, nats_port = free_port(), free_port()
+    text = EXAMPLE.read_text()
+    text = text.replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{http_port}"')
+    text = text.replace(
+        'data_dir = "var/nats"', f'data_dir = "var/nats"\nlisten = "127.0.0.1:{nats_port}"'
+    )
+    config = tmp_path / "busway.toml"
+    config.write_text(text)
+    return config, http_port, nats_port
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s")
+        time.sleep(0.05)
+
+
+def test_busway_check_accepts_the_bundled_example() -> None:
+    result = run_cli("check", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 stream(s), 1 source(s), 1 route(s), 1 sink(s))" in result.stdout
+
+
+def test_busway_check_reports_a_bad_expression_with_its_location(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(EXAMPLE.read_text().replace("total > `100`", "total >"))
+    result = run_cli("check", str(config))
+    assert result.returncode == 2
+    line = (
+        EXAMPLE.read_text()
+        .splitlines()
+        .index('when = "total > `100`"                              # JMESPath over the JSON body')
+        + 1
+    )
+    assert f"{config}:{line} at $.routes[0].when:" in result.stderr
+
+
+def test_busway_check_reports_config_errors_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(EXAMPLE.read_text().replace('to = ["orders.big"]', 'to = ["billing.big"]'))
+    result = run_cli("check", str(config))
+    assert result.returncode == 2
+    assert "at $.routes[0].to[0]: no stream captures subject 'billing.big'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_busway_help_lists_the_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "run" in result.stdout and "check" in result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_survives_a_restart(tmp_path: Path, daemons: list[Daemon]) -> None:
+    config, http_port, nats_port = quickstart_config(tmp_path)
+    out_file = tmp_path / "var" / "out" / "big-orders.jsonl"
+
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    assert f"HTTP listening on http://127.0.0.1:{http_port}" in daemon.output()
+    assert f"listening on nats://127.0.0.1:{nats_port}" in daemon.output()
+    url = f"http://127.0.0.1:{http_port}/orders"
+    big = {"id": 1, "total": 250, "customer": {"name": "Ada"}}
+    small = {"id": 2, "total": 50, "customer": {"name": "Bob"}}
+    assert httpx.post(url, json=big).status_code == 202
+    assert httpx.post(url, json=small).status_code == 202
+    wait_for(lambda: out_file.exists() and out_file.read_bytes().count(b"\n") == 1, "first line")
+    assert daemon.terminate() == 0
+    assert "stopped" in daemon.output()
+    assert (tmp_path / "var" / "nats" / "jetstream").is_dir()
+
+    restarted = Daemon(config)
+    daemons.append(restarted)
+    restarted.wait_ready()
+    assert httpx.post(url, json={**big, "id": 3}).status_code == 202
+    wait_for(lambda: out_file.read_bytes().count(b"\n") == 2, "second line")
+    lines = [orjson.loads(line) for line in out_file.read_bytes().splitlines()]
+    assert lines == [
+        {"id": 1, "total": 250, "customer": "Ada"},
+        {"id": 3, "total": 250, "customer": "Ada"},
+    ]
+
+    async def count_big() -> int:
+        client = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        try:
+            return len(
+                [m for m in await stream_messages(client, "ORDERS") if m.subject == "orders.big"]
+            )
+        finally:
+            await client.close()
+
+    assert anyio.run(count_big) == 2
+    assert restarted.terminate() == 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_flow_loses_and_duplicates_nothing(
+    nats_server: NatsServer, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    total = 10_000
+    config = tmp_path / "crash.toml"
+    config.write_text(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "CRASH_IN"
+subjects = ["crashin.>"]
+
+[[streams]]
+name = "CRASH_OUT"
+subjects = ["crashout.>"]
+
+[[routes]]
+name = "crash"
+from = "crashin.orders"
+when = "total > `-1`"
+transform = "{{id: id, total: total}}"
+to = ["crashout.orders"]
+ack_wait = "2s"
+"""
+    )
+
+    async def preload() -> None:
+        client = await nats.connect(nats_server.url)
+        js = client.jetstream(publish_async_max_pending=1000)
+        await js.add_stream(name="CRASH_IN", subjects=["crashin.>"])
+        for i in range(total):
+            await js.publish_async("crashin.orders", orjson.dumps({"id": i, "total": i}))
+        await js.publish_async_completed()
+        await client.close()
+
+    async def out_count() -> int:
+        client = await nats.connect(nats_server.url)
+        try:
+            return (await client.jetstream().stream_info("CRASH_OUT")).state.messages
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await client.close()
+
+    async def consumer_settled() -> bool:
+        client = await nats.connect(nats_server.url)
+        try:
+            info = await client.jetstream().consumer_info("CRASH_IN", "busway-route-crash")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+        finally:
+            await client.close()
+
+    async def output_ids() -> list[int]:
+        client = await nats.connect(nats_server.url)
+        try:
+            return [orjson.loads(m.data)["id"] for m in await stream_messages(client, "CRASH_OUT")]
+        finally:
+            await client.close()
+
+    anyio.run(preload)
+    first = Daemon(config)
+    daemons.append(first)
+    first.wait_ready()
+    wait_for(lambda: anyio.run(out_count) >= 1000, "1000 outputs before the kill", timeout=60)
+    first.kill()
+    assert first.process.returncode == -signal.SIGKILL
+    killed_at = anyio.run(out_count)
+    assert killed_at < total, "the kill must land mid-flow"
+
+    second = Daemon(config)
+    daemons.append(second)
+    second.wait_ready()
+    wait_for(lambda: anyio.run(consumer_settled), "consumer fully acked", timeout=120)
+    ids = anyio.run(output_ids)
+    assert len(ids) == total
+    assert sorted(ids) == list(range(total))
+    assert second.terminate() == 0
