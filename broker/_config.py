@@ -59,7 +59,7 @@ class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Base of every config table: immutable, keyword-only, unknown keys rejected."""
 
 
-class RetryPolicy(_Strict, kw_only=True):
+class RetryPolicy(_Strict, frozen=True, kw_only=True):
     """How often and how patiently a failing message is retried before it is dead-lettered.
 
     The n-th redelivery waits `min(backoff * 2**(n-1), max_backoff)`, with ±20 % jitter so a
@@ -75,7 +75,7 @@ class RetryPolicy(_Strict, kw_only=True):
             raise ValueError("max_attempts must be at least 1")
 
 
-class NatsConfig(_Strict, kw_only=True):
+class NatsConfig(_Strict, frozen=True, kw_only=True):
     """Where JetStream is. Without `servers`, busway runs an embedded nats-server."""
 
     servers: list[str] | None = None
@@ -99,7 +99,7 @@ class NatsConfig(_Strict, kw_only=True):
         _split_listen(self.listen)
 
 
-class HttpConfig(_Strict, kw_only=True):
+class HttpConfig(_Strict, frozen=True, kw_only=True):
     """The shared HTTP listener: HTTP sources, `/metrics`, `/healthz`, `/readyz`."""
 
     listen: str | None = "127.0.0.1:8080"
@@ -109,7 +109,7 @@ class HttpConfig(_Strict, kw_only=True):
             _split_listen(self.listen)
 
 
-class StreamConfig(_Strict, kw_only=True):
+class StreamConfig(_Strict, frozen=True, kw_only=True):
     """A JetStream stream busway creates (or, with `create = false`, expects to exist).
 
     `duplicate_window` must cover a restart plus the consumers' `ack_wait`: a message redelivered
@@ -128,7 +128,7 @@ class StreamConfig(_Strict, kw_only=True):
     create: bool = True
 
 
-class DeadLetterConfig(_Strict, kw_only=True):
+class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
     """Where messages that cannot be handled go: `<subject_prefix>.<component name>`."""
 
     stream: str = "BUSWAY_DEADLETTER"
@@ -136,7 +136,7 @@ class DeadLetterConfig(_Strict, kw_only=True):
     max_age: Duration = Duration(14 * 86400.0)
 
 
-class _Consumer(_Strict, kw_only=True):
+class _Consumer(_Strict, frozen=True, kw_only=True):
     """What every component that reads from JetStream shares (routes and sinks)."""
 
     name: str
@@ -152,7 +152,7 @@ class _Consumer(_Strict, kw_only=True):
             raise ValueError("max_in_flight must be at least 1")
 
 
-class RouteConfig(_Consumer, kw_only=True):
+class RouteConfig(_Consumer, frozen=True, kw_only=True):
     """A route: read `from`, keep what `when` matches, reshape with `transform`, publish `to`."""
 
     to: list[str]
@@ -160,7 +160,7 @@ class RouteConfig(_Consumer, kw_only=True):
     transform: str | None = None
 
 
-class SourceConfig(_Strict, kw_only=True, tag_field="type"):
+class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
     """Base of every source adapter's config.
 
     An adapter subclasses it as `class MyConfig(SourceConfig, tag="my-type", kw_only=True)`.
@@ -170,7 +170,7 @@ class SourceConfig(_Strict, kw_only=True, tag_field="type"):
     subject: str
 
 
-class SinkConfig(_Consumer, kw_only=True, tag_field="type"):
+class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
     """Base of every sink adapter's config.
 
     An adapter subclasses it as `class MyConfig(SinkConfig, tag="my-type", kw_only=True)`.
@@ -184,7 +184,7 @@ class SinkConfig(_Consumer, kw_only=True, tag_field="type"):
     batch_wait: Duration = Duration(0.005)
 
 
-class Config(_Strict, kw_only=True):
+class Config(_Strict, frozen=True, kw_only=True):
     """A whole busway deployment: where NATS is, what streams exist, what flows where."""
 
     nats: NatsConfig = NatsConfig()
@@ -356,9 +356,8 @@ def _explain(detail: str) -> str:
 
 
 def _kind(value: object) -> str:
-    return {dict: "a table", list: "an array", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    names: dict[type, str] = {dict: "a table", list: "an array", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------------------------------------

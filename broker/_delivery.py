@@ -47,10 +47,10 @@ def retry_delay(attempt: int, policy: RetryPolicy, retry_after: float | None = N
 
     A peer's own `retry_after` (e.g. HTTP Retry-After) wins when it is longer.
     """
-    delay = min(policy.backoff * 2 ** max(0, attempt - 1), policy.max_backoff)
+    delay = min(float(policy.backoff) * 2.0 ** max(0, attempt - 1), float(policy.max_backoff))
     delay *= random.uniform(0.8, 1.2)
     if retry_after is not None and retry_after > delay:
-        delay = min(retry_after, policy.max_backoff)
+        delay = min(retry_after, float(policy.max_backoff))
     return delay
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 import nats
@@ -65,7 +66,7 @@ async def connect(
         )
         await on_reconnected()
 
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     if config.user is not None:
         options["user"] = config.user
         options["password"] = config.password
@@ -84,7 +85,11 @@ async def connect(
             disconnected_cb=disconnected_cb,
             reconnected_cb=reconnected_cb,
             pending_size=8 * 1024 * 1024,
-            **options,  # type: ignore[arg-type]
+            # Every subject busway publishes to is validated when the config is checked, and
+            # ack subjects come from the server; nats-py's per-publish regex is pure cost.
+            # Anything that derives a subject from message content must validate it itself.
+            skip_subject_validation=True,
+            **options,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise StartupError(

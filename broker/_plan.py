@@ -7,6 +7,7 @@ because of an expression or an adapter's settings fails before anything connects
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 from busway._components import BuildContext, Sink, Source
@@ -43,11 +44,14 @@ def build_plan(config: Config, registry: AdapterRegistry, *, file: str | None = 
         routes.append((route, compiled))
     context = BuildContext(base_dir=Path(config.base_dir))
     sources = [
-        (source, _construct(registry, source, "source", f"$.sources[{i}]", file, context))
+        (
+            source,
+            cast(Source, _construct(registry, source, "source", f"$.sources[{i}]", file, context)),
+        )
         for i, source in enumerate(config.sources)
     ]
     sinks = [
-        (sink, _construct(registry, sink, "sink", f"$.sinks[{i}]", file, context))
+        (sink, cast(Sink, _construct(registry, sink, "sink", f"$.sinks[{i}]", file, context)))
         for i, sink in enumerate(config.sinks)
     ]
     return Plan(config=config, routes=routes, sources=sources, sinks=sinks)

@@ -11,6 +11,7 @@ An application embedding busway can also register one directly: `registry.regist
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -36,9 +37,9 @@ class Adapter:
     """
 
     type: str
-    source_config: type[SourceConfig] | None = None
+    source_config: builtins.type[SourceConfig] | None = None
     create_source: Callable[[Any, BuildContext], Source] | None = None
-    sink_config: type[SinkConfig] | None = None
+    sink_config: builtins.type[SinkConfig] | None = None
     create_sink: Callable[[Any, BuildContext], Sink] | None = None
 
     def __post_init__(self) -> None:

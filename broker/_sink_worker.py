@@ -31,9 +31,9 @@ class SinkWorker(ConsumerComponent):
         self.batch_size = batch_size
         self.batch_wait = batch_wait
         # Room for every message the pull loop may hold: it never requests more than that.
-        self._send: MemoryObjectSendStream[tuple[Msg, Message, float]]
-        self._receive: MemoryObjectReceiveStream[tuple[Msg, Message, float]]
-        self._send, self._receive = anyio.create_memory_object_stream(self.max_in_flight)
+        self._queue_in: MemoryObjectSendStream[tuple[Msg, Message, float]]
+        self._queue_out: MemoryObjectReceiveStream[tuple[Msg, Message, float]]
+        self._queue_in, self._queue_out = anyio.create_memory_object_stream(self.max_in_flight)
 
     async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
         """Open the sink and start the batcher."""
@@ -52,29 +52,29 @@ class SinkWorker(ConsumerComponent):
             sequence=int(sequence),
             attempt=attempt,
         )
-        self._send.send_nowait((message, delivery, time.monotonic()))
+        self._queue_in.send_nowait((message, delivery, time.monotonic()))
 
     async def _write_batches(self) -> None:
         try:
-            async for first in self._receive:
+            async for first in self._queue_out:
                 batch = [first]
                 self._fill(batch)
                 if len(batch) < self.batch_size and self.batch_wait > 0:
                     with anyio.move_on_after(self.batch_wait):
                         while len(batch) < self.batch_size:
-                            batch.append(await self._receive.receive())
+                            batch.append(await self._queue_out.receive())
                             self._fill(batch)
                 await self._deliver(batch)
         finally:
-            self._send.close()
-            self._receive.close()
+            self._queue_in.close()
+            self._queue_out.close()
             with anyio.CancelScope(shield=True):
                 await self.sink.close()
 
     def _fill(self, batch: list[tuple[Msg, Message, float]]) -> None:
         while len(batch) < self.batch_size:
             try:
-                batch.append(self._receive.receive_nowait())
+                batch.append(self._queue_out.receive_nowait())
             except anyio.WouldBlock:
                 return
 

@@ -41,7 +41,7 @@ __all__ = ["FileSink", "FileSinkConfig"]
 logger = logging.getLogger("busway.adapters.file")
 
 
-class FileSinkConfig(SinkConfig, tag="file", kw_only=True):
+class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     """Append JSON lines to `path` (relative paths start at the config file's directory)."""
 
     path: str

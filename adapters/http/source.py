@@ -40,7 +40,7 @@ __all__ = ["HttpSource", "HttpSourceConfig"]
 _MAX_KEY_LENGTH = 200
 
 
-class HttpSourceConfig(SourceConfig, tag="http", kw_only=True):
+class HttpSourceConfig(SourceConfig, tag="http", frozen=True, kw_only=True):
     """An ingest endpoint on the shared listener."""
 
     path: str

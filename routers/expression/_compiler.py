@@ -185,12 +185,12 @@ def _function_positions(tree: Node, tokens: list[Token]) -> dict[int, int]:
 # --- small shared closures ------------------------------------------------------------------
 
 
-def _identity(value: Any, ctx: Any) -> Any:
+def _identity(value: Any, ctx: Any = None) -> Any:
     return value
 
 
 def _constant(value: Any) -> Evaluator:
-    def constant(_value: Any, _ctx: Any) -> Any:
+    def constant(_value: Any, _ctx: Any = None) -> Any:
         return value
 
     return constant
@@ -207,7 +207,7 @@ def _copy_json(value: Any) -> Any:
 def _fresh_copy(value: Any) -> Evaluator:
     """A container constant handed out as a new copy each time: results may be mutated."""
 
-    def fresh(_value: Any, _ctx: Any) -> Any:
+    def fresh(_value: Any, _ctx: Any = None) -> Any:
         return _copy_json(value)
 
     return fresh
@@ -219,7 +219,7 @@ def is_truthy(value: Any) -> bool:
 
 
 def _compose(first: Evaluator, second: Evaluator) -> Evaluator:
-    def composed(value: Any, ctx: Any) -> Any:
+    def composed(value: Any, ctx: Any = None) -> Any:
         return second(first(value, ctx), ctx)
 
     return composed
@@ -232,7 +232,7 @@ def _compose(first: Evaluator, second: Evaluator) -> Evaluator:
 
 
 def _field(name: str) -> Evaluator:
-    def field(value: Any, ctx: Any) -> Any:
+    def field(value: Any, ctx: Any = None) -> Any:
         try:
             return value.get(name)
         except AttributeError:
@@ -247,7 +247,7 @@ def _field_chain(names: tuple[str, ...]) -> Evaluator:
     if len(names) == 2:
         first, second = names
 
-        def chain2(value: Any, ctx: Any) -> Any:
+        def chain2(value: Any, ctx: Any = None) -> Any:
             try:
                 return value.get(first).get(second)
             except AttributeError:
@@ -257,7 +257,7 @@ def _field_chain(names: tuple[str, ...]) -> Evaluator:
     if len(names) == 3:
         first, second, third = names
 
-        def chain3(value: Any, ctx: Any) -> Any:
+        def chain3(value: Any, ctx: Any = None) -> Any:
             try:
                 return value.get(first).get(second).get(third)
             except AttributeError:
@@ -265,7 +265,7 @@ def _field_chain(names: tuple[str, ...]) -> Evaluator:
 
         return chain3
 
-    def chain(value: Any, ctx: Any) -> Any:
+    def chain(value: Any, ctx: Any = None) -> Any:
         try:
             for name in names:
                 value = value.get(name)
@@ -312,11 +312,9 @@ class _Compiler:
         if kind == "comparator":
             return self._comparator(node, as_predicate=True)
         if kind == "and_expression":
-            return _both(self.predicate(node["children"][0]), self.predicate(node["children"][1]))
+            return _all(tuple(self.predicate(part) for part in _operands(node, kind)))
         if kind == "or_expression":
-            return _either(
-                self.predicate(node["children"][0]), self.predicate(node["children"][1])
-            )
+            return _any(tuple(self.predicate(part) for part in _operands(node, kind)))
         if kind == "not_expression":
             return _negate(self.predicate(node["children"][0]))
         if kind == "literal":
@@ -572,29 +570,69 @@ def _comparable_kinds(literal: Any) -> frozenset[type]:
 
 
 def _truthiness(evaluate: Evaluator) -> Predicate:
-    def truthy(value: Any, ctx: Any) -> bool:
+    def truthy(value: Any, ctx: Any = None) -> bool:
         result = evaluate(value, ctx)
         return bool(result) or result.__class__ in _NUMBER
 
     return truthy
 
 
-def _both(left: Predicate, right: Predicate) -> Predicate:
-    def both(value: Any, ctx: Any) -> bool:
-        return left(value, ctx) and right(value, ctx)
+def _operands(node: Node, kind: str) -> Iterator[Node]:
+    """`a && b && c` parses as `(a && b) && c`: flatten it so one closure tests all three."""
+    for child in node["children"]:
+        if child["type"] == kind:
+            yield from _operands(child, kind)
+        else:
+            yield child
 
-    return both
+
+def _all(parts: tuple[Predicate, ...]) -> Predicate:
+    """Short-circuit AND of predicates; two and three operands are spelled out (no loop)."""
+    if len(parts) == 2:
+        first, second = parts
+
+        def all2(value: Any, ctx: Any = None) -> bool:
+            return first(value, ctx) and second(value, ctx)
+
+        return all2
+    if len(parts) == 3:
+        first, second, third = parts
+
+        def all3(value: Any, ctx: Any = None) -> bool:
+            return first(value, ctx) and second(value, ctx) and third(value, ctx)
+
+        return all3
+
+    def all_(value: Any, ctx: Any = None) -> bool:
+        for part in parts:
+            if not part(value, ctx):
+                return False
+        return True
+
+    return all_
 
 
-def _either(left: Predicate, right: Predicate) -> Predicate:
-    def either(value: Any, ctx: Any) -> bool:
-        return left(value, ctx) or right(value, ctx)
+def _any(parts: tuple[Predicate, ...]) -> Predicate:
+    """Short-circuit OR of predicates."""
+    if len(parts) == 2:
+        first, second = parts
 
-    return either
+        def any2(value: Any, ctx: Any = None) -> bool:
+            return first(value, ctx) or second(value, ctx)
+
+        return any2
+
+    def any_(value: Any, ctx: Any = None) -> bool:
+        for part in parts:
+            if part(value, ctx):
+                return True
+        return False
+
+    return any_
 
 
 def _negate(inner: Predicate) -> Predicate:
-    def negate(value: Any, ctx: Any) -> bool:
+    def negate(value: Any, ctx: Any = None) -> bool:
         return not inner(value, ctx)
 
     return negate
@@ -603,7 +641,7 @@ def _negate(inner: Predicate) -> Predicate:
 def _and(left: Evaluator, right: Evaluator) -> Evaluator:
     """`a && b`: `a` if it is falsy, else `b` (values, not booleans)."""
 
-    def and_(value: Any, ctx: Any) -> Any:
+    def and_(value: Any, ctx: Any = None) -> Any:
         result = left(value, ctx)
         if result or result.__class__ in _NUMBER:
             return right(value, ctx)
@@ -615,7 +653,7 @@ def _and(left: Evaluator, right: Evaluator) -> Evaluator:
 def _or(left: Evaluator, right: Evaluator) -> Evaluator:
     """`a || b`: `a` if it is truthy, else `b`."""
 
-    def or_(value: Any, ctx: Any) -> Any:
+    def or_(value: Any, ctx: Any = None) -> Any:
         result = left(value, ctx)
         if result or result.__class__ in _NUMBER:
             return result
@@ -625,7 +663,7 @@ def _or(left: Evaluator, right: Evaluator) -> Evaluator:
 
 
 def _index(position: int) -> Evaluator:
-    def index(value: Any, ctx: Any) -> Any:
+    def index(value: Any, ctx: Any = None) -> Any:
         if isinstance(value, list):
             try:
                 return value[position]
@@ -637,70 +675,73 @@ def _index(position: int) -> Evaluator:
 
 
 def _slice(bounds: slice) -> Evaluator:
-    def slice_(value: Any, ctx: Any) -> Any:
+    def slice_(value: Any, ctx: Any = None) -> Any:
         return value[bounds] if isinstance(value, list) else None
 
     return slice_
 
 
+# Loops rather than comprehensions below: on CPython 3.11 a comprehension creates and calls a
+# function object each time, which costs more than the whole loop for typical small arrays.
+
+
 def _projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
-    if each is None:
+    """`left[*].right`, `left[].right`: apply `each` to every element, dropping nulls."""
 
-        def project_all(value: Any, ctx: Any) -> Any:
-            items = base(value, ctx)
-            if not isinstance(items, list):
-                return None
-            return [item for item in items if item is not None]
-
-        return project_all
-
-    def project(value: Any, ctx: Any) -> Any:
+    def project(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
         if not isinstance(items, list):
             return None
-        return [result for item in items if (result := each(item, ctx)) is not None]
+        collected = []
+        for item in items:
+            if each is not None:
+                item = each(item, ctx)
+            if item is not None:
+                collected.append(item)
+        return collected
 
     return project
 
 
 def _value_projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
-    def project_values(value: Any, ctx: Any) -> Any:
+    """`left.*.right`: the same over an object's values."""
+
+    def project_values(value: Any, ctx: Any = None) -> Any:
         obj = base(value, ctx)
         if not isinstance(obj, dict):
             return None
-        if each is None:
-            return [item for item in obj.values() if item is not None]
-        return [result for item in obj.values() if (result := each(item, ctx)) is not None]
+        collected = []
+        for item in obj.values():
+            if each is not None:
+                item = each(item, ctx)
+            if item is not None:
+                collected.append(item)
+        return collected
 
     return project_values
 
 
 def _filter_projection(base: Evaluator, keep: Predicate, each: Evaluator | None) -> Evaluator:
-    if each is None:
+    """`left[?condition].right`: `keep` is the condition's predicate form (a bool)."""
 
-        def filter_all(value: Any, ctx: Any) -> Any:
-            items = base(value, ctx)
-            if not isinstance(items, list):
-                return None
-            return [item for item in items if keep(item, ctx) and item is not None]
-
-        return filter_all
-
-    def filter_(value: Any, ctx: Any) -> Any:
+    def filter_(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
         if not isinstance(items, list):
             return None
-        return [
-            result
-            for item in items
-            if keep(item, ctx) and (result := each(item, ctx)) is not None
-        ]
+        collected = []
+        for item in items:
+            if keep(item, ctx):
+                if each is not None:
+                    item = each(item, ctx)
+                if item is not None:
+                    collected.append(item)
+        return collected
 
     return filter_
 
 
 def _flatten(base: Evaluator) -> Evaluator:
-    def flatten(value: Any, ctx: Any) -> Any:
+    def flatten(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
         if not isinstance(items, list):
             return None
@@ -716,39 +757,79 @@ def _flatten(base: Evaluator) -> Evaluator:
 
 
 def _multi_select_list(elements: tuple[Evaluator, ...]) -> Evaluator:
-    def multi_select_list(value: Any, ctx: Any) -> Any:
+    """`[a, b]`: null on null, else the list of values; short lists are built as displays."""
+    if len(elements) == 2:
+        first, second = elements
+
+        def list2(value: Any, ctx: Any = None) -> Any:
+            return None if value is None else [first(value, ctx), second(value, ctx)]
+
+        return list2
+
+    def multi_select_list(value: Any, ctx: Any = None) -> Any:
         if value is None:
             return None
-        return [element(value, ctx) for element in elements]
+        collected = []
+        for element in elements:
+            collected.append(element(value, ctx))
+        return collected
 
     return multi_select_list
 
 
 def _multi_select_dict(pairs: tuple[tuple[str, Evaluator], ...]) -> Evaluator:
-    def multi_select_dict(value: Any, ctx: Any) -> Any:
+    """`{k: v, ...}`, the mapping workhorse. Up to four pairs are a dict display (no loop, no
+    per-pair unpacking); any further pairs are added by a loop."""
+    if len(pairs) == 1:
+        ((k1, e1),) = pairs
+
+        def dict1(value: Any, ctx: Any = None) -> Any:
+            return None if value is None else {k1: e1(value, ctx)}
+
+        return dict1
+    if len(pairs) == 2:
+        (k1, e1), (k2, e2) = pairs
+
+        def dict2(value: Any, ctx: Any = None) -> Any:
+            return None if value is None else {k1: e1(value, ctx), k2: e2(value, ctx)}
+
+        return dict2
+    if len(pairs) == 3:
+        (k1, e1), (k2, e2), (k3, e3) = pairs
+
+        def dict3(value: Any, ctx: Any = None) -> Any:
+            if value is None:
+                return None
+            return {k1: e1(value, ctx), k2: e2(value, ctx), k3: e3(value, ctx)}
+
+        return dict3
+    (k1, e1), (k2, e2), (k3, e3), (k4, e4) = pairs[:4]
+    tail = pairs[4:]
+
+    def dict_n(value: Any, ctx: Any = None) -> Any:
         if value is None:
             return None
-        result = {}
-        for key, evaluate in pairs:
+        result = {k1: e1(value, ctx), k2: e2(value, ctx), k3: e3(value, ctx), k4: e4(value, ctx)}
+        for key, evaluate in tail:
             result[key] = evaluate(value, ctx)
         return result
 
-    return multi_select_dict
+    return dict_n
 
 
 def _equals_literal(operand: Evaluator, literal: Any, *, negate: bool) -> Predicate:
     """`x == literal` with the comparison chosen now from the literal's type."""
     if literal is None or literal.__class__ is bool:  # singletons: identity is equality
         if negate:
-            return lambda value, ctx: operand(value, ctx) is not literal
-        return lambda value, ctx: operand(value, ctx) is literal
+            return lambda value, ctx=None: operand(value, ctx) is not literal
+        return lambda value, ctx=None: operand(value, ctx) is literal
     if literal.__class__ is str:  # str == only matches str
         if negate:
-            return lambda value, ctx: operand(value, ctx) != literal
-        return lambda value, ctx: operand(value, ctx) == literal
+            return lambda value, ctx=None: operand(value, ctx) != literal
+        return lambda value, ctx=None: operand(value, ctx) == literal
     if literal.__class__ in _NUMBER:
 
-        def equals_number(value: Any, ctx: Any) -> bool:
+        def equals_number(value: Any, ctx: Any = None) -> bool:
             result = operand(value, ctx)
             return (result == literal and result.__class__ is not bool) is not negate
 
@@ -757,7 +838,7 @@ def _equals_literal(operand: Evaluator, literal: Any, *, negate: bool) -> Predic
 
 
 def _equals_any(left: Evaluator, right: Evaluator, *, negate: bool) -> Predicate:
-    def equals(value: Any, ctx: Any) -> bool:
+    def equals(value: Any, ctx: Any = None) -> bool:
         return json_equal(left(value, ctx), right(value, ctx)) is not negate
 
     return equals
@@ -770,7 +851,7 @@ def _order_literal(operand: Evaluator, op: str, literal: Any, *, as_predicate: b
     kinds = _comparable_kinds(literal)
     missing = False if as_predicate else None
 
-    def order(value: Any, ctx: Any) -> Any:
+    def order(value: Any, ctx: Any = None) -> Any:
         result = operand(value, ctx)
         if result.__class__ in kinds:
             return compare(result, literal)
@@ -784,7 +865,7 @@ def _order_any(
 ) -> Evaluator:
     missing = False if as_predicate else None
 
-    def order(value: Any, ctx: Any) -> Any:
+    def order(value: Any, ctx: Any = None) -> Any:
         first = left(value, ctx)
         second = right(value, ctx)
         kinds = first.__class__
@@ -798,7 +879,7 @@ def _order_any(
 
 
 def _expref(inner: Evaluator) -> Evaluator:
-    def expref(value: Any, ctx: Any) -> ExpRef:
+    def expref(value: Any, ctx: Any = None) -> ExpRef:
         return ExpRef(inner, ctx)
 
     return expref
@@ -821,7 +902,7 @@ def _builtin_call(
         (arg,), (param,) = args, params
         types = param.types or _NOTHING
 
-        def call1(value: Any, ctx: Any) -> Any:
+        def call1(value: Any, ctx: Any = None) -> Any:
             try:
                 first = arg(value, ctx)
                 if first.__class__ in types or param.accepts(first):
@@ -836,7 +917,7 @@ def _builtin_call(
         (arg0, arg1), (param0, param1) = args, params
         types0, types1 = param0.types or _NOTHING, param1.types or _NOTHING
 
-        def call2(value: Any, ctx: Any) -> Any:
+        def call2(value: Any, ctx: Any = None) -> Any:
             try:
                 first = arg0(value, ctx)
                 second = arg1(value, ctx)
@@ -851,7 +932,7 @@ def _builtin_call(
 
         return call2
 
-    def call(value: Any, ctx: Any) -> Any:
+    def call(value: Any, ctx: Any = None) -> Any:
         try:
             values = [arg(value, ctx) for arg in args]
             for index, (param, item) in enumerate(zip(params, values, strict=True)):
@@ -874,7 +955,7 @@ def _custom_call(
 
     if len(args) == 0:
 
-        def call0(value: Any, ctx: Any) -> Any:
+        def call0(value: Any, ctx: Any = None) -> Any:
             try:
                 return func(ctx) if with_context else func()
             except ExpressionError as error:
@@ -885,7 +966,7 @@ def _custom_call(
     if len(args) == 1:
         (arg,) = args
 
-        def call1(value: Any, ctx: Any) -> Any:
+        def call1(value: Any, ctx: Any = None) -> Any:
             try:
                 first = arg(value, ctx)
                 return func(ctx, first) if with_context else func(first)
@@ -895,7 +976,7 @@ def _custom_call(
 
         return call1
 
-    def call(value: Any, ctx: Any) -> Any:
+    def call(value: Any, ctx: Any = None) -> Any:
         try:
             values = [arg(value, ctx) for arg in args]
             return func(ctx, *values) if with_context else func(*values)
