@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 import nats
 import nats.errors

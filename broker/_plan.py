@@ -7,8 +7,8 @@ because of an expression or an adapter's settings fails before anything connects
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 from busway._components import BuildContext, Sink, Source
 from busway._config import Config, RouteConfig, SinkConfig, SourceConfig

@@ -275,3 +275,41 @@ async def test_exhausted_retries_dead_letter_with_the_last_error(
     assert headers["Busway-Error-Reason"] == "max_attempts"
     assert headers["Busway-Attempts"] == "3"
     assert "no stream captures subject" in headers["Busway-Error"]
+
+
+async def test_graceful_stop_settles_everything_it_holds(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """Leaving the bus mid-flow leaves no message un-acked waiting for ack_wait."""
+    config = decode_test_config(
+        route_config(
+            nats_server, unique, f'to = ["out{unique}.copy"]', extra="max_in_flight = 500"
+        ),
+        tmp_path,
+    )
+    js = nc.jetstream(publish_async_max_pending=1000)
+    async with Bus(config) as bus:
+        for i in range(5000):
+            await js.publish_async(f"in{unique}.orders", b'{"n": %d}' % i)
+        await js.publish_async_completed()
+        stats = bus.metrics.stats[0]
+
+        async def flowing() -> bool:
+            return stats.published >= 500
+
+        await eventually(flowing)
+    info = await js.consumer_info(f"IN_{unique}", f"busway-route-r{unique}")
+    assert info.num_ack_pending == 0
+    assert stats.in_flight == 0
+    stored = (await js.stream_info(f"OUT_{unique}")).state.messages
+    assert stored == stats.published
+    assert stored < 5000, "the stop must land mid-flow for this test to mean anything"
+
+    async with Bus(config):
+
+        async def settled() -> bool:
+            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+
+        await eventually(settled)
+    outputs = await stream_messages(nc, f"OUT_{unique}")
+    assert sorted(orjson.loads(m.data)["n"] for m in outputs) == list(range(5000))

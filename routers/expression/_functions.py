@@ -30,6 +30,8 @@ __all__ = [
 
 _NoneType: Final = type(None)
 _NUMBER: Final = frozenset({int, float})
+_STRING: Final = frozenset({str})
+_NOTHING: Final[frozenset[type]] = frozenset()
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # JSON's number grammar: to_number() must not accept Python-isms such as "1_000", " 7", "inf".
 _JSON_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?P<frac>\.[0-9]+)?(?P<exp>[eE][+-]?[0-9]+)?")
@@ -258,16 +260,13 @@ def _require_sortable(function: str, values: list[Any]) -> None:
 def _sort_keys(function: str, array: list[Any], ref: ExpRef) -> list[Any]:
     """Evaluate `ref` on each element; keys must be all numbers or all strings."""
     evaluate, ctx = ref.evaluate, ref.ctx
-    keys = [evaluate(element, ctx) for element in array]
+    keys = []
+    for element in array:
+        keys.append(evaluate(element, ctx))
     if not keys:
         return keys
     first = keys[0].__class__
-    if first is str:
-        wanted: frozenset[type] = frozenset({str})
-    elif first in _NUMBER:
-        wanted = _NUMBER
-    else:
-        wanted = frozenset()
+    wanted = _STRING if first is str else _NUMBER if first in _NUMBER else _NOTHING
     for key in keys:
         if key.__class__ not in wanted:
             raise ExpressionRuntimeError(
@@ -299,7 +298,7 @@ def _floor(number: float) -> int:
 
 
 def _contains(subject: list[Any] | str, search: Any) -> bool:
-    if subject.__class__ is str or isinstance(subject, str):
+    if isinstance(subject, str):
         return isinstance(search, str) and search in subject
     if search.__class__ is str or search is None:
         return search in subject  # == on str/None cannot confuse true with 1
@@ -333,7 +332,10 @@ def _length(value: str | list[Any] | dict[str, Any]) -> int:
 
 def _map(ref: ExpRef, array: list[Any]) -> list[Any]:
     evaluate, ctx = ref.evaluate, ref.ctx
-    return [evaluate(element, ctx) for element in array]
+    mapped = []
+    for element in array:
+        mapped.append(evaluate(element, ctx))
+    return mapped
 
 
 def _max(values: list[Any]) -> Any:

@@ -46,7 +46,9 @@ def _load_cases() -> list[Any]:
         for suite in suites:
             for case in suite["cases"]:
                 params.append(
-                    pytest.param(suite["given"], case["expression"], case, id=f"{path.stem}-{number}")
+                    pytest.param(
+                        suite["given"], case["expression"], case, id=f"{path.stem}-{number}"
+                    )
                 )
                 number += 1
     return params
