@@ -104,17 +104,18 @@ class ConsumerComponent(abc.ABC):
     async def drain(self, timeout: float) -> bool:
         """Stop pulling and wait up to `timeout` for held messages to settle; True if all did."""
         self.stopping = True
-        self.pull.stop_pulling()
+        drained = False
         with anyio.move_on_after(timeout):
-            await self.pull.wait_idle()
+            await self.pull.drain()
+            drained = True
         self.stats.ready = False
-        if not self.pull.idle:
+        if not drained:
             self.logger.warning(
                 "%d message(s) still in flight at shutdown; JetStream redelivers them "
                 "after ack_wait",
                 self.stats.in_flight,
             )
-        return self.pull.idle
+        return drained
 
     async def reset_pull(self) -> None:
         """Re-issue pull requests after a reconnect (the server forgot the old ones)."""

@@ -54,7 +54,7 @@ class ContinuousPull:
         handler: Handler,
         stats: ComponentStats,
         batch: int = 256,
-        expires: float = 10.0,
+        expires: float = 1.0,
     ) -> None:
         self._client = client
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
@@ -68,15 +68,10 @@ class ContinuousPull:
         self._subscription: Subscription | None = None
         self._requested = 0
         self._stats = stats
-        self._idle: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
         self._pulling = False
         self._last_heard = time.monotonic()
         self._retry_at = 0.0
-
-    @property
-    def idle(self) -> bool:
-        """True when no message is held un-acked."""
-        return self._stats.in_flight == 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe, issue the first request and watch for lost requests until cancelled."""
@@ -97,21 +92,28 @@ class ContinuousPull:
                 if subscription is not None and not self._client.is_closed:
                     await subscription.unsubscribe()
 
-    def stop_pulling(self) -> None:
-        """Issue no further requests; messages of requests already out are still delivered."""
-        self._pulling = False
+    async def drain(self) -> None:
+        """Stop requesting; return once nothing is held and no request is outstanding.
 
-    async def wait_idle(self) -> None:
-        """Return once no message is held un-acked."""
-        while self._stats.in_flight:
-            self._idle = anyio.Event()
-            await self._idle.wait()
+        JetStream cannot cancel a pull request, so messages keep arriving until every
+        outstanding one is filled or expires (`expires`, 1 s by default). The handler settles
+        those too (the engine naks them at once, for another daemon or the next start);
+        unsubscribing earlier would leave them un-acked until `ack_wait`.
+        """
+        self._pulling = False
+        while self._stats.in_flight or self._requested:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+    def _notify_drained(self) -> None:
+        if self._drained is not None and not (self._stats.in_flight or self._requested):
+            self._drained.set()
 
     async def release(self, count: int = 1) -> None:
         """`count` held messages were settled (acked, naked or terminated): make room."""
         self._stats.in_flight -= count
-        if self._idle is not None and not self._stats.in_flight:
-            self._idle.set()
+        if not self._pulling:
+            self._notify_drained()
         await self._maybe_request()
 
     async def reset(self) -> None:
@@ -161,6 +163,8 @@ class ContinuousPull:
             return
         pending = headers.get("Nats-Pending-Messages")
         self._requested = max(0, self._requested - int(pending)) if pending else 0
+        if not self._pulling:
+            self._notify_drained()
         if status == "409":
             # e.g. "Exceeded MaxAckPending" right after a restart, while the dead process's
             # deliveries still count against the limit: back off instead of spinning.

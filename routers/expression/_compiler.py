@@ -28,7 +28,7 @@ import difflib
 import json
 import operator
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from jmespath import exceptions as jmespath_exceptions
 from jmespath.lexer import Lexer
@@ -219,6 +219,25 @@ def is_truthy(value: Any) -> bool:
     return bool(value) or value.__class__ in _NUMBER
 
 
+def _then(first: Evaluator, names: tuple[str, ...]) -> Evaluator:
+    """`first` followed by field lookups, in one closure."""
+    if len(names) == 1:
+        (name,) = names
+
+        def then_field(value: Any, ctx: Any = None) -> Any:
+            value = first(value, ctx)
+            if value.__class__ is dict:
+                return value.get(name)
+            return _walk(value, names)
+
+        return then_field
+
+    def then_fields(value: Any, ctx: Any = None) -> Any:
+        return _walk(first(value, ctx), names)
+
+    return then_fields
+
+
 def _compose(first: Evaluator, second: Evaluator) -> Evaluator:
     def composed(value: Any, ctx: Any = None) -> Any:
         return second(first(value, ctx), ctx)
@@ -362,25 +381,24 @@ class _Compiler:
     _v_pipe = _v_subexpression
 
     def _sequence(self, children: list[Node]) -> Evaluator:
-        steps: list[Evaluator] = []
-        names: list[str] = []
+        """Runs of fields become one chained lookup; a run that follows another step is
+        fused into that step's closure (`max_by(...).sku` is one closure, not two)."""
+        steps: list[Evaluator | tuple[str, ...]] = []
         for child in children:
             if child["type"] == "field":
-                names.append(child["value"])
-                continue
-            if names:
-                steps.append(_field_chain(tuple(names)))
-                names = []
-            if child["type"] not in ("identity", "current"):
+                if steps and isinstance(steps[-1], tuple):
+                    steps[-1] += (child["value"],)
+                else:
+                    steps.append((child["value"],))
+            elif child["type"] not in ("identity", "current"):
                 steps.append(self.value(child))
-        if names:
-            steps.append(_field_chain(tuple(names)))
-        if not steps:
-            return _identity
-        evaluator = steps[0]
-        for step in steps[1:]:
-            evaluator = _compose(evaluator, step)
-        return evaluator
+        evaluator: Evaluator | None = None
+        for step in steps:
+            if isinstance(step, tuple):
+                evaluator = _field_chain(step) if evaluator is None else _then(evaluator, step)
+            else:
+                evaluator = step if evaluator is None else _compose(evaluator, step)
+        return _identity if evaluator is None else evaluator
 
     def _v_index(self, node: Node) -> Evaluator:
         return _index(node["value"])
@@ -413,11 +431,15 @@ class _Compiler:
     def _v_flatten(self, node: Node) -> Evaluator:
         return _flatten(self.value(node["children"][0]))
 
-    def _optional(self, node: Node) -> Evaluator | None:
-        """`None` for the identity, so projections can skip a no-op call per element."""
+    def _optional(self, node: Node) -> _Each:
+        """What a projection applies to each element. The identity is `(None, None)` and a
+        single field `(name, None)`, which the projection loops handle inline: no call per
+        element for the two commonest right-hand sides."""
         if node["type"] in ("identity", "current"):
-            return None
-        return self.value(node)
+            return _Each(None, None)
+        if node["type"] == "field":
+            return _Each(node["value"], None)
+        return _Each(None, self.value(node))
 
     # -- multi-selects --
 
@@ -509,15 +531,38 @@ class _Compiler:
             self._check_static_argument(node, builtin, index, arg)
         if all(arg["type"] == "literal" for arg in args):
             return self._fold(node, builtin, [arg["value"] for arg in args])
+        position = self.positions.get(id(node))
+        if builtin.expref_at is not None:
+            return self._expref_builtin_call(builtin, args, position)
         evaluators = tuple(self._argument(builtin, arg) for arg in args)
         params = tuple(builtin.param(index) for index in range(len(args)))
-        return _builtin_call(builtin, evaluators, params, self.source, self.positions.get(id(node)))
+        return _builtin_call(builtin, evaluators, params, self.source, position)
+
+    def _expref_builtin_call(
+        self, builtin: Builtin, args: list[Node], position: int | None
+    ) -> Evaluator:
+        """map/sort_by/min_by/max_by: with a literal `&expr` argument (the normal case) the
+        referenced closure is captured now; otherwise the argument is evaluated per call and
+        must produce an expression reference."""
+        ref_at = builtin.expref_at
+        assert ref_at is not None
+        array_at = 1 - ref_at
+        array = self.value(args[array_at])
+        ref_node = args[ref_at]
+        if ref_node["type"] == "expref":
+            inner: Evaluator | None = self.value(ref_node["children"][0])
+            dynamic = None
+        else:
+            inner, dynamic = None, self.value(ref_node)
+        return _expref_call(
+            builtin, array, array_at, inner, dynamic, ref_at, self.source, position
+        )
 
     def _check_static_argument(self, node: Node, builtin: Builtin, index: int, arg: Node) -> None:
         """Reject at compile time what would fail on every evaluation: wrong literal types,
         `&expr` where a value is expected, and a plain value where `&expr` is required."""
         param = builtin.param(index)
-        wants_expref = index in builtin.takes_expref
+        wants_expref = index == builtin.expref_at
         if arg["type"] == "literal":
             if wants_expref or not param.accepts(arg["value"]):
                 raise self._static_type_error(node, param.error(builtin.name, index, arg["value"]))
@@ -701,12 +746,22 @@ def _slice(bounds: slice) -> Evaluator:
     return slice_
 
 
+class _Each(NamedTuple):
+    """The right-hand side of a projection: a field name, an evaluator, or neither (identity)."""
+
+    name: str | None
+    evaluate: Evaluator | None
+
+
 # Loops rather than comprehensions below: on CPython 3.11 a comprehension creates and calls a
 # function object each time, which costs more than the whole loop for typical small arrays.
+# Each loop body is the same three-way step: inline field lookup, closure call, or nothing.
 
 
-def _projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
-    """`left[*].right`, `left[].right`: apply `each` to every element, dropping nulls."""
+def _projection(base: Evaluator, right: _Each) -> Evaluator:
+    """`left[*].right`: apply `right` to every element, dropping nulls."""
+    name, each = right
+    names = (name,)
 
     def project(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
@@ -714,7 +769,9 @@ def _projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
             return None
         collected = []
         for item in items:
-            if each is not None:
+            if name is not None:
+                item = item.get(name) if item.__class__ is dict else _walk(item, names)
+            elif each is not None:
                 item = each(item, ctx)
             if item is not None:
                 collected.append(item)
@@ -723,26 +780,47 @@ def _projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
     return project
 
 
-def _flatten_projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
-    """`left[].right`: flatten one level and project, without the intermediate list."""
+def _flatten_projection(base: Evaluator, right: _Each) -> Evaluator:
+    """`left[].right`: flatten one level and project in a single pass; the rare nested
+    array goes through `_projection` logic via `_project_nested`."""
+    name, each = right
+    names = (name,)
 
     def project_flat(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
         if not isinstance(items, list):
             return None
-        collected = []
+        collected: list[Any] = []
         for item in items:
-            for element in item if isinstance(item, list) else (item,):
-                result = element if each is None else each(element, ctx)
-                if result is not None:
-                    collected.append(result)
+            if isinstance(item, list):
+                _project_nested(collected, item, right, ctx)
+                continue
+            if name is not None:
+                item = item.get(name) if item.__class__ is dict else _walk(item, names)
+            elif each is not None:
+                item = each(item, ctx)
+            if item is not None:
+                collected.append(item)
         return collected
 
     return project_flat
 
 
-def _value_projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
+def _project_nested(collected: list[Any], items: list[Any], right: _Each, ctx: Any) -> None:
+    name, each = right
+    for item in items:
+        if name is not None:
+            item = _walk(item, (name,))
+        elif each is not None:
+            item = each(item, ctx)
+        if item is not None:
+            collected.append(item)
+
+
+def _value_projection(base: Evaluator, right: _Each) -> Evaluator:
     """`left.*.right`: the same over an object's values."""
+    name, each = right
+    names = (name,)
 
     def project_values(value: Any, ctx: Any = None) -> Any:
         obj = base(value, ctx)
@@ -750,7 +828,9 @@ def _value_projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
             return None
         collected = []
         for item in obj.values():
-            if each is not None:
+            if name is not None:
+                item = item.get(name) if item.__class__ is dict else _walk(item, names)
+            elif each is not None:
                 item = each(item, ctx)
             if item is not None:
                 collected.append(item)
@@ -759,8 +839,10 @@ def _value_projection(base: Evaluator, each: Evaluator | None) -> Evaluator:
     return project_values
 
 
-def _filter_projection(base: Evaluator, keep: Predicate, each: Evaluator | None) -> Evaluator:
+def _filter_projection(base: Evaluator, keep: Predicate, right: _Each) -> Evaluator:
     """`left[?condition].right`: `keep` is the condition's predicate form (a bool)."""
+    name, each = right
+    names = (name,)
 
     def filter_(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
@@ -768,11 +850,14 @@ def _filter_projection(base: Evaluator, keep: Predicate, each: Evaluator | None)
             return None
         collected = []
         for item in items:
-            if keep(item, ctx):
-                if each is not None:
-                    item = each(item, ctx)
-                if item is not None:
-                    collected.append(item)
+            if not keep(item, ctx):
+                continue
+            if name is not None:
+                item = item.get(name) if item.__class__ is dict else _walk(item, names)
+            elif each is not None:
+                item = each(item, ctx)
+            if item is not None:
+                collected.append(item)
         return collected
 
     return filter_
@@ -987,6 +1072,40 @@ def _builtin_call(
             raise
 
     return call
+
+
+def _expref_call(
+    builtin: Builtin,
+    array_arg: Evaluator,
+    array_at: int,
+    inner: Evaluator | None,
+    dynamic: Evaluator | None,
+    ref_at: int,
+    source: str,
+    position: int | None,
+) -> Evaluator:
+    """The call site of a built-in taking `&expr`: `impl(array, evaluate, ctx)`."""
+    name, impl = builtin.name, builtin.impl
+    array_param, ref_param = builtin.param(array_at), builtin.param(ref_at)
+
+    def call_expref(value: Any, ctx: Any = None) -> Any:
+        try:
+            evaluate, ref_ctx = inner, ctx
+            if evaluate is None:
+                assert dynamic is not None
+                ref = dynamic(value, ctx)
+                if ref.__class__ is not ExpRef:
+                    raise ref_param.error(name, ref_at, ref)
+                evaluate, ref_ctx = ref.evaluate, ref.ctx
+            items = array_arg(value, ctx)
+            if items.__class__ is list or isinstance(items, list):
+                return impl(items, evaluate, ref_ctx)
+            raise array_param.error(name, array_at, items)
+        except ExpressionError as error:
+            error.located(source, position)
+            raise
+
+    return call_expref
 
 
 def _custom_call(

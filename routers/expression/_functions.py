@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from itertools import islice
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from ._errors import ExpressionRuntimeError, describe_value, type_name
 
+#: A compiled expression: `(current value, context) -> value` (the compiler's closures).
+Evaluator = Callable[[Any, Any], Any]
+
 __all__ = [
     "BUILTINS",
     "Builtin",
+    "Evaluator",
     "ExpRef",
     "Function",
     "Param",
@@ -47,7 +53,7 @@ class ExpRef:
     __slots__ = ("ctx", "evaluate")
     _is_expref: Final = True
 
-    def __init__(self, evaluate: Callable[[Any, Any], Any], ctx: Any) -> None:
+    def __init__(self, evaluate: Evaluator, ctx: Any) -> None:
         self.evaluate = evaluate
         self.ctx = ctx
 
@@ -163,7 +169,10 @@ class Builtin:
     `variadic` repeats the last parameter. `leaks` says the result may contain (parts of) an
     argument: the compiler then gives such a function fresh copies of container literals so
     that a caller mutating a result cannot corrupt the compiled expression's constants.
-    `takes_expref` lists parameter indices that must be `&expr`, checked at compile time.
+
+    `expref_at` is the index of the `&expr` parameter of map/sort_by/min_by/max_by. Those are
+    called as `impl(array, evaluate, ctx)`: the call site passes the referenced expression's
+    closure and the context directly, so no `ExpRef` object is built per call.
     """
 
     name: str
@@ -171,7 +180,7 @@ class Builtin:
     params: tuple[Param, ...]
     variadic: bool = False
     leaks: bool = False
-    takes_expref: frozenset[int] = field(default=frozenset())
+    expref_at: int | None = None
 
     @property
     def min_args(self) -> int:
@@ -233,68 +242,62 @@ def _element_error(
     )
 
 
-def _require_numbers(function: str, values: list[Any]) -> None:
-    for element in values:
-        if element.__class__ not in _NUMBER:
-            raise _element_error(function, "an array of numbers", element)
-
-
-def _require_strings(function: str, values: list[Any], argument: int = 1) -> None:
-    for element in values:
-        if element.__class__ is not str:
-            raise _element_error(function, "an array of strings", element, argument)
-
-
 def _require_sortable(function: str, values: list[Any]) -> None:
     """All numbers or all strings, decided by the first element (as the spec says)."""
     if not values:
         return
-    if values[0].__class__ is str:
-        _require_strings(function, values)
-    elif values[0].__class__ in _NUMBER:
-        _require_numbers(function, values)
+    first = values[0].__class__
+    if first is str:
+        expected, wanted = "an array of strings", _STRING
+    elif first in _NUMBER:
+        expected, wanted = "an array of numbers", _NUMBER
     else:
-        raise _element_error(function, "an array of numbers or an array of strings", values[0])
+        expected, wanted = "an array of numbers or an array of strings", _NOTHING
+    for element in values:
+        if element.__class__ not in wanted:
+            raise _element_error(function, expected, element)
 
 
-def _sort_keys(function: str, array: list[Any], ref: ExpRef) -> list[Any]:
-    """Evaluate `ref` on each element; keys must be all numbers or all strings."""
-    evaluate, ctx = ref.evaluate, ref.ctx
+def _key_types(function: str, key: Any) -> frozenset[type]:
+    """The type every `&expr` key must share with the first one: numbers or strings."""
+    if key.__class__ is str:
+        return _STRING
+    if key.__class__ in _NUMBER:
+        return _NUMBER
+    raise _key_error(function, key)
+
+
+def _key_error(function: str, key: Any) -> ExpressionRuntimeError:
+    return ExpressionRuntimeError(
+        "invalid-type",
+        f"{function}() expression must give a number or a string for every element "
+        f"(all of the same type), got {describe_value(key)}",
+    )
+
+
+def _sort_keys(function: str, array: list[Any], evaluate: Evaluator, ctx: Any) -> list[Any]:
+    """Evaluate the `&expr` on each element; keys must be all numbers or all strings."""
     keys = []
     for element in array:
         keys.append(evaluate(element, ctx))
-    if not keys:
-        return keys
-    first = keys[0].__class__
-    wanted = _STRING if first is str else _NUMBER if first in _NUMBER else _NOTHING
-    for key in keys:
-        if key.__class__ not in wanted:
-            raise ExpressionRuntimeError(
-                "invalid-type",
-                f"{function}() expression must give a number or a string for every element "
-                f"(all of the same type), got {describe_value(key)}",
-            )
+    if keys:
+        wanted = _key_types(function, keys[0])
+        for key in keys:
+            if key.__class__ not in wanted:
+                raise _key_error(function, key)
     return keys
 
 
 # --- the built-ins --------------------------------------------------------------------------
-
-
-def _abs(number: float) -> float:
-    return abs(number)
+# Where the call site's top-level type check is all a function needs, the implementation is a
+# C callable (len, abs, math.ceil, str.startswith, ...): no Python frame at all per call.
 
 
 def _avg(numbers: list[Any]) -> float | None:
-    _require_numbers("avg", numbers)
+    for element in numbers:
+        if element.__class__ not in _NUMBER:
+            raise _element_error("avg", "an array of numbers", element)
     return sum(numbers) / len(numbers) if numbers else None
-
-
-def _ceil(number: float) -> int:
-    return math.ceil(number)
-
-
-def _floor(number: float) -> int:
-    return math.floor(number)
 
 
 def _contains(subject: list[Any] | str, search: Any) -> bool:
@@ -305,33 +308,18 @@ def _contains(subject: list[Any] | str, search: Any) -> bool:
     return any(json_equal(element, search) for element in subject)
 
 
-def _ends_with(subject: str, suffix: str) -> bool:
-    return subject.endswith(suffix)
-
-
-def _starts_with(subject: str, prefix: str) -> bool:
-    return subject.startswith(prefix)
-
-
 def _join(separator: str, strings: list[Any]) -> str:
-    _require_strings("join", strings, argument=2)
+    for element in strings:
+        if element.__class__ is not str:
+            raise _element_error("join", "an array of strings", element, argument=2)
     return separator.join(strings)
-
-
-def _keys(obj: dict[str, Any]) -> list[str]:
-    return list(obj)
 
 
 def _values(obj: dict[str, Any]) -> list[Any]:
     return list(obj.values())
 
 
-def _length(value: str | list[Any] | dict[str, Any]) -> int:
-    return len(value)
-
-
-def _map(ref: ExpRef, array: list[Any]) -> list[Any]:
-    evaluate, ctx = ref.evaluate, ref.ctx
+def _map(array: list[Any], evaluate: Evaluator, ctx: Any) -> list[Any]:
     mapped = []
     for element in array:
         mapped.append(evaluate(element, ctx))
@@ -348,18 +336,34 @@ def _min(values: list[Any]) -> Any:
     return min(values) if values else None
 
 
-def _max_by(array: list[Any], ref: ExpRef) -> Any:
-    keys = _sort_keys("max_by", array, ref)
-    if not keys:
+def _best_by(
+    function: str,
+    array: list[Any],
+    evaluate: Evaluator,
+    ctx: Any,
+    better: Callable[[Any, Any], bool],
+) -> Any:
+    """One pass, keeping the first element whose key is `better` than all before it."""
+    if not array:
         return None
-    return array[max(range(len(keys)), key=keys.__getitem__)]
+    best = array[0]
+    best_key = evaluate(best, ctx)
+    wanted = _key_types(function, best_key)
+    for element in islice(array, 1, None):
+        key = evaluate(element, ctx)
+        if key.__class__ not in wanted:
+            raise _key_error(function, key)
+        if better(key, best_key):
+            best, best_key = element, key
+    return best
 
 
-def _min_by(array: list[Any], ref: ExpRef) -> Any:
-    keys = _sort_keys("min_by", array, ref)
-    if not keys:
-        return None
-    return array[min(range(len(keys)), key=keys.__getitem__)]
+def _max_by(array: list[Any], evaluate: Evaluator, ctx: Any) -> Any:
+    return _best_by("max_by", array, evaluate, ctx, operator.gt)
+
+
+def _min_by(array: list[Any], evaluate: Evaluator, ctx: Any) -> Any:
+    return _best_by("min_by", array, evaluate, ctx, operator.lt)
 
 
 def _merge(*objects: dict[str, Any]) -> dict[str, Any]:
@@ -376,23 +380,25 @@ def _not_null(*values: Any) -> Any:
     return None
 
 
-def _reverse(value: list[Any] | str) -> list[Any] | str:
-    return value[::-1]
-
-
 def _sort(values: list[Any]) -> list[Any]:
-    _require_sortable("sort", values)
+    if values:
+        wanted = _STRING if values[0].__class__ is str else _NUMBER
+        for element in values:
+            if element.__class__ not in wanted:
+                _require_sortable("sort", values)  # raises, with the right wording
     return sorted(values)
 
 
-def _sort_by(array: list[Any], ref: ExpRef) -> list[Any]:
-    keys = _sort_keys("sort_by", array, ref)
+def _sort_by(array: list[Any], evaluate: Evaluator, ctx: Any) -> list[Any]:
+    keys = _sort_keys("sort_by", array, evaluate, ctx)
     order = sorted(range(len(keys)), key=keys.__getitem__)  # sorted() is stable, as required
     return [array[i] for i in order]
 
 
 def _sum(numbers: list[Any]) -> float:
-    _require_numbers("sum", numbers)
+    for element in numbers:
+        if element.__class__ not in _NUMBER:
+            raise _element_error("sum", "an array of numbers", element)
     return sum(numbers)
 
 
@@ -434,26 +440,26 @@ def _builtins(*functions: Builtin) -> dict[str, Builtin]:
 
 #: Name -> built-in. Read-only by convention; compile_expression layers custom functions on top.
 BUILTINS: Final[dict[str, Builtin]] = _builtins(
-    Builtin("abs", _abs, (_NUMBER_P,)),
+    Builtin("abs", abs, (_NUMBER_P,)),
     Builtin("avg", _avg, (_NUMBERS,)),
-    Builtin("ceil", _ceil, (_NUMBER_P,)),
+    Builtin("ceil", math.ceil, (_NUMBER_P,)),
     Builtin("contains", _contains, (_ARRAY_OR_STRING, _ANY)),
-    Builtin("ends_with", _ends_with, (_STRING_P, _STRING_P)),
-    Builtin("floor", _floor, (_NUMBER_P,)),
+    Builtin("ends_with", str.endswith, (_STRING_P, _STRING_P)),
+    Builtin("floor", math.floor, (_NUMBER_P,)),
     Builtin("join", _join, (_STRING_P, _STRINGS)),
-    Builtin("keys", _keys, (_OBJECT_P,)),
-    Builtin("length", _length, (_SIZED,)),
-    Builtin("map", _map, (_EXPREF_P, _ARRAY_P), leaks=True, takes_expref=frozenset({0})),
+    Builtin("keys", list, (_OBJECT_P,)),
+    Builtin("length", len, (_SIZED,)),
+    Builtin("map", _map, (_EXPREF_P, _ARRAY_P), leaks=True, expref_at=0),
     Builtin("max", _max, (_SORTABLE,)),
-    Builtin("max_by", _max_by, (_ARRAY_P, _EXPREF_P), leaks=True, takes_expref=frozenset({1})),
+    Builtin("max_by", _max_by, (_ARRAY_P, _EXPREF_P), leaks=True, expref_at=1),
     Builtin("merge", _merge, (_OBJECT_P,), variadic=True, leaks=True),
     Builtin("min", _min, (_SORTABLE,)),
-    Builtin("min_by", _min_by, (_ARRAY_P, _EXPREF_P), leaks=True, takes_expref=frozenset({1})),
+    Builtin("min_by", _min_by, (_ARRAY_P, _EXPREF_P), leaks=True, expref_at=1),
     Builtin("not_null", _not_null, (_ANY,), variadic=True, leaks=True),
-    Builtin("reverse", _reverse, (_ARRAY_OR_STRING,), leaks=True),
+    Builtin("reverse", operator.itemgetter(slice(None, None, -1)), (_ARRAY_OR_STRING,), leaks=True),
     Builtin("sort", _sort, (_SORTABLE,), leaks=True),
-    Builtin("sort_by", _sort_by, (_ARRAY_P, _EXPREF_P), leaks=True, takes_expref=frozenset({1})),
-    Builtin("starts_with", _starts_with, (_STRING_P, _STRING_P)),
+    Builtin("sort_by", _sort_by, (_ARRAY_P, _EXPREF_P), leaks=True, expref_at=1),
+    Builtin("starts_with", str.startswith, (_STRING_P, _STRING_P)),
     Builtin("sum", _sum, (_NUMBERS,)),
     Builtin("to_array", _to_array, (_ANY,), leaks=True),
     Builtin("to_number", _to_number, (_ANY,)),
@@ -462,7 +468,3 @@ BUILTINS: Final[dict[str, Builtin]] = _builtins(
     Builtin("values", _values, (_OBJECT_P,), leaks=True),
 )
 
-
-def builtin_names() -> Sequence[str]:
-    """Sorted built-in names, for "expected one of" messages."""
-    return sorted(BUILTINS)
