@@ -20,6 +20,7 @@ from busway._components import (
     Sink,
     Source,
     SourceContext,
+    StateStore,
 )
 from busway._config import (
     Config,
@@ -79,6 +80,7 @@ __all__ = [
     "SourceConfig",
     "SourceContext",
     "StartupError",
+    "StateStore",
     "StreamConfig",
     "__version__",
     "decode_config",

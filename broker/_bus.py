@@ -34,7 +34,13 @@ from busway._config import Config, RouteConfig, SinkConfig, load_config, locate_
 from busway._consumer import ConsumerComponent
 from busway._embedded import EmbeddedNatsServer
 from busway._errors import ConfigError
-from busway._jetstream import JetStreamPublisher, connect, ensure_stream
+from busway._jetstream import (
+    JetStreamPublisher,
+    KeyValueState,
+    connect,
+    ensure_stream,
+    state_bucket,
+)
 from busway._listener import Listener, build_app
 from busway._metrics import ComponentStats, MetricsCollector, new_registry
 from busway._plan import Plan, build_plan
@@ -190,14 +196,17 @@ class Bus(AsyncContextManagerMixin):
         task_status: TaskStatus[None],
     ) -> None:
         publisher = JetStreamPublisher(js, timeout=self.config.nats.publish_timeout)
+        bucket = await state_bucket(js, self.config.state_bucket) if self.plan.sources else None
         with anyio.CancelScope() as scope:
             self._sources_scope = scope
             async with anyio.create_task_group() as tg:
                 for source_config, source in self.plan.sources:
+                    assert bucket is not None  # created above whenever there are sources
                     stats = self.metrics.add(ComponentStats(source_config.name, "source"))
                     context = SourceContext(
                         name=source_config.name,
                         publisher=publisher,
+                        state=KeyValueState(bucket, f"{source_config.name}."),
                         stats=stats,
                         logger=logging.getLogger(f"busway.source.{source_config.name}"),
                         http_routes=http_routes,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -40,6 +40,7 @@ __all__ = [
     "Sink",
     "Source",
     "SourceContext",
+    "StateStore",
 ]
 
 
@@ -81,7 +82,7 @@ class PublishAck:
 
 
 class Publisher(Protocol):
-    """Publishes into JetStream and returns once the message is stored."""
+    """Publishes into JetStream; a message counts as stored only once its PubAck arrived."""
 
     async def publish(
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
@@ -92,13 +93,45 @@ class Publisher(Protocol):
         """
         ...
 
+    async def publish_pipelined(
+        self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> Awaitable[PublishAck]:
+        """Send `data` without waiting; await the result for its PubAck (or PublishError).
+
+        For sources that publish many messages (lines of a file, rows of a query): sending
+        blocks only while the connection's publish window is full, so memory stays bounded.
+        Answer the peer (move the file, commit the watermark) after awaiting every result.
+        """
+        ...
+
+
+class StateStore(Protocol):
+    """Small durable state a source keeps across restarts (watermarks, cursors).
+
+    Backed by a JetStream key-value bucket, so it survives a crash and is shared by every
+    daemon of a cluster. Keys are namespaced per source by the engine.
+    """
+
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under `key`, or None."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key` durably (returns after JetStream confirmed it)."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Forget `key`."""
+        ...
+
 
 @dataclass(kw_only=True)
 class SourceContext:
-    """What the engine gives a source: a publisher, the HTTP listener, metrics and a logger."""
+    """What the engine gives a source: a publisher, durable state, the HTTP listener, metrics."""
 
     name: str
     publisher: Publisher
+    state: StateStore
     stats: ComponentStats
     logger: logging.Logger
     http_routes: list[BaseRoute] | None = field(default=None)

@@ -191,6 +191,8 @@ class Config(_Strict, frozen=True, kw_only=True):
     http: HttpConfig = HttpConfig()
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     shutdown_timeout: Duration = Duration(15.0)
+    state_bucket: str = "busway_state"
+    """JetStream key-value bucket where sources keep watermarks and cursors."""
     streams: list[StreamConfig] = []
     routes: list[RouteConfig] = []
     sources: tuple[SourceConfig, ...] = ()

@@ -24,22 +24,26 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     PubAck,
     StorageType,
 )
 from nats.js.api import StreamConfig as NatsStreamConfig
+from nats.js.kv import KeyValue
 
 from busway._components import PublishAck
 from busway._config import NatsConfig, StreamConfig
-from busway._errors import PublishError, StartupError
+from busway._errors import PublishError, RetryableError, StartupError
 
 __all__ = [
     "JetStreamPublisher",
+    "KeyValueState",
     "await_pub_ack",
     "connect",
     "ensure_consumer",
     "ensure_stream",
     "publish_error",
+    "state_bucket",
 ]
 
 logger = logging.getLogger("busway.nats")
@@ -210,11 +214,63 @@ class JetStreamPublisher:
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
     ) -> PublishAck:
         """Store `data` on `subject`; PublishError unless JetStream confirmed it in time."""
+        return await (await self.publish_pipelined(subject, data, headers=headers))
+
+    async def publish_pipelined(
+        self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> Awaitable[PublishAck]:
+        """Send now, confirm later: the returned awaitable yields the PubAck or raises."""
         try:
             future = await self._js.publish_async(
                 subject, data, headers=dict(headers) if headers else None, wait_stall=self._timeout
             )
-        except (nats.errors.Error, nats.js.errors.TooManyStalledMsgsError) as exc:
+        except (nats.errors.Error, TimeoutError) as exc:
             raise publish_error(exc, subject) from exc
+        return self._confirm(future, subject)
+
+    async def _confirm(self, future: asyncio.Future[PubAck], subject: str) -> PublishAck:
         ack = await await_pub_ack(future, subject, self._timeout)
         return PublishAck(stream=ack.stream, sequence=ack.seq or 0, duplicate=bool(ack.duplicate))
+
+
+class KeyValueState:
+    """A `StateStore` on a JetStream key-value bucket, with keys prefixed per component."""
+
+    def __init__(self, bucket: KeyValue, prefix: str) -> None:
+        self._bucket = bucket
+        self._prefix = prefix
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under `key`, or None if absent or deleted."""
+        try:
+            entry = await self._bucket.get(self._prefix + key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except nats.errors.Error as exc:
+            raise RetryableError(f"cannot read state {key!r}: {exc!r}") from exc
+        return entry.value
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`; RetryableError if JetStream did not confirm."""
+        try:
+            await self._bucket.put(self._prefix + key, value)
+        except nats.errors.Error as exc:
+            raise RetryableError(f"cannot store state {key!r}: {exc!r}") from exc
+
+    async def delete(self, key: str) -> None:
+        """Forget `key`."""
+        try:
+            await self._bucket.delete(self._prefix + key)
+        except nats.errors.Error as exc:
+            raise RetryableError(f"cannot delete state {key!r}: {exc!r}") from exc
+
+
+async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """The key-value bucket busway keeps component state in, created if missing."""
+    with _startup_errors(f"cannot open the state bucket {name!r}"):
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await js.create_key_value(
+                KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+            )

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import msgspec
 import orjson
 import pytest
+from anyio.abc import TaskStatus
 from nats.aio.client import Client as NatsClient
 
 from busway import (
@@ -27,6 +29,9 @@ from busway import (
     RetryableError,
     Sink,
     SinkConfig,
+    Source,
+    SourceConfig,
+    SourceContext,
     decode_config,
 )
 from tests.support import NatsServer, consumer_settled, eventually, stream_messages
@@ -127,3 +132,133 @@ retry = {{ backoff = "10ms", max_backoff = "50ms" }}
 def test_an_adapter_must_give_config_and_factory_together() -> None:
     with pytest.raises(TypeError, match="give both sink_config and create_sink"):
         Adapter(type="broken", sink_config=MemorySinkConfig)
+
+
+class SlowSinkConfig(SinkConfig, tag="slow", frozen=True, kw_only=True):
+    """Config of a sink that takes `delay` seconds per batch."""
+
+    delay: float = 0.0
+
+
+class SlowSink(Sink):
+    """Records every delivery attempt; each batch takes `delay` seconds."""
+
+    def __init__(self, config: SlowSinkConfig, context: BuildContext) -> None:
+        self.delay = config.delay
+        self.seen: list[tuple[str, int]] = []
+
+    async def write(self, batch: Sequence[Message]) -> None:
+        self.seen.extend((message.id, message.attempt) for message in batch)
+        await anyio.sleep(self.delay)
+
+
+async def test_messages_held_longer_than_ack_wait_are_not_redelivered(
+    nats_server: NatsServer, nc: NatsClient, unique: str
+) -> None:
+    """The engine keeps held messages alive (+WPI) while a slow sink works on them."""
+    registry = AdapterRegistry(
+        [Adapter(type="slow", sink_config=SlowSinkConfig, create_sink=SlowSink)]
+    )
+    config = decode_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "SLOW_{unique}"
+subjects = ["slow{unique}.>"]
+
+[[sinks]]
+name = "slow{unique}"
+type = "slow"
+from = "slow{unique}.>"
+ack_wait = "1s"
+delay = 3.5
+""",
+        source_types=registry.source_config,
+        sink_types=registry.sink_config,
+    )
+    bus = Bus(config, registry=registry)
+    sink = bus.plan.sinks[0][1]
+    assert isinstance(sink, SlowSink)
+    async with bus:
+        await nc.jetstream().publish(f"slow{unique}.x", b"{}")
+
+        async def settled() -> bool:
+            return await consumer_settled(nc, f"SLOW_{unique}", f"busway-sink-slow{unique}")
+
+        await eventually(settled)
+    assert sink.seen == [(f"SLOW_{unique}:1", 1)]
+
+
+class CountingSourceConfig(SourceConfig, tag="counting", frozen=True, kw_only=True):
+    """Config of a source that publishes `count` numbered messages, resuming from its state."""
+
+    count: int
+
+
+class CountingSource(Source):
+    """Publishes messages pipelined and records its progress in the state store."""
+
+    def __init__(self, config: CountingSourceConfig, context: BuildContext) -> None:
+        self.config = config
+        self.published = anyio.Event()
+
+    async def run(self, context: SourceContext, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        start = int(await context.state.get("next") or b"0")
+        confirmations = [
+            await context.publisher.publish_pipelined(
+                self.config.subject,
+                orjson.dumps({"n": n}),
+                headers={"Nats-Msg-Id": f"counting:{n}"},
+            )
+            for n in range(start, start + self.config.count)
+        ]
+        for confirmation in confirmations:
+            await confirmation
+        await context.state.put("next", str(start + self.config.count).encode())
+        self.published.set()
+        await anyio.sleep_forever()
+
+
+async def test_source_publishes_pipelined_and_resumes_from_its_durable_state(
+    nats_server: NatsServer, nc: NatsClient, unique: str
+) -> None:
+    registry = AdapterRegistry(
+        [Adapter(type="counting", source_config=CountingSourceConfig, create_source=CountingSource)]
+    )
+    config = decode_config(
+        f"""
+state_bucket = "state_{unique}"
+
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "COUNT_{unique}"
+subjects = ["count{unique}.>"]
+
+[[sources]]
+name = "counter"
+type = "counting"
+subject = "count{unique}.n"
+count = 300
+""",
+        source_types=registry.source_config,
+        sink_types=registry.sink_config,
+    )
+    for _ in range(2):
+        bus = Bus(config, registry=registry)
+        source = bus.plan.sources[0][1]
+        assert isinstance(source, CountingSource)
+        async with bus:
+            await source.published.wait()
+    stored = await stream_messages(nc, f"COUNT_{unique}")
+    assert [orjson.loads(m.data)["n"] for m in stored] == list(range(600))

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
-from ._compiler import Evaluator, Predicate, compile_tree
+from ._compiler import compile_tree
 from ._errors import ExpressionError, ExpressionRuntimeError, ExpressionSyntaxError
-from ._functions import BUILTINS, Function
+from ._functions import BUILTINS, Evaluator, Function, Predicate
 
 __all__ = [
     "BUILTIN_FUNCTIONS",
@@ -39,14 +39,6 @@ __all__ = [
 BUILTIN_FUNCTIONS: frozenset[str] = frozenset(BUILTINS)
 
 FunctionsArg = Mapping[str, Function] | Iterable[Function] | None
-
-
-class TruthTest(Protocol):
-    """The type of `Expression.is_truthy`: `(doc, ctx=None) -> bool`."""
-
-    def __call__(self, doc: Any, /, ctx: Any = None) -> bool:
-        """Whether the expression's value for `doc` is JMESPath-true."""
-        ...
 
 
 class Expression(functools.partial[Any]):
@@ -72,7 +64,7 @@ class Expression(functools.partial[Any]):
     __slots__ = ("_functions", "is_truthy", "source")
 
     source: str
-    is_truthy: TruthTest
+    is_truthy: Predicate
     _functions: Mapping[str, Function]
 
     def __new__(

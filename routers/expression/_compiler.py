@@ -28,6 +28,7 @@ import difflib
 import json
 import operator
 from collections.abc import Callable, Iterator, Mapping
+from itertools import pairwise
 from typing import Any, Final, NamedTuple
 
 from jmespath import exceptions as jmespath_exceptions
@@ -35,21 +36,28 @@ from jmespath.lexer import Lexer
 from jmespath.parser import Parser
 
 from ._errors import ExpressionError, ExpressionRuntimeError, ExpressionSyntaxError
-from ._functions import BUILTINS, Builtin, ExpRef, Function, Param, json_equal
+from ._functions import (
+    BUILTINS,
+    Builtin,
+    Evaluator,
+    ExpRef,
+    Function,
+    Param,
+    Predicate,
+    json_equal,
+)
 
 __all__ = ["Evaluator", "Node", "Predicate", "Token", "compile_tree", "parse"]
 
-#: A compiled node: `(current value, context) -> JMESPath value`.
-Evaluator = Callable[[Any, Any], Any]
-#: A compiled node in boolean position: `(current value, context) -> JMESPath truthiness`.
-Predicate = Callable[[Any, Any], bool]
 #: jmespath's AST node: `{"type": str, "children": list, "value": Any}`.
 Node = dict[str, Any]
 
-_NUMBER: Final = frozenset({int, float})
-_STRING: Final = frozenset({str})
+_NUMBER: Final[frozenset[type]] = frozenset({int, float})
+_STRING: Final[frozenset[type]] = frozenset({str})
 _NOTHING: Final[frozenset[type]] = frozenset()
-_VALUE_TYPES: Final = frozenset({dict, list, str, int, float, bool, type(None), ExpRef})
+_VALUE_TYPES: Final[frozenset[type]] = frozenset(
+    {dict, list, str, int, float, bool, type(None), ExpRef}
+)
 _ORDERING: Final[dict[str, Callable[[Any, Any], bool]]] = {
     "lt": operator.lt,
     "lte": operator.le,
@@ -83,7 +91,7 @@ _NEVER_EXPREF: Final = frozenset(
 Token = dict[str, Any]
 
 
-class _StrictLexer(Lexer):
+class _StrictLexer(Lexer):  # type: ignore[misc]  # jmespath ships no type hints
     """jmespath's lexer, minus the deprecated "`foo` means the string foo" fallback.
 
     JEP-12 deprecated non-JSON literals; jmespath still accepts them with a warning. In a route
@@ -175,7 +183,7 @@ def _function_positions(tree: Node, tokens: list[Token]) -> dict[int, int]:
         return {}
     names = [
         (token["value"], token["start"])
-        for token, following in zip(tokens, tokens[1:], strict=False)
+        for token, following in pairwise(tokens)
         if token["type"] == "unquoted_identifier" and following["type"] == "lparen"
     ]
     if [name for name, _ in names] != [node["value"] for node in calls]:
@@ -191,7 +199,7 @@ def _identity(value: Any, ctx: Any = None) -> Any:
 
 
 def _constant(value: Any) -> Evaluator:
-    def constant(_value: Any, _ctx: Any = None) -> Any:
+    def constant(value_: Any, ctx: Any = None) -> Any:
         return value
 
     return constant
@@ -208,7 +216,7 @@ def _copy_json(value: Any) -> Any:
 def _fresh_copy(value: Any) -> Evaluator:
     """A container constant handed out as a new copy each time: results may be mutated."""
 
-    def fresh(_value: Any, _ctx: Any = None) -> Any:
+    def fresh(value_: Any, ctx: Any = None) -> Any:
         return _copy_json(value)
 
     return fresh
@@ -326,9 +334,7 @@ class _Compiler:
         self.functions = functions
         self.positions = _function_positions(tree, tokens)
 
-    def error(
-        self, kind: str, detail: str, node: Node | None = None
-    ) -> ExpressionSyntaxError:
+    def error(self, kind: str, detail: str, node: Node | None = None) -> ExpressionSyntaxError:
         position = None if node is None else self.positions.get(id(node))
         return ExpressionSyntaxError(kind, detail, expression=self.source, position=position)
 
@@ -338,9 +344,7 @@ class _Compiler:
         """The closure computing `node`'s value."""
         method: Callable[[Node], Evaluator] | None = getattr(self, f"_v_{node['type']}", None)
         if method is None:
-            raise self.error(
-                "syntax", f"unsupported expression construct {node['type']!r}", node
-            )
+            raise self.error("syntax", f"unsupported expression construct {node['type']!r}", node)
         return method(node)
 
     def predicate(self, node: Node) -> Predicate:
@@ -406,8 +410,10 @@ class _Compiler:
     def _v_slice(self, node: Node) -> Evaluator:
         start, stop, step = node["children"]
         if step == 0:
-            raise self.error("invalid-value", "slice step cannot be 0; use a positive or "
-                             "negative step, e.g. [::1] or [::-1]")
+            raise self.error(
+                "invalid-value",
+                "slice step cannot be 0; use a positive or negative step, e.g. [::1] or [::-1]",
+            )
         return _slice(slice(start, stop, step))
 
     # -- projections --
@@ -518,8 +524,8 @@ class _Compiler:
         detail = f"unknown function {name}()"
         close = difflib.get_close_matches(name, known, n=1)
         if close:
-            detail += f"; did you mean {close[0]}()?"
-        return detail + f" Expected one of: {', '.join(known)}"
+            detail += f" (did you mean {close[0]}()?)"
+        return detail + f"; expected one of: {', '.join(known)}"
 
     def _builtin_call(self, node: Node, builtin: Builtin, args: list[Node]) -> Evaluator:
         name = builtin.name
@@ -554,9 +560,7 @@ class _Compiler:
             dynamic = None
         else:
             inner, dynamic = None, self.value(ref_node)
-        return _expref_call(
-            builtin, array, array_at, inner, dynamic, ref_at, self.source, position
-        )
+        return _expref_call(builtin, array, array_at, inner, dynamic, ref_at, self.source, position)
 
     def _check_static_argument(self, node: Node, builtin: Builtin, index: int, arg: Node) -> None:
         """Reject at compile time what would fail on every evaluation: wrong literal types,
@@ -669,10 +673,7 @@ def _all(parts: tuple[Predicate, ...]) -> Predicate:
         return all3
 
     def all_(value: Any, ctx: Any = None) -> bool:
-        for part in parts:
-            if not part(value, ctx):
-                return False
-        return True
+        return all(part(value, ctx) for part in parts)
 
     return all_
 
@@ -688,10 +689,7 @@ def _any(parts: tuple[Predicate, ...]) -> Predicate:
         return any2
 
     def any_(value: Any, ctx: Any = None) -> bool:
-        for part in parts:
-            if part(value, ctx):
-                return True
-        return False
+        return any(part(value, ctx) for part in parts)
 
     return any_
 
@@ -761,7 +759,7 @@ class _Each(NamedTuple):
 def _projection(base: Evaluator, right: _Each) -> Evaluator:
     """`left[*].right`: apply `right` to every element, dropping nulls."""
     name, each = right
-    names = (name,)
+    names = () if name is None else (name,)
 
     def project(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
@@ -784,7 +782,7 @@ def _flatten_projection(base: Evaluator, right: _Each) -> Evaluator:
     """`left[].right`: flatten one level and project in a single pass; the rare nested
     array goes through `_projection` logic via `_project_nested`."""
     name, each = right
-    names = (name,)
+    names = () if name is None else (name,)
 
     def project_flat(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
@@ -820,7 +818,7 @@ def _project_nested(collected: list[Any], items: list[Any], right: _Each, ctx: A
 def _value_projection(base: Evaluator, right: _Each) -> Evaluator:
     """`left.*.right`: the same over an object's values."""
     name, each = right
-    names = (name,)
+    names = () if name is None else (name,)
 
     def project_values(value: Any, ctx: Any = None) -> Any:
         obj = base(value, ctx)
@@ -842,7 +840,7 @@ def _value_projection(base: Evaluator, right: _Each) -> Evaluator:
 def _filter_projection(base: Evaluator, keep: Predicate, right: _Each) -> Evaluator:
     """`left[?condition].right`: `keep` is the condition's predicate form (a bool)."""
     name, each = right
-    names = (name,)
+    names = () if name is None else (name,)
 
     def filter_(value: Any, ctx: Any = None) -> Any:
         items = base(value, ctx)
@@ -943,13 +941,17 @@ def _multi_select_dict(pairs: tuple[tuple[str, Evaluator], ...]) -> Evaluator:
 def _equals_literal(operand: Evaluator, literal: Any, *, negate: bool) -> Predicate:
     """`x == literal` with the comparison chosen now from the literal's type."""
     if literal is None or literal.__class__ is bool:  # singletons: identity is equality
-        if negate:
-            return lambda value, ctx=None: operand(value, ctx) is not literal
-        return lambda value, ctx=None: operand(value, ctx) is literal
+
+        def same_object(value: Any, ctx: Any = None) -> bool:
+            return (operand(value, ctx) is literal) is not negate
+
+        return same_object
     if literal.__class__ is str:  # str == only matches str
-        if negate:
-            return lambda value, ctx=None: operand(value, ctx) != literal
-        return lambda value, ctx=None: operand(value, ctx) == literal
+
+        def equals_string(value: Any, ctx: Any = None) -> bool:
+            return (operand(value, ctx) == literal) is not negate
+
+        return equals_string
     if literal.__class__ in _NUMBER:
 
         def equals_number(value: Any, ctx: Any = None) -> bool:
@@ -1152,9 +1154,7 @@ def _custom_call(
 # --- entry point ----------------------------------------------------------------------------
 
 
-def compile_tree(
-    source: str, functions: Mapping[str, Function]
-) -> tuple[Evaluator, Predicate]:
+def compile_tree(source: str, functions: Mapping[str, Function]) -> tuple[Evaluator, Predicate]:
     """Parse and compile `source` into its value closure and its truthiness closure."""
     tree, tokens = parse(source)
     compiler = _Compiler(source, tree, tokens, functions)

@@ -1,8 +1,8 @@
 """The exceptions of `busway.routers.expression`.
 
-    ExpressionError                  any problem with an expression; has .kind, .expression, .position
-    ├── ExpressionSyntaxError        compile time: the expression is rejected before any message
-    └── ExpressionRuntimeError       evaluation time: a function got a value of the wrong type
+    ExpressionError             any problem with an expression: .kind, .expression, .position
+    ├── ExpressionSyntaxError   compile time: the expression is rejected before any message
+    └── ExpressionRuntimeError  evaluation time: a function got a value of the wrong type
 
 The `kind` strings are those of the JMESPath compliance suite, so a test (or an operator reading a
 log line) can tell *what* went wrong without parsing prose. The hierarchy is deliberately plain

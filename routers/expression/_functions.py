@@ -14,15 +14,32 @@ import json
 import math
 import operator
 import re
-from itertools import islice
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from itertools import islice
+from typing import Any, Final, Protocol
 
 from ._errors import ExpressionRuntimeError, describe_value, type_name
 
-#: A compiled expression: `(current value, context) -> value` (the compiler's closures).
-Evaluator = Callable[[Any, Any], Any]
+
+class Evaluator(Protocol):
+    """A compiled expression node: `(current value, ctx=None) -> JMESPath value`.
+
+    Declared here, beside `ExpRef` which carries one, and shared with the compiler.
+    """
+
+    def __call__(self, value: Any, /, ctx: Any = None) -> Any:
+        """Evaluate against `value`, passing `ctx` down to custom functions."""
+        ...
+
+
+class Predicate(Protocol):
+    """A compiled node in boolean position: `(current value, ctx=None) -> truthiness`."""
+
+    def __call__(self, value: Any, /, ctx: Any = None) -> bool:
+        """Whether the node's value for `value` is JMESPath-true."""
+        ...
+
 
 __all__ = [
     "BUILTINS",
@@ -31,12 +48,13 @@ __all__ = [
     "ExpRef",
     "Function",
     "Param",
+    "Predicate",
     "json_equal",
 ]
 
 _NoneType: Final = type(None)
-_NUMBER: Final = frozenset({int, float})
-_STRING: Final = frozenset({str})
+_NUMBER: Final[frozenset[type]] = frozenset({int, float})
+_STRING: Final[frozenset[type]] = frozenset({str})
 _NOTHING: Final[frozenset[type]] = frozenset()
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # JSON's number grammar: to_number() must not accept Python-isms such as "1_000", " 7", "inf".
@@ -139,8 +157,7 @@ class Param:
         """The `invalid-type` error for `value`, naming the function, expected and actual type."""
         return ExpressionRuntimeError(
             "invalid-type",
-            f"{function}() argument {index + 1} must be {self.label}, "
-            f"got {describe_value(value)}",
+            f"{function}() argument {index + 1} must be {self.label}, got {describe_value(value)}",
         )
 
 
@@ -395,7 +412,7 @@ def _sort_by(array: list[Any], evaluate: Evaluator, ctx: Any) -> list[Any]:
     return [array[i] for i in order]
 
 
-def _sum(numbers: list[Any]) -> float:
+def _sum(numbers: list[float]) -> float:
     for element in numbers:
         if element.__class__ not in _NUMBER:
             raise _element_error("sum", "an array of numbers", element)
@@ -407,8 +424,8 @@ def _to_array(value: Any) -> list[Any]:
 
 
 def _to_number(value: Any) -> float | None:
-    if value.__class__ in _NUMBER:
-        return value  # type: ignore[no-any-return]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
     if not isinstance(value, str):
         return None
     match = _JSON_NUMBER.fullmatch(value)
@@ -467,4 +484,3 @@ BUILTINS: Final[dict[str, Builtin]] = _builtins(
     Builtin("type", _type, (_ANY,)),
     Builtin("values", _values, (_OBJECT_P,), leaks=True),
 )
-
