@@ -7,9 +7,9 @@ Start-up order is downstream first: the embedded server, the connection, every s
 sinks, routes and finally sources and the listener, each through `task_group.start()`, so a bad
 port or a refused stream raises here instead of leaving a half-started bus.
 
-Leaving the block shuts down gracefully, upstream first: the listener stops taking requests
-and finishes those in progress, sources stop, routes and sinks stop pulling and settle what
-they hold (bounded by `shutdown_timeout`), acks are flushed, the connection closes and the
+Leaving the block shuts down gracefully: the listener stops taking requests and finishes those
+in progress, sources stop, and meanwhile routes and sinks stop pulling and settle what they
+hold (all bounded by `shutdown_timeout`); then acks are flushed, the connection closes and the
 embedded server stops.
 """
 
@@ -231,17 +231,25 @@ class Bus(AsyncContextManagerMixin):
         self.http_port = listener.port
 
     async def _drain(self) -> None:
+        """Stop sources and consumers at once, each finishing what it holds.
+
+        They need no particular order: a source's messages are stored in a stream before it
+        answers, and a route or sink that stops pulling leaves the rest in its stream.
+        """
         timeout = float(self.config.shutdown_timeout)
         logger.info("stopping: finishing in-flight work (at most %.0fs)", timeout)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._stop_sources, timeout)
+            for worker in self._workers:
+                tg.start_soon(worker.drain, timeout)
+
+    async def _stop_sources(self, timeout: float) -> None:
         if self._listener is not None:
             self._listener.stop()
             with anyio.move_on_after(timeout):
                 await self._listener_done.wait()
         if self._sources_scope is not None:
             self._sources_scope.cancel()
-        async with anyio.create_task_group() as tg:
-            for worker in self._workers:
-                tg.start_soon(worker.drain, timeout)
 
     async def _on_reconnected(self) -> None:
         for worker in self._workers:

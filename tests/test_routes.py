@@ -295,10 +295,11 @@ async def test_graceful_stop_settles_everything_it_holds(
         tmp_path,
     )
     js = nc.jetstream(publish_async_max_pending=1000)
+    await js.add_stream(name=f"IN_{unique}", subjects=[f"in{unique}.>"])
+    for i in range(5000):  # all queued before the route starts, so the stop lands mid-flow
+        await js.publish_async(f"in{unique}.orders", b'{"n": %d}' % i)
+    await js.publish_async_completed()
     async with Bus(config) as bus:
-        for i in range(5000):
-            await js.publish_async(f"in{unique}.orders", b'{"n": %d}' % i)
-        await js.publish_async_completed()
         stats = bus.metrics.stats[0]
 
         async def flowing() -> bool:

@@ -13,13 +13,23 @@ Shapes that dominate routing get their own closures:
   which is what `Expression.is_truthy` and `[?...]` need;
 * a call to a built-in with only literal arguments is evaluated once, here.
 
+* projections apply a plain field inline, without a call per element;
+* built-in calls check argument types with one set lookup, and the simplest built-ins are C
+  callables (`len`, `abs`, `str.startswith`, ...).
+
 Semantics follow jmespath 1.1.0's interpreter (the compliance suite is the referee), except
 where the specification is stricter: equality never treats `true` as `1` (also inside arrays),
-`contains()` likewise, `to_number()` only accepts JSON number syntax, and comparing a number
-with a string gives null instead of crashing.
+`contains()` likewise, `to_number()` only accepts JSON number syntax, comparing a number with
+a string gives null instead of crashing, non-JSON literals (`` `foo` ``, deprecated by JEP-12)
+are syntax errors, and only JSON objects (dicts) have fields.
 
-Every closure takes the evaluation context as its second argument and passes it down; only
-calls to custom functions look at it.
+What the text alone proves wrong is rejected here, at start-up, with the expression and the
+position: syntax, unknown functions, arity, literal arguments of the wrong type, `&expr`
+misuse, a zero slice step. Nothing falls back to jmespath's interpreter: a node type this
+module does not know is a compile error.
+
+Every closure takes the evaluation context as its second argument (default None) and passes
+it down; only calls to custom functions look at it.
 """
 
 from __future__ import annotations
@@ -138,8 +148,14 @@ def parse(source: str) -> tuple[Node, list[Token]]:
             position=len(source),
         ) from None
     except jmespath_exceptions.LexerError as error:
+        detail = str(error.message)
+        if detail == "Unknown token '='":
+            detail += "; equality is written '=='"
         raise ExpressionSyntaxError(
-            "syntax", error.message, expression=source, position=error.lexer_position
+            "syntax",
+            detail[:1].lower() + detail[1:],
+            expression=source,
+            position=error.lexer_position,
         ) from None
     except jmespath_exceptions.ParseError as error:
         raise ExpressionSyntaxError(
@@ -150,15 +166,44 @@ def parse(source: str) -> tuple[Node, list[Token]]:
     return tree, tokens
 
 
+# jmespath's token type names, in the words an operator editing a route would use.
+_TOKEN_WORDS: Final = {
+    "quoted_identifier": 'a quoted name ("...")',
+    "unquoted_identifier": "a field name",
+    "lbracket": "'['",
+    "rbracket": "']'",
+    "lbrace": "'{'",
+    "rbrace": "'}'",
+    "lparen": "'('",
+    "rparen": "')'",
+    "colon": "':'",
+    "comma": "','",
+    "star": "'*'",
+    "number": "a number",
+}
+
+
 def _parse_error_detail(error: jmespath_exceptions.ParseError) -> str:
-    token = "end of expression" if error.token_type == "EOF" else repr(error.token_value)
-    message = error.msg
-    if message in ("Invalid jmespath expression", "syntax error"):
-        return f"unexpected token {token}"
+    """Reword a jmespath parse error as "what is wrong; what was expected"."""
+    found = "end of expression" if error.token_type == "EOF" else repr(error.token_value)
+    message: str = error.msg
     if message.startswith("Expecting:"):
-        expected = message.split(",", 1)[0].removeprefix("Expecting:").strip()
-        return f"unexpected {token}; expected {expected}"
-    return f"{message.rstrip('.')} (at {token})"
+        wanted = message.removeprefix("Expecting:").rsplit(", got:", 1)[0]
+        names = [name.strip(" '") for name in wanted.strip(" []").split(",")]
+        expected = " or ".join(_TOKEN_WORDS.get(name, name) for name in names)
+        return f"unexpected {found}; expected {expected}"
+    if message.startswith("Unexpected token"):
+        return (
+            f"unexpected {found} after a complete expression; expected an operator "
+            "('.', '[', '|', '&&', '||', a comparison) or the end"
+        )
+    if message == "syntax error":
+        return f"unexpected {found} in a slice; expected [start:stop:step]"
+    if message.startswith("Quoted identifier not allowed"):
+        return "a function name cannot be quoted; write name(...)"
+    if message.startswith("Invalid function name"):
+        return f"{found} cannot be called; a function name is a plain identifier, as in length(x)"
+    return f"unexpected {found}; expected an expression (a field, literal, '@', '[', '{{', ...)"
 
 
 def _source_order(node: Node) -> Iterator[Node]:

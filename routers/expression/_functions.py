@@ -14,12 +14,24 @@ import json
 import math
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from itertools import islice
+from functools import partial
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from ._errors import ExpressionRuntimeError, describe_value, type_name
+
+__all__ = [
+    "BUILTINS",
+    "Builtin",
+    "Evaluator",
+    "ExpRef",
+    "Function",
+    "Param",
+    "Predicate",
+    "json_equal",
+]
 
 
 class Evaluator(Protocol):
@@ -41,18 +53,6 @@ class Predicate(Protocol):
         ...
 
 
-__all__ = [
-    "BUILTINS",
-    "Builtin",
-    "Evaluator",
-    "ExpRef",
-    "Function",
-    "Param",
-    "Predicate",
-    "json_equal",
-]
-
-_NoneType: Final = type(None)
 _NUMBER: Final[frozenset[type]] = frozenset({int, float})
 _STRING: Final[frozenset[type]] = frozenset({str})
 _NOTHING: Final[frozenset[type]] = frozenset()
@@ -95,7 +95,10 @@ class Function:
     value); no type checking is done for custom functions, they may raise
     `ExpressionRuntimeError` themselves. Names may not shadow built-ins.
 
-    `max_args=None` makes the function variadic (at least `min_args` arguments).
+    `max_args=None` makes the function variadic (at least `min_args` arguments). Example:
+
+        Function("header", lambda message, name: message.headers.get(name),
+                 min_args=1, max_args=1, pass_context=True)
     """
 
     name: str
@@ -358,29 +361,23 @@ def _best_by(
     array: list[Any],
     evaluate: Evaluator,
     ctx: Any,
+    *,
     better: Callable[[Any, Any], bool],
 ) -> Any:
-    """One pass, keeping the first element whose key is `better` than all before it."""
+    """max_by/min_by in one pass, keeping the first element whose key is `better` than all
+    before it (so ties go to the earliest element, like Python's max/min)."""
     if not array:
         return None
     best = array[0]
     best_key = evaluate(best, ctx)
     wanted = _key_types(function, best_key)
-    for element in islice(array, 1, None):
+    for element in array[1:]:
         key = evaluate(element, ctx)
         if key.__class__ not in wanted:
             raise _key_error(function, key)
         if better(key, best_key):
             best, best_key = element, key
     return best
-
-
-def _max_by(array: list[Any], evaluate: Evaluator, ctx: Any) -> Any:
-    return _best_by("max_by", array, evaluate, ctx, operator.gt)
-
-
-def _min_by(array: list[Any], evaluate: Evaluator, ctx: Any) -> Any:
-    return _best_by("min_by", array, evaluate, ctx, operator.lt)
 
 
 def _merge(*objects: dict[str, Any]) -> dict[str, Any]:
@@ -451,12 +448,12 @@ def _type(value: Any) -> str:
     return name
 
 
-def _builtins(*functions: Builtin) -> dict[str, Builtin]:
-    return {function.name: function for function in functions}
+def _builtins(*functions: Builtin) -> Mapping[str, Builtin]:
+    return MappingProxyType({function.name: function for function in functions})
 
 
-#: Name -> built-in. Read-only by convention; compile_expression layers custom functions on top.
-BUILTINS: Final[dict[str, Builtin]] = _builtins(
+#: Name -> built-in (read-only). Custom functions are looked up after these and may not shadow them.
+BUILTINS: Final = _builtins(
     Builtin("abs", abs, (_NUMBER_P,)),
     Builtin("avg", _avg, (_NUMBERS,)),
     Builtin("ceil", math.ceil, (_NUMBER_P,)),
@@ -468,13 +465,25 @@ BUILTINS: Final[dict[str, Builtin]] = _builtins(
     Builtin("length", len, (_SIZED,)),
     Builtin("map", _map, (_EXPREF_P, _ARRAY_P), leaks=True, expref_at=0),
     Builtin("max", _max, (_SORTABLE,)),
-    Builtin("max_by", _max_by, (_ARRAY_P, _EXPREF_P), leaks=True, expref_at=1),
+    Builtin(
+        "max_by",
+        partial(_best_by, "max_by", better=operator.gt),
+        (_ARRAY_P, _EXPREF_P),
+        leaks=True,
+        expref_at=1,
+    ),
     Builtin("merge", _merge, (_OBJECT_P,), variadic=True, leaks=True),
     Builtin("min", _min, (_SORTABLE,)),
-    Builtin("min_by", _min_by, (_ARRAY_P, _EXPREF_P), leaks=True, expref_at=1),
+    Builtin(
+        "min_by",
+        partial(_best_by, "min_by", better=operator.lt),
+        (_ARRAY_P, _EXPREF_P),
+        leaks=True,
+        expref_at=1,
+    ),
     Builtin("not_null", _not_null, (_ANY,), variadic=True, leaks=True),
     Builtin("reverse", operator.itemgetter(slice(None, None, -1)), (_ARRAY_OR_STRING,), leaks=True),
-    Builtin("sort", _sort, (_SORTABLE,), leaks=True),
+    Builtin("sort", _sort, (_SORTABLE,)),  # a new list of strings or numbers: nothing shared
     Builtin("sort_by", _sort_by, (_ARRAY_P, _EXPREF_P), leaks=True, expref_at=1),
     Builtin("starts_with", str.startswith, (_STRING_P, _STRING_P)),
     Builtin("sum", _sum, (_NUMBERS,)),

@@ -305,10 +305,13 @@ def test_custom_functions_get_fresh_literal_containers() -> None:
     ("source", "position", "fragment"),
     [
         ("total >", 7, "incomplete expression"),
-        ("foo[?bar^baz]", 8, "Unknown token ^"),
-        ("a.1", 2, "unexpected 1; expected ['quoted_identifier'"),
-        ("{a}", 2, "unexpected '}'; expected colon"),
-        ("foo bar", 4, "Unexpected token: bar"),
+        ("foo[?bar^baz]", 8, "unknown token ^"),
+        ("a.1", 2, "unexpected 1; expected a quoted name (\"...\") or a field name or '['"),
+        ("{a}", 2, "unexpected '}'; expected ':'"),
+        ("foo bar", 4, "unexpected 'bar' after a complete expression; expected an operator"),
+        ("a = `1`", 2, "unknown token '='; equality is written '=='"),
+        ("foo[1:2:3:4]", 9, "unexpected ':' in a slice; expected [start:stop:step]"),
+        (".foo", 0, "unexpected '.'; expected an expression"),
         ("`foo`", 0, "literal `foo` is not valid JSON; a string is written 'foo'"),
         ("total > `1O0`", 8, "literal `1O0` is not valid JSON"),
         ("", 0, "empty expression"),
@@ -548,3 +551,20 @@ def test_package_imports_only_stdlib_and_jmespath() -> None:
             else:
                 continue
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
+
+
+def test_expressions_are_immutable() -> None:
+    expr = compile_expression("id")
+    with pytest.raises(AttributeError, match="immutable"):
+        expr.source = "other"
+    with pytest.raises(AttributeError, match="immutable"):
+        expr.is_truthy = lambda doc, ctx=None: True
+    assert expr.source == "id"
+
+
+def test_expression_references_may_be_computed() -> None:
+    """jmespath accepts an `&expr` that is itself the result of an expression; so do we."""
+    source = "sort_by(items, [&price][0])[].sku"
+    assert compile_expression(source)(ORDER) == jmespath.search(source, ORDER) == ["B-2", "A-1"]
+    with pytest.raises(ExpressionRuntimeError, match="must be an expression reference"):
+        compile_expression("sort_by(items, @)")(ORDER)
