@@ -34,12 +34,15 @@ _MAX_ERROR_CHARS = 1024
 def delivery_of(reply: str) -> tuple[str, int]:
     """(stream sequence, attempt) of a JetStream delivery, from its `$JS.ACK...` reply subject.
 
-    Handles both the classic 9-token form and the 12-token form with domain and account hash.
+    The classic form ends `.<attempt>.<stream seq>.<consumer seq>.<time>.<pending>`; the newer
+    one (with domain and account hash) adds a random token after `<pending>`.
     """
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return tokens[5], int(tokens[4])
-    return tokens[7], int(tokens[6])
+    tokens = reply.rsplit(
+        ".", 6
+    )  # [..., attempt, stream seq, consumer seq, time, pending, (token)]
+    if reply.count(".") == 8:
+        return tokens[3], int(tokens[2])
+    return tokens[2], int(tokens[1])
 
 
 def retry_delay(attempt: int, policy: RetryPolicy, retry_after: float | None = None) -> float:

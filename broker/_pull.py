@@ -114,7 +114,9 @@ class ContinuousPull:
         self._stats.in_flight -= count
         if not self._pulling:
             self._notify_drained()
-        await self._maybe_request()
+        elif self._requested < self._low_water:
+            # While half a batch is still requested, messages keep coming: no request needed.
+            await self._maybe_request()
 
     async def reset(self) -> None:
         """Forget outstanding requests (the server lost them: reconnect) and request anew."""

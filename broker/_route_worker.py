@@ -29,24 +29,9 @@ from busway.routers.route import CompiledRoute, RoutingError
 __all__ = ["RouteWorker"]
 
 
-class _Pending:
-    """An input waiting for its outputs' PubAcks."""
-
-    __slots__ = ("attempt", "futures", "message", "received", "sequence")
-
-    def __init__(
-        self,
-        message: Msg,
-        futures: list[asyncio.Future[PubAck]],
-        sequence: str,
-        attempt: int,
-        received: float,
-    ) -> None:
-        self.message = message
-        self.futures = futures
-        self.sequence = sequence
-        self.attempt = attempt
-        self.received = received
+# An input waiting for its outputs' PubAcks: (message, futures, sequence, attempt, received).
+# A plain tuple: one is built per message, and a tuple is the cheapest record to build.
+_Pending = tuple[Msg, list[asyncio.Future[PubAck]], str, int, float]
 
 
 class RouteWorker(ConsumerComponent):
@@ -57,6 +42,7 @@ class RouteWorker(ConsumerComponent):
         self.route = route
         self._id_prefix = f"{self.stream}:"
         self._id_suffix = f":{route.name}:"
+        self._targets = tuple((subject, str(index)) for index, subject in enumerate(route.to))
         self._pending: collections.deque[_Pending] = collections.deque()
         self._wake = asyncio.Event()
 
@@ -83,16 +69,16 @@ class RouteWorker(ConsumerComponent):
         id_base = self._id_prefix + sequence + self._id_suffix
         publish = self.js.publish_async
         futures = []
-        for index, subject in enumerate(self.route.to):
+        for subject, index in self._targets:
             headers = passthrough_headers(inherited) if inherited else {}
-            headers["Nats-Msg-Id"] = id_base + str(index)
+            headers["Nats-Msg-Id"] = id_base + index
             try:
                 futures.append(await publish(subject, body, headers=headers))
             except (TimeoutError, nats.errors.Error) as exc:
                 failed: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
                 failed.set_exception(publish_error(exc, subject))
                 futures.append(failed)
-        self._pending.append(_Pending(message, futures, sequence, attempt, received))
+        self._pending.append((message, futures, sequence, attempt, received))
         self._wake.set()
 
     async def _settle_in_order(self) -> None:
@@ -107,9 +93,9 @@ class RouteWorker(ConsumerComponent):
                 wake.clear()
                 await wake.wait()
                 continue
-            entry = pending.popleft()
+            message, futures, sequence, attempt, received = pending.popleft()
             error = None
-            for index, future in enumerate(entry.futures):
+            for index, future in enumerate(futures):
                 try:
                     if future.done() and not future.cancelled() and future.exception() is None:
                         continue
@@ -118,12 +104,10 @@ class RouteWorker(ConsumerComponent):
                     error = exc
                     break
             if error is None:
-                stats.published += len(entry.futures)
-                observe(time.monotonic() - entry.received)
-                if entry.attempt > 1:
-                    self.forget_error(entry.sequence)
-                await self.settle(entry.message, b"")
+                stats.published += len(futures)
+                observe(time.monotonic() - received)
+                if attempt > 1:
+                    self.forget_error(sequence)
+                await self.settle(message, b"")
             else:
-                await self.retry_later(
-                    entry.message, entry.sequence, entry.attempt, str(error), reason="publish"
-                )
+                await self.retry_later(message, sequence, attempt, str(error), reason="publish")
