@@ -214,6 +214,9 @@ class Bus(AsyncContextManagerMixin):
                         state=KeyValueState(bucket, f"{source_config.name}."),
                         stats=stats,
                         logger=logging.getLogger(f"busway.source.{source_config.name}"),
+                        dead_letter_subject=(
+                            f"{self.config.dead_letter.subject_prefix}.{source_config.name}"
+                        ),
                         http_routes=http_routes,
                     )
                     await tg.start(source.run, context)

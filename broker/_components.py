@@ -134,7 +134,40 @@ class SourceContext:
     state: StateStore
     stats: ComponentStats
     logger: logging.Logger
+    dead_letter_subject: str
     http_routes: list[BaseRoute] | None = field(default=None)
+
+    async def dead_letter(
+        self,
+        data: bytes,
+        *,
+        reason: str,
+        error: str,
+        origin: str,
+        headers: Mapping[str, str] | None = None,
+        message_id: str,
+    ) -> PublishAck:
+        """Store input that cannot become a message (a bad line, an unreadable row).
+
+        `origin` says where it came from (`file.csv:17`), `message_id` makes a retry of the
+        same input harmless. Headers carry `Busway-Error`, `Busway-Error-Reason`,
+        `Busway-Component` and `Busway-Origin`. Counted in the source's metrics.
+        """
+        dead_headers = dict(headers or {})
+        dead_headers.update(
+            {
+                "Nats-Msg-Id": f"deadletter:{self.name}:{message_id}",
+                "Busway-Component": self.name,
+                "Busway-Component-Kind": "source",
+                "Busway-Error-Reason": reason,
+                "Busway-Error": " ".join(error.split())[:1024],
+                "Busway-Origin": origin,
+            }
+        )
+        ack = await self.publisher.publish(self.dead_letter_subject, data, headers=dead_headers)
+        self.stats.dead_lettered += 1
+        self.stats.count_error(reason)
+        return ack
 
     def add_http_route(self, route: BaseRoute) -> None:
         """Serve `route` on the shared HTTP listener; only during `Source.run` start-up."""

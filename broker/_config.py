@@ -332,7 +332,10 @@ def _convert_tagged(
     name = raw.get("type")
     if not isinstance(name, str):
         raise ConfigError(f'every {role} needs `type = "..."` naming its adapter', path=path)
-    struct = types(name)
+    try:
+        struct = types(name)
+    except ConfigError as error:
+        raise ConfigError(error.detail, path=f"{path}.type") from None
     if struct is None:
         raise ConfigError(
             f"unknown {role} type {name!r}: no installed adapter provides it "

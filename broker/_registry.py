@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from busway._components import BuildContext, Sink, Source
@@ -50,10 +50,16 @@ class Adapter:
 
 
 class AdapterRegistry:
-    """Adapters by type name. `AdapterRegistry.from_entry_points()` holds every installed one."""
+    """Adapters by type name. `AdapterRegistry.from_entry_points()` holds every installed one.
+
+    Entry points are loaded on first use of their type, so a config pays only for the adapters
+    it uses (no database driver imported for an HTTP-only deployment), and a broken third-party
+    adapter fails the configs that use it, with its import error, not every config.
+    """
 
     def __init__(self, adapters: Iterable[Adapter] = ()) -> None:
         self._adapters: dict[str, Adapter] = {}
+        self._unloaded: dict[str, EntryPoint] = {}
         for adapter in adapters:
             self.register(adapter)
 
@@ -62,42 +68,59 @@ class AdapterRegistry:
         """A registry of every adapter installed under the `busway.adapters` group."""
         registry = cls()
         for entry in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                adapter = entry.load()
-            except Exception as exc:
-                raise ConfigError(
-                    f"adapter {entry.name!r} ({entry.value}) failed to load: {exc!r}"
-                ) from exc
-            if not isinstance(adapter, Adapter):
-                raise ConfigError(
-                    f"entry point {entry.name!r} ({entry.value}) is not a busway.Adapter"
-                )
-            registry.register(adapter)
+            registry._unloaded.setdefault(entry.name, entry)
         return registry
 
     def register(self, adapter: Adapter) -> None:
-        """Add `adapter`; a second adapter with the same type name replaces the first."""
+        """Add `adapter`; it replaces any adapter of the same type name."""
+        self._unloaded.pop(adapter.type, None)
         self._adapters[adapter.type] = adapter
 
+    def get(self, type_name: str) -> Adapter | None:
+        """The adapter of `type_name`, loading its entry point if needed; None if unknown.
+
+        Raises ConfigError if the entry point exists but cannot be loaded.
+        """
+        adapter = self._adapters.get(type_name)
+        if adapter is None and type_name in self._unloaded:
+            entry = self._unloaded[type_name]
+            try:
+                loaded = entry.load()
+            except Exception as exc:
+                raise ConfigError(
+                    f"adapter {type_name!r} ({entry.value}) failed to load: {exc!r}; "
+                    "is its package installed with all its dependencies?"
+                ) from exc
+            if not isinstance(loaded, Adapter):
+                raise ConfigError(
+                    f"entry point {type_name!r} ({entry.value}) is not a busway.Adapter"
+                )
+            self.register(loaded)
+            adapter = loaded
+        return adapter
+
     def __getitem__(self, type_name: str) -> Adapter:
-        return self._adapters[type_name]
+        adapter = self.get(type_name)
+        if adapter is None:
+            raise KeyError(type_name)
+        return adapter
 
     def __contains__(self, type_name: object) -> bool:
-        return type_name in self._adapters
+        return type_name in self._adapters or type_name in self._unloaded
 
     @property
     def types(self) -> list[str]:
         """Registered type names, sorted."""
-        return sorted(self._adapters)
+        return sorted({*self._adapters, *self._unloaded})
 
     def source_config(self, type_name: str) -> type[SourceConfig] | None:
         """The config struct of source type `type_name`, or None if no adapter has one."""
-        adapter = self._adapters.get(type_name)
+        adapter = self.get(type_name)
         return adapter.source_config if adapter else None
 
     def sink_config(self, type_name: str) -> type[SinkConfig] | None:
         """The config struct of sink type `type_name`, or None if no adapter has one."""
-        adapter = self._adapters.get(type_name)
+        adapter = self.get(type_name)
         return adapter.sink_config if adapter else None
 
 

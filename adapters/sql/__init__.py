@@ -1,0 +1,1 @@
+"""Database adapters: PostgreSQL, MySQL/MariaDB and SQLite sources and sinks."""
