@@ -116,6 +116,15 @@ async def consumer_settled(nc: NatsClient, stream: str, durable: str) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def wait_settled(nc: NatsClient, stream: str, durable: str, timeout: float = 30.0) -> None:
+    """Wait until the consumer `durable` of `stream` has nothing pending and nothing un-acked."""
+
+    async def settled() -> bool:
+        return await consumer_settled(nc, stream, durable)
+
+    await eventually(settled, timeout=timeout)
+
+
 async def stream_messages(nc: NatsClient, stream: str) -> list[Msg]:
     """Every message currently in `stream`, in order, read through an ephemeral consumer."""
     js = nc.jetstream()

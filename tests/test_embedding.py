@@ -34,7 +34,7 @@ from busway import (
     SourceContext,
     decode_config,
 )
-from tests.support import NatsServer, consumer_settled, eventually, stream_messages
+from tests.support import NatsServer, stream_messages, wait_settled
 
 pytestmark = pytest.mark.anyio
 
@@ -108,10 +108,7 @@ retry = {{ backoff = "10ms", max_backoff = "50ms" }}
         for name in ("a", "bad", "slow", "b"):
             await js.publish(f"app{unique}.x", orjson.dumps({"name": name}))
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"APP_{unique}", f"busway-sink-mem{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"APP_{unique}", f"busway-sink-mem{unique}")
         stats = bus.metrics.stats[0]
         assert (stats.published, stats.retried, stats.dead_lettered) == (3, 1, 1)
 
@@ -187,10 +184,7 @@ delay = 3.5
     async with bus:
         await nc.jetstream().publish(f"slow{unique}.x", b"{}")
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"SLOW_{unique}", f"busway-sink-slow{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"SLOW_{unique}", f"busway-sink-slow{unique}")
     assert sink.seen == [(f"SLOW_{unique}:1", 1)]
 
 

@@ -11,10 +11,10 @@ from nats.aio.client import Client as NatsClient
 from busway import Bus
 from tests.support import (
     NatsServer,
-    consumer_settled,
     decode_test_config,
     eventually,
     stream_messages,
+    wait_settled,
 )
 
 pytestmark = pytest.mark.anyio
@@ -52,10 +52,7 @@ async def test_messages_are_appended_as_json_lines(
         # A pretty-printed body is still one line in the file.
         await js.publish(f"out{unique}.x", b'{\n  "n": 300\n}')
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
         assert bus.metrics.stats[0].published == 301
     lines = (tmp_path / "out" / "orders.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["n"] for line in lines] == list(range(301))
@@ -71,10 +68,7 @@ async def test_non_json_body_is_dead_lettered_and_the_rest_written(
         await js.publish(f"out{unique}.x", b"plain text")
         await js.publish(f"out{unique}.x", b'{"n": 2}')
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
         assert bus.metrics.stats[0].dead_lettered == 1
     assert (tmp_path / "out.jsonl").read_bytes() == b'{"n": 1}\n{"n": 2}\n'
     dead = [
@@ -105,10 +99,7 @@ async def test_unwritable_path_is_retried_until_it_works_and_readiness_shows_it(
         assert stats.errors["retryable"] >= 2
         blocker.unlink()
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
         assert bus.readiness()[f"sink:file{unique}"] is True
         assert stats.dead_lettered == 0
     assert (tmp_path / "out" / "orders.jsonl").read_bytes() == b'{"n": 1}\n'

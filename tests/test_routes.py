@@ -16,6 +16,7 @@ from tests.support import (
     decode_test_config,
     eventually,
     stream_messages,
+    wait_settled,
 )
 
 pytestmark = pytest.mark.anyio
@@ -77,10 +78,7 @@ to = ["out{unique}.a", "out{unique}.b"]""",
     async with Bus(config) as bus:
         await publish_inputs(nc, f"in{unique}.orders", [orjson.dumps(order) for order in orders])
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
         stats = bus.metrics.stats[0]
         matching = [o for o in orders if o["total"] > 100 and o["status"] == "paid"]
         assert stats.received == 10
@@ -109,10 +107,7 @@ async def test_unmatched_messages_are_acked_and_not_forwarded(
     async with Bus(config) as bus:
         await publish_inputs(nc, f"in{unique}.orders", [b'{"total": 5}'] * 25)
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
         assert bus.metrics.stats[0].filtered == 25
         assert bus.metrics.stats[0].dead_lettered == 0
     info = await nc.jetstream().stream_info(f"OUT_{unique}")
@@ -129,10 +124,7 @@ async def test_bad_json_is_dead_lettered_with_its_reason_and_counted(
     async with Bus(config) as bus:
         await publish_inputs(nc, f"in{unique}.orders", [b"{not json", b'{"total": 7}'])
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
         metrics = generate_latest(bus.metrics_registry).decode()
 
     assert (
@@ -169,10 +161,7 @@ async def test_expression_error_is_dead_lettered_with_the_expression(
     async with Bus(config):
         await publish_inputs(nc, f"in{unique}.orders", [b'{"name": "Ada"}'])
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
     dead = [
         m
         for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
@@ -233,10 +222,7 @@ async def test_failed_publish_is_retried_until_the_stream_exists(
         await eventually(retried_twice)
         await js.add_stream(name=f"OUT_{unique}", subjects=[f"out{unique}.>"])
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
         assert stats.errors["publish"] >= 2
         assert stats.dead_lettered == 0
     outputs = await stream_messages(nc, f"OUT_{unique}")
@@ -259,10 +245,7 @@ async def test_exhausted_retries_dead_letter_with_the_last_error(
         await nc.jetstream().delete_stream(f"OUT_{unique}")
         await publish_inputs(nc, f"in{unique}.orders", [b'{"n": 1}'])
 
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
         assert bus.metrics.stats[0].retried == 2
         assert bus.metrics.stats[0].dead_lettered == 1
     dead = [
@@ -312,10 +295,6 @@ async def test_graceful_stop_settles_everything_it_holds(
     assert stored < 5000, "the stop must land mid-flow for this test to mean anything"
 
     async with Bus(config):
-
-        async def settled() -> bool:
-            return await consumer_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-
-        await eventually(settled, timeout=25)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}", timeout=25)
     outputs = await stream_messages(nc, f"OUT_{unique}")
     assert sorted(orjson.loads(m.data)["n"] for m in outputs) == list(range(5000))
