@@ -61,7 +61,8 @@ async def connect(
         logger.warning("NATS connection error: %s", exc or type(exc).__name__)
 
     async def disconnected_cb() -> None:
-        logger.warning("disconnected from NATS; publishing waits and consumers pause")
+        if not client.is_closed:  # closing on purpose is not worth a warning
+            logger.warning("disconnected from NATS; publishing waits and consumers pause")
 
     async def reconnected_cb() -> None:
         logger.info(
