@@ -44,8 +44,8 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
 class NatsServer:
     """A nats-server child process with JetStream, owned by the tests."""
 
-    def __init__(self, store: Path, *, sync_always: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, store: Path, *, sync_always: bool = False, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.store = store
         config = store / "nats.conf"
         sync = "\n  sync_interval: always" if sync_always else ""
