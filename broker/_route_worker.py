@@ -24,6 +24,7 @@ from nats.js.api import PubAck
 from busway._consumer import ConsumerComponent
 from busway._delivery import passthrough_headers
 from busway._jetstream import await_pub_ack, publish_error
+from busway.routers.context import MessageContext
 from busway.routers.route import CompiledRoute, RoutingError
 
 __all__ = ["RouteWorker"]
@@ -53,8 +54,13 @@ class RouteWorker(ConsumerComponent):
     async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
         """Apply the route and publish its outputs; the settler acks once they are stored."""
         received = time.monotonic()
+        context = (
+            MessageContext(message.subject, message.headers, self.stream, int(sequence), attempt)
+            if self.route.needs_context
+            else None
+        )
         try:
-            body = self.route.apply(message.data)
+            body = self.route.apply(message.data, context)
         except RoutingError as exc:
             extra = {"Busway-Expression": exc.expression} if exc.expression else None
             await self.dead_letter(

@@ -8,10 +8,10 @@ Expressions are compiled once here, at start-up; `apply` never parses anything.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import orjson
 
+from busway.routers.context import CONTEXT_FUNCTIONS, MESSAGE_FUNCTIONS, MessageContext
 from busway.routers.expression import (
     Expression,
     ExpressionRuntimeError,
@@ -47,7 +47,7 @@ class RoutingError(Exception):
 class CompiledRoute:
     """`when` → `transform` → encoded body, for one route. Pure: no I/O, no broker."""
 
-    __slots__ = ("_transform", "_when", "name", "needs_json", "to")
+    __slots__ = ("_transform", "_when", "name", "needs_context", "needs_json", "to")
 
     def __init__(
         self,
@@ -62,9 +62,13 @@ class CompiledRoute:
         self._when = when
         self._transform = transform
         self.needs_json = when is not None or transform is not None
+        self.needs_context = False
+        """True if an expression reads the message context (`subject()`, `header()`...)."""
 
-    def apply(self, data: bytes, context: Any = None) -> bytes | None:
+    def apply(self, data: bytes, context: MessageContext | None = None) -> bytes | None:
         """The body to publish to each of `to`, or None when `when` does not match.
+
+        `context` is the message's subject, headers and metadata, for `subject()` & co.
 
         Raises RoutingError when the body is not JSON or an expression fails on it.
         """
@@ -96,12 +100,23 @@ class CompiledRoute:
 def compile_route(
     *, name: str, to: Sequence[str], when: str | None = None, transform: str | None = None
 ) -> CompiledRoute:
-    """Compile a route's expressions; RouteCompileError names the field that failed."""
+    """Compile a route's expressions; RouteCompileError names the field that failed.
+
+    The route needs a per-message context only if an expression calls `subject()`,
+    `header()` or `meta()`: found by compiling once more without those functions.
+    """
     compiled: dict[str, Expression | None] = {"when": None, "transform": None}
+    needs_context = False
     for field, source in (("when", when), ("transform", transform)):
         if source is not None:
             try:
-                compiled[field] = compile_expression(source)
+                compiled[field] = compile_expression(source, functions=CONTEXT_FUNCTIONS)
             except ExpressionSyntaxError as exc:
                 raise RouteCompileError(field, exc) from None
-    return CompiledRoute(name=name, to=to, when=compiled["when"], transform=compiled["transform"])
+            try:
+                compile_expression(source, functions=CONTEXT_FUNCTIONS[len(MESSAGE_FUNCTIONS) :])
+            except ExpressionSyntaxError:
+                needs_context = True
+    route = CompiledRoute(name=name, to=to, when=compiled["when"], transform=compiled["transform"])
+    route.needs_context = needs_context
+    return route

@@ -298,3 +298,30 @@ async def test_graceful_stop_settles_everything_it_holds(
         await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}", timeout=25)
     outputs = await stream_messages(nc, f"OUT_{unique}")
     assert sorted(orjson.loads(m.data)["n"] for m in outputs) == list(range(5000))
+
+
+async def test_route_matches_on_headers_and_reads_the_subject(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    config = decode_test_config(
+        route_config(
+            nats_server,
+            unique,
+            f"""when = "header('X-Tier') == 'gold'"
+transform = "{{id: id, from: subject(), seq: meta('seq')}}"
+to = ["out{unique}.gold"]""",
+        ),
+        tmp_path,
+    )
+    js = nc.jetstream()
+    async with Bus(config):
+        await js.publish(f"in{unique}.orders", b'{"id": 1}', headers={"X-Tier": "gold"})
+        await js.publish(f"in{unique}.orders", b'{"id": 2}', headers={"X-Tier": "basic"})
+        await js.publish(f"in{unique}.orders", b'{"id": 3}')
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+    outputs = await stream_messages(nc, f"OUT_{unique}")
+    assert [orjson.loads(m.data) for m in outputs] == [
+        {"id": 1, "from": f"in{unique}.orders", "seq": 1}
+    ]
+    assert outputs[0].headers
+    assert outputs[0].headers["X-Tier"] == "gold"
