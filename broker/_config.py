@@ -43,16 +43,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _T = TypeVar("_T")
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
+def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {listen!r}")
     return host.strip("[]"), int(port)
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """(host, port) from a validated `host:port` listen string."""
-    return _split_listen(listen)
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -96,7 +91,7 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             parse_duration(self.sync)
         if self.publish_window < 1:
             raise ValueError("publish_window must be at least 1")
-        _split_listen(self.listen)
+        split_listen(self.listen)
 
 
 class HttpConfig(_Strict, frozen=True, kw_only=True):
@@ -106,7 +101,7 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.listen is not None:
-            _split_listen(self.listen)
+            split_listen(self.listen)
 
 
 class StreamConfig(_Strict, frozen=True, kw_only=True):

@@ -28,7 +28,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from busway._config import RetryPolicy
-from busway._delivery import TERM, dead_letter_headers, delivery_of, nak_payload, retry_delay
+from busway._delivery import (
+    NAK,
+    TERM,
+    dead_letter_headers,
+    delivery_of,
+    nak_payload,
+    retry_delay,
+)
 from busway._jetstream import await_pub_ack, ensure_consumer, publish_error
 from busway._metrics import ComponentStats
 from busway._pull import ContinuousPull
@@ -132,7 +139,7 @@ class ConsumerComponent(abc.ABC):
         self.stats.received += 1
         sequence, attempt = delivery_of(message.reply)
         if self.stopping:
-            await self.settle(message, b"-NAK")
+            await self.settle(message, NAK)
             return
         if attempt > self.retry.max_attempts:
             last = self._last_errors.pop(sequence, "unknown (failed in an earlier process)")

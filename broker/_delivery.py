@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from busway._config import RetryPolicy
 
 __all__ = [
+    "ACK",
     "NAK",
     "TERM",
     "dead_letter_headers",

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
 from busway._consumer import ConsumerComponent
-from busway._delivery import passthrough_headers
+from busway._delivery import ACK, passthrough_headers
 from busway._jetstream import await_pub_ack, publish_error
 from busway.routers.context import MessageContext
 from busway.routers.route import CompiledRoute, RoutingError
@@ -69,7 +69,7 @@ class RouteWorker(ConsumerComponent):
             return
         if body is None:
             self.stats.filtered += 1
-            await self.settle(message, b"")
+            await self.settle(message, ACK)
             return
         inherited = message.headers
         id_base = self._id_prefix + sequence + self._id_suffix
@@ -114,6 +114,6 @@ class RouteWorker(ConsumerComponent):
                 observe(time.monotonic() - received)
                 if attempt > 1:
                     self.forget_error(sequence)
-                await self.settle(message, b"")
+                await self.settle(message, ACK)
             else:
                 await self.retry_later(message, sequence, attempt, str(error), reason="publish")

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from busway._components import Message, Sink
 from busway._consumer import ConsumerComponent
+from busway._delivery import ACK
 from busway._errors import BatchError, PermanentError, RetryableError
 
 __all__ = ["SinkWorker"]
@@ -125,7 +126,7 @@ class SinkWorker(ConsumerComponent):
                 self.stats.latency.observe(now - received)
                 if delivery.attempt > 1:
                     self.forget_error(str(delivery.sequence))
-                await self.settle(message, b"")
+                await self.settle(message, ACK)
             elif isinstance(failure, PermanentError):
                 await self.dead_letter(
                     message,
