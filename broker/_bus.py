@@ -46,6 +46,8 @@ from busway._listener import Listener, build_app
 from busway._metrics import ComponentStats, MetricsCollector, new_registry
 from busway._plan import Plan, build_plan
 from busway._registry import AdapterRegistry, default_registry
+from busway._requests import Requester
+from busway._route_services import NatsRouteServices
 from busway._route_worker import RouteWorker
 from busway._sink_worker import SinkWorker
 
@@ -72,6 +74,7 @@ class Bus(AsyncContextManagerMixin):
         self.app: Starlette | None = None
         self._client: NatsClient | None = None
         self._workers: list[ConsumerComponent] = []
+        self._requester: Requester | None = None
         self._sources_scope: anyio.CancelScope | None = None
         self._listener: Listener | None = None
         self._listener_done = anyio.Event()
@@ -167,15 +170,25 @@ class Bus(AsyncContextManagerMixin):
             )
             await tg.start(worker.run)
             self._workers.append(worker)
+        requester = Requester(
+            client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
+        )
+        self._requester = requester
         for route_config, route in self.plan.routes:
+            stats = self.metrics.add(ComponentStats(route_config.name, "route"))
             worker = RouteWorker(
                 route=route,
-                stats=self.metrics.add(ComponentStats(route_config.name, "route")),
+                services=NatsRouteServices(js, requester, stats),
+                state_bucket=config.state_bucket,
+                stats=stats,
                 **self._consumer_settings(route_config, "route"),
                 **common,
             )
             await tg.start(worker.run)
             self._workers.append(worker)
+
+    def _is_stored(self, subject: str) -> bool:
+        return self.config.stream_for(subject) is not None
 
     def _consumer_settings(self, component: RouteConfig | SinkConfig, kind: str) -> dict[str, Any]:
         stream = component.stream
@@ -218,6 +231,7 @@ class Bus(AsyncContextManagerMixin):
                             f"{self.config.dead_letter.subject_prefix}.{source_config.name}"
                         ),
                         http_routes=http_routes,
+                        requester=self._requester,
                     )
                     await tg.start(source.run, context)
                     stats.ready = True

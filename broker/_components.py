@@ -31,12 +31,14 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from busway._metrics import ComponentStats
+    from busway._requests import Requester
 
 __all__ = [
     "BuildContext",
     "Message",
     "PublishAck",
     "Publisher",
+    "Reply",
     "Sink",
     "Source",
     "SourceContext",
@@ -125,6 +127,14 @@ class StateStore(Protocol):
         ...
 
 
+@dataclass(slots=True, frozen=True)
+class Reply:
+    """The answer to `SourceContext.request`."""
+
+    data: bytes
+    headers: dict[str, str]
+
+
 @dataclass(kw_only=True)
 class SourceContext:
     """What the engine gives a source: a publisher, durable state, the HTTP listener, metrics."""
@@ -136,6 +146,28 @@ class SourceContext:
     logger: logging.Logger
     dead_letter_subject: str
     http_routes: list[BaseRoute] | None = field(default=None)
+    requester: Requester | None = field(default=None)
+
+    async def request(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        message_id: str,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """Publish a request durably and wait for the answer of a route's `reply` stage.
+
+        The request is stored first (PublishError if it cannot be), so it is not lost when
+        no answer comes in time (TimeoutError): it is processed, just not answered in time.
+        """
+        if self.requester is None:
+            raise RuntimeError("request-reply needs a running Bus")
+        answer = await self.requester.request(
+            subject, data, dict(headers or {}), timeout, message_id=message_id
+        )
+        return Reply(data=answer.data, headers=dict(answer.headers or {}))
 
     async def dead_letter(
         self,

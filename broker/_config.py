@@ -23,6 +23,7 @@ import msgspec
 
 from busway._durations import Duration, parse_duration
 from busway._errors import ConfigError
+from busway.routers.stages import StageConfig
 from busway.routers.subject import covers, is_valid_subject, overlaps
 
 __all__ = [
@@ -150,9 +151,11 @@ class _Consumer(_Strict, frozen=True, kw_only=True):
 class RouteConfig(_Consumer, frozen=True, kw_only=True):
     """A route: read `from`, keep what `when` matches, reshape with `transform`, publish `to`."""
 
-    to: list[str]
+    to: list[str] = []
     when: str | None = None
     transform: str | None = None
+    stages: list[StageConfig] = []
+    """Run in order after `when` and before `transform`; see the README's stage reference."""
 
 
 class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
@@ -440,16 +443,33 @@ def _check_topology(config: Config) -> None:
     for i, route in enumerate(config.routes):
         path = f"$.routes[{i}]"
         _check_consumer(config, route, path)
-        if not route.to:
-            raise ConfigError("a route needs at least one subject in `to`", path=f"{path}.to")
-        for j, target in enumerate(route.to):
-            _check_subject(target, f"{path}.to[{j}]", wildcards=False)
-            _check_captured(config, target, f"{path}.to[{j}]")
+        if not route.to and not any(
+            stage.switch is not None or stage.reply is not None for stage in route.stages
+        ):
+            raise ConfigError(
+                "a route needs at least one subject in `to` (or a `switch` or `reply` stage)",
+                path=f"{path}.to",
+            )
+        for target, target_path in _route_targets(route, path):
+            _check_subject(target, target_path, wildcards=False)
+            _check_captured(config, target, target_path)
             if covers(route.from_, target):
                 raise ConfigError(
                     f"route publishes to {target!r}, which its own `from` ({route.from_!r}) "
                     "matches: it would route its outputs again forever",
-                    path=f"{path}.to[{j}]",
+                    path=target_path,
+                )
+        for j, stage in enumerate(route.stages):
+            count = stage.aggregate.count if stage.aggregate is not None else None
+            if count is not None and count > route.max_in_flight:
+                raise ConfigError(
+                    f"aggregate count {count} exceeds max_in_flight {route.max_in_flight}: a "
+                    "group's inputs stay un-acked until it is published, so raise max_in_flight",
+                    path=f"{path}.stages[{j}].aggregate.count",
+                )
+            if stage.enrich is not None:
+                _check_subject(
+                    stage.enrich.request, f"{path}.stages[{j}].enrich.request", wildcards=False
                 )
     for i, sink in enumerate(config.sinks):
         _check_consumer(config, sink, f"$.sinks[{i}]")
@@ -458,6 +478,24 @@ def _check_topology(config: Config) -> None:
         if "{" not in source.subject:  # templated subjects are checked by their adapter
             _check_subject(source.subject, f"{path}.subject", wildcards=False)
             _check_captured(config, source.subject, f"{path}.subject")
+
+
+def _route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
+    """Every subject a route may publish to (stored in JetStream), with its config path."""
+    targets = [(target, f"{path}.to[{j}]") for j, target in enumerate(route.to)]
+    for j, stage in enumerate(route.stages):
+        where = f"{path}.stages[{j}]"
+        if stage.switch is not None:
+            for k, case in enumerate(stage.switch.cases):
+                targets += [
+                    (t, f"{where}.switch.cases[{k}].to[{m}]") for m, t in enumerate(case.to)
+                ]
+            targets += [
+                (t, f"{where}.switch.default[{m}]") for m, t in enumerate(stage.switch.default)
+            ]
+        if stage.wiretap is not None:
+            targets.append((stage.wiretap, f"{where}.wiretap"))
+    return targets
 
 
 def _check_unique_names(kind: str, names: list[str]) -> None:

@@ -16,7 +16,9 @@ until every message it holds is settled.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -85,6 +87,7 @@ class ConsumerComponent(abc.ABC):
             stats=stats,
         )
         self._last_errors: OrderedDict[str, str] = OrderedDict()
+        self._held: dict[str, tuple[Msg, float]] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Declare the consumer, start pulling and settling; runs until cancelled."""
@@ -153,8 +156,31 @@ class ConsumerComponent(abc.ABC):
             return
         await self.handle(message, sequence, attempt)
 
+    def hold(self, message: Msg, received: float) -> None:
+        """Keep `message` alive with `+WPI` until it is settled (see `keep_alive`)."""
+        self._held[message.reply] = (message, received)
+
+    async def keep_alive(self) -> None:
+        """Tell JetStream that held messages are still being worked on (`+WPI`).
+
+        A sink may hold messages longer than `ack_wait` (a slow peer, a circuit breaker), and
+        an aggregating route holds its inputs until their group completes: without this
+        JetStream would redeliver them while busway still holds them, and a peer would receive
+        them twice. Subclasses that hold messages start it in `start_workers`.
+        """
+        interval = max(0.5, self.ack_wait / 3)
+        while True:
+            await anyio.sleep(interval)
+            cutoff = time.monotonic() - interval
+            for message, received in list(self._held.values()):
+                if received < cutoff:
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.client.publish(message.reply, b"+WPI")
+
     async def settle(self, message: Msg, payload: bytes) -> None:
         """Send the ack (`b""`), nak or term `payload` for `message` and free its slot."""
+        if self._held:
+            self._held.pop(message.reply, None)
         try:
             await self.client.publish(message.reply, payload)
         except nats.errors.Error as exc:

@@ -14,7 +14,7 @@ from busway._components import BuildContext, Sink, Source
 from busway._config import Config, RouteConfig, SinkConfig, SourceConfig
 from busway._errors import BuswayError, ConfigError
 from busway._registry import AdapterRegistry
-from busway.routers.route import CompiledRoute, RouteCompileError, compile_route
+from busway.routers.route import Route, RouteCompileError, compile_route
 
 __all__ = ["Plan", "build_plan", "component_type"]
 
@@ -24,25 +24,30 @@ class Plan:
     """The compiled routes and constructed adapters of a config, in config order."""
 
     config: Config
-    routes: list[tuple[RouteConfig, CompiledRoute]]
+    routes: list[tuple[RouteConfig, Route]]
     sources: list[tuple[SourceConfig, Source]]
     sinks: list[tuple[SinkConfig, Sink]]
 
 
 def build_plan(config: Config, registry: AdapterRegistry, *, file: str | None = None) -> Plan:
     """Compile every route and construct every adapter of `config`; ConfigError if any fails."""
+    context = BuildContext(base_dir=Path(config.base_dir))
     routes = []
     for index, route in enumerate(config.routes):
         try:
             compiled = compile_route(
-                name=route.name, to=route.to, when=route.when, transform=route.transform
+                name=route.name,
+                to=route.to,
+                when=route.when,
+                transform=route.transform,
+                stages=route.stages,
+                resolve_path=context.resolve_path,
             )
         except RouteCompileError as exc:
             raise ConfigError(
-                f"{exc.error}", file=file, path=f"$.routes[{index}].{exc.field}"
+                exc.detail, file=file, path=f"$.routes[{index}].{exc.field}"
             ) from None
         routes.append((route, compiled))
-    context = BuildContext(base_dir=Path(config.base_dir))
     sources = [
         (
             source,

@@ -1,12 +1,19 @@
-"""Runs one route: pull → `CompiledRoute.apply` → publish to every `to` → ack after all PubAcks.
+"""Runs one route: pull → the route's stages → publish every output → ack after all PubAcks.
 
-The hot path is two tasks. The pull callback applies the route and hands each output to
+The hot path is two tasks. The pull callback runs the route and hands each output to
 `publish_async` without waiting (the publish window bounds how many are unconfirmed); the
 settler walks inputs in arrival order, waits for each one's PubAcks and acks it. JetStream
 answers PubAcks in order, so waiting in order costs nothing and keeps the code simple.
 
+Routes with stages that wait (enrich, dedupe, throttle, async Python) run each message in its
+own task, up to `max_in_flight` at once; the settler still acks in arrival order. Routes with
+an `aggregate` stage hand their inputs to an `Aggregator`, which holds them until their group
+is published.
+
 Every output carries `Nats-Msg-Id = <stream>:<sequence>:<route>:<index>`: a redelivered input
 republishes the same ids, and the output stream drops the copies (within its duplicate window).
+Wiretap copies get ids too, but their PubAcks never hold the input back; replies go to the
+requester's inbox on core NATS.
 """
 
 from __future__ import annotations
@@ -14,101 +21,222 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import anyio
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
+from busway._aggregator import Aggregator
 from busway._consumer import ConsumerComponent
 from busway._delivery import ACK, passthrough_headers
+from busway._errors import RetryableError
 from busway._jetstream import await_pub_ack, publish_error
 from busway.routers.context import MessageContext
-from busway.routers.route import CompiledRoute, RoutingError
+from busway.routers.pipeline import OUT, REPLY, Output, RouteServices, RoutingError
+from busway.routers.route import Route
 
 __all__ = ["RouteWorker"]
 
+_T = TypeVar("_T")
+_Futures = list[asyncio.Future[PubAck]]
 
-# An input waiting for its outputs' PubAcks: (message, futures, sequence, attempt, received).
+# What an input waits for: the PubAck futures of its OUT outputs, and the outputs (OUT ones
+# first, so `outputs[i]` names the subject of `futures[i]`).
+_Published = tuple[_Futures, list[Output]]
+
+# An input waiting for its outputs' PubAcks: (message, published, sequence, attempt, received).
+# `published` is a task for routes that process messages concurrently: it yields the futures,
+# or None when it settled the message itself (filtered, retried, dead-lettered).
 # A plain tuple: one is built per message, and a tuple is the cheapest record to build.
-_Pending = tuple[Msg, list[asyncio.Future[PubAck]], str, int, float]
+_Pending = tuple[Msg, "_Published | asyncio.Task[_Published | None]", str, int, float]
 
 
 class RouteWorker(ConsumerComponent):
     """One route's consumer, publisher and settler."""
 
-    def __init__(self, *, route: CompiledRoute, **kwargs: Any) -> None:
+    def __init__(
+        self, *, route: Route, services: RouteServices, state_bucket: str, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.route = route
+        self.services = services
+        self.state_bucket_name = state_bucket
         self._id_prefix = f"{self.stream}:"
         self._id_suffix = f":{route.name}:"
-        self._targets = tuple((subject, str(index)) for index, subject in enumerate(route.to))
+        self._indexes = [str(index) for index in range(64)]
         self._pending: collections.deque[_Pending] = collections.deque()
         self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.aggregator: Aggregator | None = None
 
     async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start the in-order settler."""
+        """Start the in-order settler (and the aggregator with its keep-alive, if any)."""
         tg.start_soon(self._settle_in_order)
+        if self.route.aggregation is not None:
+            self.aggregator = Aggregator(self, self.route, self.services)
+            await self.aggregator.open()
+            tg.start_soon(self.aggregator.expire_groups)
+            tg.start_soon(self.keep_alive)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop pulling; hand back the inputs of incomplete groups; wait for the rest."""
+        self.stopping = True
+        if self.aggregator is not None:
+            await self.aggregator.release_all()
+        return await super().drain(timeout)
+
+    def context_of(self, message: Msg, sequence: str, attempt: int) -> MessageContext | None:
+        """The message's context if the route's expressions read it, else None."""
+        if not self.route.needs_context:
+            return None
+        return MessageContext(message.subject, message.headers, self.stream, int(sequence), attempt)
 
     async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
-        """Apply the route and publish its outputs; the settler acks once they are stored."""
+        """Run the route and publish its outputs; the settler acks once they are stored."""
         received = time.monotonic()
-        context = (
-            MessageContext(message.subject, message.headers, self.stream, int(sequence), attempt)
-            if self.route.needs_context
-            else None
-        )
+        route = self.route
+        if route.is_async or route.aggregation is not None:
+            self._spawn(message, sequence, attempt, received)
+            return
         try:
-            body = self.route.apply(message.data, context)
+            outputs = route.process(message.data, self.context_of(message, sequence, attempt))
         except RoutingError as exc:
-            extra = {"Busway-Expression": exc.expression} if exc.expression else None
-            await self.dead_letter(
-                message, sequence, attempt, reason=exc.kind, error=str(exc), extra_headers=extra
-            )
+            await self.reject(message, sequence, attempt, exc)
             return
-        if body is None:
-            self.stats.filtered += 1
-            await self.settle(message, ACK)
+        futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
+        if futures is None:
+            await self._settle_without_outputs(message, outputs)
             return
-        inherited = message.headers
-        id_base = self._id_prefix + sequence + self._id_suffix
-        publish = self.js.publish_async
-        futures = []
-        for subject, index in self._targets:
-            headers = passthrough_headers(inherited) if inherited else {}
-            headers["Nats-Msg-Id"] = id_base + index
-            try:
-                futures.append(await publish(subject, body, headers=headers))
-            except (TimeoutError, nats.errors.Error) as exc:
-                failed: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-                failed.set_exception(publish_error(exc, subject))
-                futures.append(failed)
-        self._pending.append((message, futures, sequence, attempt, received))
+        self._pending.append((message, (futures, outputs), sequence, attempt, received))
         self._wake.set()
+
+    def spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run `work` in a task that is kept referenced until it finishes."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn(self, message: Msg, sequence: str, attempt: int, received: float) -> None:
+        context = self.context_of(message, sequence, attempt)
+        if self.aggregator is not None:
+            self.hold(message, received)
+            self.spawn(self.aggregator.add(message, sequence, attempt, context))
+            return
+        task = self.spawn(self._process_async(message, sequence, attempt, context))
+        self._pending.append((message, task, sequence, attempt, received))
+        self._wake.set()
+
+    async def _process_async(
+        self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
+    ) -> _Published | None:
+        try:
+            outputs = await self.route.process_async(message.data, context, self.services)
+        except RoutingError as exc:
+            await self.reject(message, sequence, attempt, exc)
+            return None
+        except RetryableError as exc:
+            await self.retry_later(
+                message, sequence, attempt, str(exc), reason="route", retry_after=exc.retry_after
+            )
+            return None
+        except Exception as exc:
+            self.logger.exception("route %s failed on seq %s", self.route.name, sequence)
+            await self.retry_later(message, sequence, attempt, repr(exc), reason="route")
+            return None
+        futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
+        if futures is None:
+            await self._settle_without_outputs(message, outputs)
+            return None
+        return futures, outputs
+
+    async def _settle_without_outputs(self, message: Msg, outputs: list[Output]) -> None:
+        if not outputs:
+            self.stats.filtered += 1
+        await self.settle(message, ACK)
+
+    async def reject(self, message: Msg, sequence: str, attempt: int, error: RoutingError) -> None:
+        """Retry a transient routing error; dead-letter a permanent one with where and why."""
+        if error.transient:
+            await self.retry_later(message, sequence, attempt, str(error), reason=error.kind)
+            return
+        await self.dead_letter(
+            message,
+            sequence,
+            attempt,
+            reason=error.kind,
+            error=str(error),
+            extra_headers=error.dead_letter_headers(),
+        )
+
+    async def publish_outputs(
+        self, outputs: list[Output], message: Msg, id_base: str
+    ) -> _Futures | None:
+        """Publish `outputs` without waiting; the PubAck futures of the OUT ones (None if none).
+
+        Ids are `<id_base>:<route>:<index>`; replies go out on core NATS at once.
+        """
+        if not outputs:
+            return None
+        inherited = message.headers
+        id_base += self._id_suffix
+        publish = self.js.publish_async
+        indexes = self._indexes
+        futures: _Futures = []
+        for index, (kind, subject, body, extra) in enumerate(outputs):
+            headers = passthrough_headers(inherited) if inherited else {}
+            if extra:
+                headers.update(extra)
+            if kind == REPLY:
+                await self._reply(subject, body, headers)
+                continue
+            headers["Nats-Msg-Id"] = id_base + (indexes[index] if index < 64 else str(index))
+            try:
+                future = await publish(subject, body, headers=headers)
+            except (TimeoutError, nats.errors.Error) as exc:
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(publish_error(exc, subject))
+            if kind == OUT:
+                futures.append(future)
+            else:
+                future.add_done_callback(self._tap_done)
+        return futures or None
+
+    async def _reply(self, inbox: str, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self.client.publish(inbox, body, headers=headers)
+        except nats.errors.Error as exc:
+            # The requester times out and answers its caller; the message itself is fine.
+            self.stats.count_error("reply")
+            self.logger.warning("could not reply to %s: %s", inbox, exc)
+
+    def _tap_done(self, future: asyncio.Future[PubAck]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.stats.count_error("wiretap")
+            self.logger.warning("wiretap copy not stored: %s", future.exception())
 
     async def _settle_in_order(self) -> None:
         pending = self._pending
         wake = self._wake
         stats = self.stats
         observe = stats.latency.observe
-        to = self.route.to
         timeout = self.publish_timeout
         while True:
             if not pending:
                 wake.clear()
                 await wake.wait()
                 continue
-            message, futures, sequence, attempt, received = pending.popleft()
-            error = None
-            for index, future in enumerate(futures):
-                try:
-                    if future.done() and not future.cancelled() and future.exception() is None:
-                        continue
-                    await await_pub_ack(future, to[index], timeout)
-                except Exception as exc:
-                    error = exc
-                    break
+            message, published, sequence, attempt, received = pending.popleft()
+            if isinstance(published, asyncio.Task):
+                resolved = await published
+                if resolved is None:
+                    continue
+                published = resolved
+            futures, outputs = published
+            error = await self.await_all(futures, outputs, timeout)
             if error is None:
                 stats.published += len(futures)
                 observe(time.monotonic() - received)
@@ -117,3 +245,17 @@ class RouteWorker(ConsumerComponent):
                 await self.settle(message, ACK)
             else:
                 await self.retry_later(message, sequence, attempt, str(error), reason="publish")
+
+    @staticmethod
+    async def await_all(
+        futures: _Futures, outputs: list[Output], timeout: float
+    ) -> Exception | None:
+        """Wait for every PubAck; the first failure, or None when all are stored."""
+        for index, future in enumerate(futures):
+            try:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    continue
+                await await_pub_ack(future, outputs[index].subject, timeout)
+            except Exception as exc:
+                return exc
+        return None

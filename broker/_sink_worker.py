@@ -8,12 +8,10 @@ that fsyncs or commits per batch thus pays once per batch under load and adds at
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import anyio
-import nats.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 
@@ -37,34 +35,12 @@ class SinkWorker(ConsumerComponent):
         self._queue_in: MemoryObjectSendStream[tuple[Msg, Message, float]]
         self._queue_out: MemoryObjectReceiveStream[tuple[Msg, Message, float]]
         self._queue_in, self._queue_out = anyio.create_memory_object_stream(self.max_in_flight)
-        self._held: dict[str, tuple[Msg, float]] = {}
 
     async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
         """Open the sink and start the batcher and the keep-alive."""
         await self.sink.open()
         tg.start_soon(self._write_batches)
-        tg.start_soon(self._keep_alive)
-
-    async def settle(self, message: Msg, payload: bytes) -> None:
-        """Settle `message` and stop keeping it alive."""
-        self._held.pop(message.reply, None)
-        await super().settle(message, payload)
-
-    async def _keep_alive(self) -> None:
-        """Tell JetStream that held messages are still being worked on (`+WPI`).
-
-        A sink may hold messages longer than `ack_wait` (a slow peer, a batch waiting for a
-        circuit breaker): without this JetStream would redeliver them while busway still holds
-        them, and the peer would receive them twice.
-        """
-        interval = max(0.5, self.ack_wait / 3)
-        while True:
-            await anyio.sleep(interval)
-            cutoff = time.monotonic() - interval
-            for message, received in list(self._held.values()):
-                if received < cutoff:
-                    with contextlib.suppress(nats.errors.Error):
-                        await self.client.publish(message.reply, b"+WPI")
+        tg.start_soon(self.keep_alive)
 
     async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
         """Queue `message` for the batcher (never blocks: the queue holds `max_in_flight`)."""
@@ -79,7 +55,7 @@ class SinkWorker(ConsumerComponent):
             attempt=attempt,
         )
         received = time.monotonic()
-        self._held[message.reply] = (message, received)
+        self.hold(message, received)
         self._queue_in.send_nowait((message, delivery, received))
 
     async def _write_batches(self) -> None:

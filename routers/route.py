@@ -1,53 +1,146 @@
-"""A route compiled from its config: decode, match, transform, encode, in one call.
+"""A route compiled from its config: decode, run the stages, encode, in one call.
 
-This is the broker-free half of a route: the engine hands `apply` the raw body of a message and
-publishes what comes back to every `to` subject, acking the input once all are stored.
-Expressions are compiled once here, at start-up; `apply` never parses anything.
+This is the broker-free half of a route: the engine hands `process` the raw body of a message
+and publishes the `Output`s that come back, acking the input once all of kind OUT are stored.
+Expressions are compiled once here, at start-up; processing never parses anything.
+
+A route with only `when` and `transform` takes a short path (decode, test, map, encode) with no
+per-stage bookkeeping: that is the common case and the one the hop benchmark measures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import orjson
 
-from busway.routers.context import CONTEXT_FUNCTIONS, MESSAGE_FUNCTIONS, MessageContext
-from busway.routers.expression import (
-    Expression,
-    ExpressionRuntimeError,
-    ExpressionSyntaxError,
-    compile_expression,
+from busway.routers.context import MessageContext
+from busway.routers.expression import Expression, ExpressionRuntimeError
+from busway.routers.pipeline import (
+    OUT,
+    AsyncStep,
+    Item,
+    Output,
+    RouteServices,
+    RoutingError,
+    Step,
+    SyncStep,
 )
+from busway.routers.stage_compiler import StageCompileError, StageCompiler, header_value
+from busway.routers.stages import AggregateStage, StageConfig
 
-__all__ = ["CompiledRoute", "RouteCompileError", "RoutingError", "compile_route"]
+__all__ = [
+    "Aggregation",
+    "Route",
+    "RouteCompileError",
+    "RoutingError",
+    "compile_route",
+]
 
 
 class RouteCompileError(Exception):
-    """An expression of the route does not compile; `field` is `when` or `transform`."""
+    """Part of the route does not compile; `field` says which (`when`, `stages[2].set.a`)."""
 
-    def __init__(self, field: str, error: ExpressionSyntaxError) -> None:
+    def __init__(self, field: str, message: str) -> None:
         self.field = field
-        self.error = error
-        super().__init__(f"{field}: {error}")
+        self.detail = message
+        super().__init__(f"{field}: {message}")
 
 
-class RoutingError(Exception):
-    """A message cannot be routed, and retrying will not change that.
+class Aggregation:
+    """The compiled `aggregate` stage: the group key, when a group is complete, its body."""
 
-    `kind` is `decode` (the body is not JSON) or `expression` (an expression failed on this
-    message, e.g. a type error); `expression` names the failing expression's source.
+    __slots__ = ("by", "complete_when", "count", "into", "timeout")
+
+    def __init__(
+        self,
+        by: Expression,
+        count: int | None,
+        timeout: float | None,
+        complete_when: Expression | None,
+        into: Expression | None,
+    ) -> None:
+        self.by = by
+        self.count = count
+        self.timeout = timeout
+        self.complete_when = complete_when
+        self.into = into
+
+    def key(self, document: Any, context: MessageContext | None) -> str:
+        """The correlation key of `document`; RoutingError if it is null or fails."""
+        try:
+            value = self.by(document, context)
+        except ExpressionRuntimeError as exc:
+            raise RoutingError(
+                "expression", f"aggregate.by: {exc}", expression=self.by.source, stage="aggregate"
+            ) from None
+        if value is None:
+            raise RoutingError(
+                "expression",
+                f"aggregate.by: {self.by.source!r} is null for this message",
+                expression=self.by.source,
+                stage="aggregate",
+            )
+        return header_value(value)
+
+    @staticmethod
+    def group(key: str, documents: list[Any]) -> dict[str, Any]:
+        """What `complete_when` and `into` see: `{key, count, messages}`."""
+        return {"key": key, "count": len(documents), "messages": documents}
+
+    def is_complete(self, group: dict[str, Any]) -> bool:
+        """True once the group reached `count` or `complete_when` holds (timeouts aside)."""
+        if self.count is not None and group["count"] >= self.count:
+            return True
+        if self.complete_when is None:
+            return False
+        try:
+            return self.complete_when.is_truthy(group)
+        except ExpressionRuntimeError as exc:
+            raise RoutingError(
+                "expression",
+                f"aggregate.complete_when: {exc}",
+                expression=self.complete_when.source,
+                stage="aggregate",
+            ) from None
+
+    def body(self, group: dict[str, Any]) -> Any:
+        """The aggregate message's body."""
+        if self.into is None:
+            return group
+        try:
+            return self.into(group)
+        except ExpressionRuntimeError as exc:
+            raise RoutingError(
+                "expression",
+                f"aggregate.into: {exc}",
+                expression=self.into.source,
+                stage="aggregate",
+            ) from None
+
+
+class Route:
+    """A compiled route. Pure: no I/O of its own; async stages reach out via `RouteServices`.
+
+    `process` serves routes whose stages are all synchronous (`is_async` False); the others
+    use `process_async`. Routes with an `aggregate` stage use `collect` and `finish`.
     """
 
-    def __init__(self, kind: str, message: str, *, expression: str | None = None) -> None:
-        self.kind = kind
-        self.expression = expression
-        super().__init__(message)
-
-
-class CompiledRoute:
-    """`when` → `transform` → encoded body, for one route. Pure: no I/O, no broker."""
-
-    __slots__ = ("_transform", "_when", "name", "needs_context", "needs_json", "to")
+    __slots__ = (
+        "_post",
+        "_pre",
+        "_simple",
+        "_transform",
+        "_when",
+        "aggregation",
+        "is_async",
+        "name",
+        "needs_context",
+        "needs_json",
+        "to",
+    )
 
     def __init__(
         self,
@@ -56,67 +149,207 @@ class CompiledRoute:
         to: Sequence[str],
         when: Expression | None = None,
         transform: Expression | None = None,
+        pre: Sequence[Step] = (),
+        aggregation: Aggregation | None = None,
+        post: Sequence[Step] = (),
+        needs_context: bool = False,
     ) -> None:
         self.name = name
         self.to = tuple(to)
         self._when = when
         self._transform = transform
-        self.needs_json = when is not None or transform is not None
-        self.needs_context = False
-        """True if an expression reads the message context (`subject()`, `header()`...)."""
+        self._pre = tuple(pre)
+        self._post = tuple(post)
+        self.aggregation = aggregation
+        self._simple = not pre and not post and aggregation is None
+        self.needs_json = not self._simple or when is not None or transform is not None
+        self.needs_context = needs_context
+        """True if a stage reads the message context (`subject()`, `header()`, a reply...)."""
+        self.is_async = any(is_async for _, is_async in (*self._pre, *self._post))
 
-    def apply(self, data: bytes, context: MessageContext | None = None) -> bytes | None:
-        """The body to publish to each of `to`, or None when `when` does not match.
-
-        `context` is the message's subject, headers and metadata, for `subject()` & co.
-
-        Raises RoutingError when the body is not JSON or an expression fails on it.
-        """
-        if not self.needs_json:
-            return data
+    def decode(self, data: bytes) -> Any:
+        """The JSON body; RoutingError(kind="decode") if it is not JSON."""
         try:
-            document = orjson.loads(data)
+            return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise RoutingError("decode", f"body is not valid JSON: {exc}") from None
+
+    def process(self, data: bytes, context: MessageContext | None = None) -> list[Output]:
+        """The outputs of a message, for a route without async stages or aggregation.
+
+        `context` is the message's subject, headers and metadata, for `subject()` & co.
+        An empty list means the message was filtered. Raises RoutingError.
+        """
+        if not self.needs_json:
+            return [Output(OUT, subject, data, None) for subject in self.to]
+        document = self.decode(data)
+        if self._simple:
+            return self._process_simple(data, document, context)
+        side: list[Output] = []
+        items = self._begin(document, context)
+        for step, _ in self._pre:
+            items = cast(SyncStep, step)(items, context, side)
+            if not items:
+                break
+        return self._outputs(items, side)
+
+    async def process_async(
+        self, data: bytes, context: MessageContext | None, services: RouteServices
+    ) -> list[Output]:
+        """`process` for routes with async stages (enrich, dedupe, throttle, async Python)."""
+        side: list[Output] = []
+        items = await self._run(
+            self._pre, self._begin(self.decode(data), context), context, side, services
+        )
+        return self._outputs(items, side)
+
+    async def collect(
+        self, data: bytes, context: MessageContext | None, services: RouteServices
+    ) -> tuple[list[tuple[str, Any]], list[Output]]:
+        """For aggregating routes: the `(key, body)` pairs to add to groups, and side outputs."""
+        assert self.aggregation is not None
+        side: list[Output] = []
+        items = await self._run(
+            self._pre, self._begin(self.decode(data), context), context, side, services
+        )
+        key = self.aggregation.key
+        return [(key(item.document, context), item.document) for item in items], side
+
+    async def finish(self, key: str, documents: list[Any], services: RouteServices) -> list[Output]:
+        """The outputs of a completed group: its body through the stages after `aggregate`."""
+        assert self.aggregation is not None
+        body = self.aggregation.body(self.aggregation.group(key, documents))
+        side: list[Output] = []
+        items = await self._run(self._post, [Item(body)], None, side, services)
+        return self._outputs(items, side)
+
+    def _process_simple(
+        self, data: bytes, document: Any, context: MessageContext | None
+    ) -> list[Output]:
         when = self._when
         if when is not None:
             try:
                 if not when.is_truthy(document, context):
-                    return None
+                    return []
             except ExpressionRuntimeError as exc:
-                raise RoutingError("expression", f"when: {exc}", expression=when.source) from None
+                raise RoutingError(
+                    "expression", f"when: {exc}", expression=when.source, stage="when"
+                ) from None
         transform = self._transform
-        if transform is None:
-            return data
-        try:
-            result = transform(document, context)
-        except ExpressionRuntimeError as exc:
-            raise RoutingError(
-                "expression", f"transform: {exc}", expression=transform.source
-            ) from None
-        return orjson.dumps(result)
+        if transform is not None:
+            try:
+                data = orjson.dumps(transform(document, context))
+            except ExpressionRuntimeError as exc:
+                raise RoutingError(
+                    "expression",
+                    f"transform: {exc}",
+                    expression=transform.source,
+                    stage="transform",
+                ) from None
+        return [Output(OUT, subject, data, None) for subject in self.to]
+
+    def _begin(self, document: Any, context: MessageContext | None) -> list[Item]:
+        return [Item(document)]
+
+    @staticmethod
+    async def _run(
+        steps: tuple[Step, ...],
+        items: list[Item],
+        context: MessageContext | None,
+        side: list[Output],
+        services: RouteServices,
+    ) -> list[Item]:
+        for step, is_async in steps:
+            if is_async:
+                items = await cast(AsyncStep, step)(items, context, side, services)
+            else:
+                items = cast(SyncStep, step)(items, context, side)
+            if not items:
+                break
+        return items
+
+    def _outputs(self, items: list[Item], side: list[Output]) -> list[Output]:
+        outputs = []
+        for item in items:
+            targets = item.targets if item.targets is not None else self.to
+            if targets:
+                body = orjson.dumps(item.document)
+                outputs.extend(Output(OUT, subject, body, item.headers) for subject in targets)
+        if side:
+            outputs.extend(side)
+        return outputs
 
 
 def compile_route(
-    *, name: str, to: Sequence[str], when: str | None = None, transform: str | None = None
-) -> CompiledRoute:
-    """Compile a route's expressions; RouteCompileError names the field that failed.
+    *,
+    name: str,
+    to: Sequence[str],
+    when: str | None = None,
+    transform: str | None = None,
+    stages: Sequence[StageConfig] = (),
+    resolve_path: Callable[[str], Path] = Path,
+) -> Route:
+    """Compile a route: `when` first, then `stages` in order, then `transform`.
 
-    The route needs a per-message context only if an expression calls `subject()`,
-    `header()` or `meta()`: found by compiling once more without those functions.
+    RouteCompileError names the field that failed. A route needs a per-message context only if
+    a stage reads the subject, headers or metadata; others skip building one.
     """
-    compiled: dict[str, Expression | None] = {"when": None, "transform": None}
-    needs_context = False
-    for field, source in (("when", when), ("transform", transform)):
-        if source is not None:
-            try:
-                compiled[field] = compile_expression(source, functions=CONTEXT_FUNCTIONS)
-            except ExpressionSyntaxError as exc:
-                raise RouteCompileError(field, exc) from None
-            try:
-                compile_expression(source, functions=CONTEXT_FUNCTIONS[len(MESSAGE_FUNCTIONS) :])
-            except ExpressionSyntaxError:
-                needs_context = True
-    route = CompiledRoute(name=name, to=to, when=compiled["when"], transform=compiled["transform"])
-    route.needs_context = needs_context
-    return route
+    compiler = StageCompiler(name, resolve_path)
+    if not stages:
+        try:
+            compiled_when = compiler.expression(when, "when") if when is not None else None
+            compiled_transform = (
+                compiler.expression(transform, "transform") if transform is not None else None
+            )
+        except StageCompileError as exc:
+            raise RouteCompileError(exc.field, str(exc)) from None
+        return Route(
+            name=name,
+            to=to,
+            when=compiled_when,
+            transform=compiled_transform,
+            needs_context=compiler.needs_context,
+        )
+    pre: list[Step] = []
+    post: list[Step] = []
+    aggregation: Aggregation | None = None
+    try:
+        if when is not None:
+            pre.append(compiler.compile(StageConfig(filter=when), "when"))
+        for index, stage in enumerate(stages):
+            field = f"stages[{index}]"
+            if stage.aggregate is not None:
+                if aggregation is not None:
+                    raise StageCompileError(
+                        f"{field}.aggregate", "a route has at most one aggregate"
+                    )
+                aggregation = _aggregation(compiler, stage.aggregate, f"{field}.aggregate")
+                continue
+            (post if aggregation is not None else pre).append(compiler.compile(stage, field))
+        if transform is not None:
+            step = compiler.compile(StageConfig(transform=transform), "transform")
+            (post if aggregation is not None else pre).append(step)
+    except StageCompileError as exc:
+        raise RouteCompileError(exc.field, str(exc)) from None
+    return Route(
+        name=name,
+        to=to,
+        pre=pre,
+        aggregation=aggregation,
+        post=post,
+        needs_context=compiler.needs_context,
+    )
+
+
+def _aggregation(compiler: StageCompiler, spec: AggregateStage, field: str) -> Aggregation:
+    return Aggregation(
+        by=compiler.expression(spec.by, f"{field}.by"),
+        count=spec.count,
+        timeout=float(spec.timeout) if spec.timeout is not None else None,
+        complete_when=(
+            compiler.expression(spec.complete_when, f"{field}.complete_when")
+            if spec.complete_when
+            else None
+        ),
+        into=compiler.expression(spec.into, f"{field}.into") if spec.into else None,
+    )

@@ -22,9 +22,8 @@ def test_header_and_subject_drive_the_predicate_and_the_mapping() -> None:
         "again: meta('redelivered')}",
     )
     assert route.needs_context
-    body = route.apply(b'{"id": 1}', CONTEXT)
-    assert body is not None
-    assert orjson.loads(body) == {
+    [output] = route.process(b'{"id": 1}', CONTEXT)
+    assert orjson.loads(output.body) == {
         "id": 1,
         "from": "orders.eu",
         "seq": 7,
@@ -32,7 +31,7 @@ def test_header_and_subject_drive_the_predicate_and_the_mapping() -> None:
         "again": True,
     }
     plain = MessageContext(subject="o", headers=None, stream="S", sequence=1, attempt=1)
-    assert route.apply(b'{"id": 1}', plain) is None
+    assert route.process(b'{"id": 1}', plain) == []
 
 
 def test_routes_without_context_functions_need_no_context() -> None:
@@ -42,8 +41,8 @@ def test_routes_without_context_functions_need_no_context() -> None:
 
 def test_now_and_uuid_produce_fresh_values() -> None:
     route = compile_route(name="r", to=["o"], transform="{t: now(), u: uuid()}")
-    first = orjson.loads(route.apply(b"{}") or b"")
-    second = orjson.loads(route.apply(b"{}") or b"")
+    first = orjson.loads(route.process(b"{}")[0].body)
+    second = orjson.loads(route.process(b"{}")[0].body)
     assert first["t"].endswith("+00:00")
     assert len(first["u"]) == 36
     assert first["u"] != second["u"]
@@ -57,5 +56,5 @@ def test_wrong_arity_is_a_compile_error() -> None:
 def test_bad_meta_key_is_a_routing_error_naming_the_expression() -> None:
     route = compile_route(name="r", to=["o"], when="meta('nope') == `1`")
     with pytest.raises(RoutingError, match="meta\\(\\) takes") as caught:
-        route.apply(b"{}", CONTEXT)
+        route.process(b"{}", CONTEXT)
     assert caught.value.expression == "meta('nope') == `1`"
