@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from busway._delivery import ACK, nak_payload
+from busway._delivery import ACK, DRAIN_NAK
 from busway._errors import RetryableError
 from busway._jetstream import state_bucket
 from busway.routers.context import MessageContext
@@ -215,4 +215,4 @@ class Aggregator:
             for group in groups.values():
                 for sequence, (message, _) in group.members.items():
                     if self._release(sequence, last_only=False):
-                        await self.worker.settle(message, nak_payload(0))
+                        await self.worker.settle(message, DRAIN_NAK)

@@ -21,8 +21,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from busway._durations import Duration, parse_duration
 from busway._errors import ConfigError
+from busway.routers.durations import Duration, decode_hook, parse_duration
 from busway.routers.stages import StageConfig
 from busway.routers.subject import covers, is_valid_subject, overlaps
 
@@ -314,7 +314,7 @@ def _pop_list(document: dict[str, Any], key: str) -> list[Any]:
 
 def _convert(raw: object, kind: type[_T], path: str) -> _T:
     try:
-        return msgspec.convert(raw, kind, dec_hook=_decode_hook)
+        return msgspec.convert(raw, kind, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
         detail, _, where = str(exc).rpartition(" - at `")
         if not detail:
@@ -341,12 +341,6 @@ def _convert_tagged(
             path=f"{path}.type",
         )
     return _convert(raw, struct, path)
-
-
-def _decode_hook(kind: type, value: Any) -> Any:
-    if kind is Duration:
-        return parse_duration(value)
-    raise NotImplementedError(kind)
 
 
 def _explain(detail: str) -> str:

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 
 from busway._config import RetryPolicy
 from busway._delivery import (
-    NAK,
+    DRAIN_NAK,
     TERM,
     dead_letter_headers,
     delivery_of,
@@ -142,7 +142,7 @@ class ConsumerComponent(abc.ABC):
         self.stats.received += 1
         sequence, attempt = delivery_of(message.reply)
         if self.stopping:
-            await self.settle(message, NAK)
+            await self.settle(message, DRAIN_NAK)
             return
         if attempt > self.retry.max_attempts:
             last = self._last_errors.pop(sequence, "unknown (failed in an earlier process)")

@@ -17,6 +17,7 @@ from busway._config import RetryPolicy
 
 __all__ = [
     "ACK",
+    "DRAIN_NAK",
     "NAK",
     "TERM",
     "dead_letter_headers",
@@ -28,6 +29,11 @@ __all__ = [
 ACK = b""
 NAK = b"-NAK"
 TERM = b"+TERM"
+# What a stopping component naks with. Not an immediate nak: the stopping daemon's own pull
+# requests stay open for up to a second (their expiry), and an immediate nak would bounce the
+# message back into them, burning one delivery attempt per bounce. After 1.5 s they are gone,
+# and a peer daemon (or the next start) takes the message.
+DRAIN_NAK = b'-NAK {"delay": 1500000000}'
 
 _MAX_ERROR_CHARS = 1024
 

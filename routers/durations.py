@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-__all__ = ["Duration", "parse_duration"]
+__all__ = ["Duration", "decode_hook", "parse_duration"]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -36,3 +37,10 @@ def parse_duration(value: object) -> Duration:
     raise ValueError(
         f"expected a duration such as '500ms', '5s', '2m' or a number of seconds, got {value!r}"
     )
+
+
+def decode_hook(kind: type, value: Any) -> Any:
+    """msgspec `dec_hook` that decodes `Duration` fields from numbers or strings."""
+    if kind is Duration:
+        return parse_duration(value)
+    raise NotImplementedError(kind)

@@ -1,0 +1,303 @@
+"""Route stages through a real nats-server: outputs stored, inputs acked, errors dead-lettered."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from busway import Bus
+from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
+
+pytestmark = pytest.mark.anyio
+
+
+def config_text(server: NatsServer, unique: str, routes: str) -> str:
+    return f"""
+[nats]
+servers = ["{server.url}"]
+publish_timeout = "2s"
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[streams]]
+name = "OUT_{unique}"
+subjects = ["out{unique}.>"]
+
+{routes}
+"""
+
+
+async def publish_all(nc: NatsClient, subject: str, bodies: list[Any]) -> None:
+    js = nc.jetstream()
+    for body in bodies:
+        await js.publish(subject, orjson.dumps(body))
+
+
+async def outputs_of(nc: NatsClient, unique: str) -> list[Msg]:
+    return await stream_messages(nc, f"OUT_{unique}")
+
+
+async def dead_letters(nc: NatsClient, route: str) -> list[Msg]:
+    return [
+        m
+        for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
+        if m.subject == f"busway.deadletter.{route}"
+    ]
+
+
+async def test_switch_split_headers_and_wiretap(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.orders"
+stages = [
+  {{ wiretap = "out{unique}.audit" }},
+  {{ split = {{ on = "lines", correlation_id = "id" }} }},
+  {{ set_headers = {{ "X-Sku" = "sku" }} }},
+  {{ switch = {{ cases = [{{ when = "qty > `10`", to = ["out{unique}.bulk"] }}], default = ["out{unique}.retail"] }} }},
+]
+"""  # noqa: E501 - TOML inline tables cannot span lines
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    orders = [
+        {"id": "o1", "lines": [{"sku": "a", "qty": 1}, {"sku": "b", "qty": 50}]},
+        {"id": "o2", "lines": []},
+        {"id": "o3", "lines": [{"sku": "c", "qty": 11}]},
+    ]
+    async with Bus(config) as bus:
+        await publish_all(nc, f"in{unique}.orders", orders)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        stats = bus.metrics.stats[0]
+        assert (stats.received, stats.published, stats.dead_lettered) == (3, 3, 0)
+
+    stored = await outputs_of(nc, unique)
+    by_subject: dict[str, list[Any]] = {}
+    for message in stored:
+        by_subject.setdefault(message.subject.rpartition(".")[2], []).append(message)
+    assert [orjson.loads(m.data) for m in by_subject["audit"]] == orders
+    assert [orjson.loads(m.data) for m in by_subject["retail"]] == [{"sku": "a", "qty": 1}]
+    assert [orjson.loads(m.data) for m in by_subject["bulk"]] == [
+        {"sku": "b", "qty": 50},
+        {"sku": "c", "qty": 11},
+    ]
+    headers = [m.headers or {} for m in by_subject["bulk"]]
+    assert [(h["X-Sku"], h["Busway-Correlation-Id"], h["Busway-Split-Index"]) for h in headers] == [
+        ("b", "o1", "1"),
+        ("c", "o3", "0"),
+    ]
+    assert len({(m.headers or {})["Nats-Msg-Id"] for m in stored}) == len(stored) == 6
+
+
+def poison(body: dict[str, Any]) -> dict[str, Any]:
+    """A user transform that fails on one message every time (a poison message)."""
+    if body.get("poison"):
+        raise ValueError(f"cannot handle order {body['id']}")
+    return {**body, "handled": True}
+
+
+async def test_validation_failures_dead_letter_at_once_poison_after_max_attempts(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    (tmp_path / "order.json").write_text(
+        '{"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}}'
+    )
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.orders"
+to = ["out{unique}.ok"]
+retry = {{ max_attempts = 3, backoff = "20ms", max_backoff = "50ms" }}
+stages = [
+  {{ validate = {{ schema = "order.json" }} }},
+  {{ python = "tests.test_route_stages:poison" }},
+]
+"""
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    async with Bus(config) as bus:
+        await publish_all(
+            nc,
+            f"in{unique}.orders",
+            [{"id": 1}, {"id": "two"}, {"id": 3, "poison": True}, {"id": 4}],
+        )
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        stats = bus.metrics.stats[0]
+        assert stats.dead_lettered == 2
+        assert stats.retried == 3
+
+    assert [orjson.loads(m.data) for m in await outputs_of(nc, unique)] == [
+        {"id": 1, "handled": True},
+        {"id": 4, "handled": True},
+    ]
+    dead = {
+        orjson.loads(m.data)["id"]: m.headers or {} for m in await dead_letters(nc, f"r{unique}")
+    }
+    assert dead["two"]["Busway-Error-Reason"] == "validation"
+    assert dead["two"]["Busway-Validation-Path"] == "$.id"
+    assert dead["two"]["Busway-Stage"] == "stages[0].validate"
+    assert dead[3]["Busway-Error-Reason"] == "max_attempts"
+    assert (
+        "tests.test_route_stages:poison raised ValueError: cannot handle order 3"
+        in (dead[3]["Busway-Error"])
+    )
+
+
+async def test_enrich_asks_a_route_that_replies(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    routes = f"""
+[[routes]]
+name = "lookup{unique}"
+from = "in{unique}.customers"
+stages = [
+  {{ transform = "{{name: join(' ', [first, last]), vip: id == `7`}}" }},
+  {{ reply = "@" }},
+]
+
+[[routes]]
+name = "orders{unique}"
+from = "in{unique}.orders"
+to = ["out{unique}.enriched"]
+stages = [
+  {{ enrich = {{ request = "in{unique}.customers", body = "customer", into = "customer" }} }},
+]
+"""
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    orders = [
+        {"id": i, "customer": {"id": i + 5, "first": "Ada", "last": f"L{i}"}} for i in range(4)
+    ]
+    async with Bus(config):
+        await publish_all(nc, f"in{unique}.orders", orders)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-orders{unique}")
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-lookup{unique}")
+
+    enriched = sorted(
+        (orjson.loads(m.data) for m in await outputs_of(nc, unique)), key=lambda o: o["id"]
+    )
+    assert enriched == [
+        {"id": i, "customer": {"name": f"Ada L{i}", "vip": i + 5 == 7}} for i in range(4)
+    ]
+
+
+async def test_dedupe_drops_repeated_keys(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.events"
+to = ["out{unique}.unique"]
+stages = [{{ dedupe = {{ key = "event_id", window = "1m" }} }}]
+"""
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    events = [{"event_id": i % 3, "n": i} for i in range(9)]
+    async with Bus(config) as bus:
+        await publish_all(nc, f"in{unique}.events", events)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        assert bus.metrics.stats[0].filtered == 6
+
+    stored = [orjson.loads(m.data) for m in await outputs_of(nc, unique)]
+    assert sorted(e["event_id"] for e in stored) == [0, 1, 2]
+
+
+async def test_throttle_delays_but_delivers_everything(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.calls"
+to = ["out{unique}.calls"]
+stages = [{{ throttle = {{ rate = 5, per = "1s" }} }}]
+"""
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    async with Bus(config):
+        started = time.monotonic()
+        await publish_all(nc, f"in{unique}.calls", [{"n": i} for i in range(12)])
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        elapsed = time.monotonic() - started
+
+    stored = [orjson.loads(m.data)["n"] for m in await outputs_of(nc, unique)]
+    assert sorted(stored) == list(range(12))
+    # 5 pass at once, the other 7 at 5/s: at least 1.4 s, however fast the machine.
+    assert elapsed >= 1.3
+
+
+async def test_aggregate_by_count_and_timeout_acks_inputs_after_publishing(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.lines"
+to = ["out{unique}.orders"]
+stages = [
+  {{ aggregate = {{ by = "order", count = 3, timeout = "1s", into = "{{order: key, skus: sort(messages[].sku)}}" }} }},
+]
+"""  # noqa: E501 - TOML inline tables cannot span lines
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    lines = [
+        {"order": "a", "sku": "a1"},
+        {"order": "b", "sku": "b1"},
+        {"order": "a", "sku": "a2"},
+        {"order": "c", "sku": "c1"},
+        {"order": "b", "sku": "b2"},
+        {"order": "a", "sku": "a3"},
+        {"order": "b", "sku": "b3"},
+    ]
+    async with Bus(config) as bus:
+        await publish_all(nc, f"in{unique}.lines", lines)
+        # Group c never reaches 3 lines: its timeout publishes it with the one it has.
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        assert bus.metrics.stats[0].published == 3
+
+    aggregates = {m.data for m in await outputs_of(nc, unique)}
+    assert {orjson.loads(a)["order"]: orjson.loads(a)["skus"] for a in aggregates} == {
+        "a": ["a1", "a2", "a3"],
+        "b": ["b1", "b2", "b3"],
+        "c": ["c1"],
+    }
+
+
+async def test_aggregate_survives_a_restart_with_a_partial_group(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.lines"
+to = ["out{unique}.orders"]
+stages = [{{ aggregate = {{ by = "order", count = 3 }} }}]
+"""
+    config = decode_test_config(config_text(nats_server, unique, routes), tmp_path)
+    async with Bus(config):
+        await publish_all(nc, f"in{unique}.lines", [{"order": "x", "n": 1}, {"order": "x", "n": 2}])
+        js = nc.jetstream()
+        durable = f"busway-route-r{unique}"
+
+        async def held() -> bool:
+            info = await js.consumer_info(f"IN_{unique}", durable)
+            return info.num_pending == 0 and info.num_ack_pending == 2
+
+        from tests.support import eventually
+
+        await eventually(held)
+    # Stopped with a partial group: nothing published, both inputs handed back un-acked.
+    assert (await js.stream_info(f"OUT_{unique}")).state.messages == 0
+
+    async with Bus(config):
+        await publish_all(nc, f"in{unique}.lines", [{"order": "x", "n": 3}])
+        await wait_settled(nc, f"IN_{unique}", durable)
+
+    [aggregate] = await outputs_of(nc, unique)
+    body = orjson.loads(aggregate.data)
+    assert body["key"] == "x"
+    assert sorted(m["n"] for m in body["messages"]) == [1, 2, 3]
