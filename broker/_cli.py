@@ -2,6 +2,7 @@
 
     busway run busway.toml      run until SIGINT/SIGTERM, then stop gracefully (exit 0)
     busway check busway.toml    decode and compile everything without connecting
+    busway test routes.test.toml  run route test cases against the compiled routes, no broker
 
 Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
 """
@@ -23,6 +24,7 @@ from busway._errors import BuswayError, ConfigError, StartupError
 from busway._logging import configure_logging
 from busway._plan import build_plan
 from busway._registry import default_registry
+from busway._route_tests import config_path_of, load_cases, run_cases
 
 __all__ = ["main"]
 
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a config file: decode, compile expressions, build adapters"
     )
     check.add_argument("config", help="path of the busway TOML file")
+    test = commands.add_parser(
+        "test", help="run route test cases (inputs and expected outputs) without a broker"
+    )
+    test.add_argument("tests", help="path of the test TOML file")
+    test.add_argument("--config", help="config file to test (default: the test file's `config`)")
     return parser
 
 
@@ -77,6 +84,30 @@ def _check(args: argparse.Namespace) -> int:
         f"{len(plan.routes)} route(s), {len(plan.sinks)} sink(s))"
     )
     return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    config_file = args.config
+    try:
+        cases = load_cases(args.tests)
+        config_file = config_file or config_path_of(args.tests, cases)
+        bus_config = load_config(
+            config_file, source_types=registry.source_config, sink_types=registry.sink_config
+        )
+        plan = build_plan(bus_config, registry, file=config_file)
+    except ConfigError as exc:
+        print(f"busway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    routes = {route_config.name: route for route_config, route in plan.routes}
+    results = anyio.run(run_cases, cases, bus_config, routes)
+    for result in results:
+        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name}")
+        if result.detail:
+            print("\n".join(f"      {line}" for line in result.detail.splitlines()))
+    failed = sum(not result.passed for result in results)
+    print(f"{len(results) - failed} passed, {failed} failed ({args.tests})")
+    return EXIT_FAILURE if failed else 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -120,4 +151,4 @@ async def _serve(bus: Bus) -> None:
             tg.cancel_scope.cancel()
 
 
-_COMMANDS = {"run": _run, "check": _check}
+_COMMANDS = {"run": _run, "check": _check, "test": _test}
