@@ -17,9 +17,9 @@ from = "in.lines"
 to = ["out.orders"]
 stages = [
   { enrich = { request = "lookups.sku", body = "sku", into = "product" } },
-  { aggregate = { by = "order", count = 2, timeout = "1m", into = "{order: key, names: messages[].product.name}" } },
+  { aggregate = { by = "order", count = 2, timeout = "1m", into = "INTO" } },
 ]
-"""
+""".replace("INTO", "{order: key, names: messages[].product.name}")
 
 
 def write(tmp_path: Path, cases: str) -> Path:
