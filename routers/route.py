@@ -269,7 +269,7 @@ class Route:
         return items
 
     def _outputs(self, items: list[Item], side: list[Output]) -> list[Output]:
-        outputs = []
+        outputs: list[Output] = []
         for item in items:
             targets = item.targets if item.targets is not None else self.to
             if targets:
