@@ -164,6 +164,7 @@ class Bus(AsyncContextManagerMixin):
                 sink=sink,
                 batch_size=sink_config.batch_size,
                 batch_wait=sink_config.batch_wait,
+                circuit=sink_config.circuit,
                 stats=self.metrics.add(ComponentStats(sink_config.name, "sink")),
                 **self._consumer_settings(sink_config, "sink"),
                 **common,

@@ -27,6 +27,7 @@ from busway.routers.stages import StageConfig
 from busway.routers.subject import covers, is_valid_subject, overlaps
 
 __all__ = [
+    "CircuitConfig",
     "Config",
     "DeadLetterConfig",
     "HttpConfig",
@@ -168,6 +169,21 @@ class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
     subject: str
 
 
+class CircuitConfig(_Strict, frozen=True, kw_only=True):
+    """A sink's circuit breaker: after `failures` consecutive failed deliveries, pause.
+
+    While open the sink takes no new messages for `cool_down`, then probes with one. `failures
+    = 0` disables it.
+    """
+
+    failures: int = 5
+    cool_down: Duration = Duration(30.0)
+
+    def __post_init__(self) -> None:
+        if self.failures < 0:
+            raise ValueError("circuit failures must be 0 (disabled) or more")
+
+
 class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
     """Base of every sink adapter's config.
 
@@ -180,6 +196,7 @@ class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
 
     batch_size: int = 256
     batch_wait: Duration = Duration(0.005)
+    circuit: CircuitConfig = CircuitConfig()
 
 
 class Config(_Strict, frozen=True, kw_only=True):

@@ -63,6 +63,7 @@ class ComponentStats:
     """
 
     __slots__ = (
+        "circuit",
         "dead_lettered",
         "errors",
         "filtered",
@@ -88,6 +89,8 @@ class ComponentStats:
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
         self.ready = False
+        self.circuit = 0
+        """Sinks: 0 closed, 1 open, 2 half-open (see `busway._circuit`)."""
 
     def count_error(self, reason: str) -> None:
         """Count one failure of kind `reason` (e.g. `decode`, `publish`, `http_5xx`)."""
@@ -134,6 +137,11 @@ class MetricsCollector(Collector):
         ready = GaugeMetricFamily(
             "busway_component_ready", "1 if the component is ready", labels=labels
         )
+        circuit = GaugeMetricFamily(
+            "busway_circuit_state",
+            "Sinks: 0 closed, 1 open (not delivering), 2 half-open (probing)",
+            labels=labels,
+        )
         latency = HistogramMetricFamily(
             "busway_hop_latency_seconds",
             "From taking a message in to its ack (all outputs stored or delivered)",
@@ -145,8 +153,10 @@ class MetricsCollector(Collector):
                 errors.add_metric([*key, reason], count)
             in_flight.add_metric(key, stats.in_flight)
             ready.add_metric(key, 1 if stats.ready else 0)
+            if stats.kind == "sink":
+                circuit.add_metric(key, stats.circuit)
             latency.add_metric(key, stats.latency.cumulative(), stats.latency.total)
-        yield from (errors, in_flight, ready, latency)
+        yield from (errors, in_flight, ready, circuit, latency)
 
 
 def new_registry(collector: MetricsCollector) -> CollectorRegistry:

@@ -118,6 +118,11 @@ class ContinuousPull:
             # While half a batch is still requested, messages keep coming: no request needed.
             await self._maybe_request()
 
+    def pause_until(self, deadline: float) -> None:
+        """Issue no new pull requests before `deadline` (`time.monotonic()`); a sink whose
+        circuit is open stops taking work this way. Outstanding requests still deliver."""
+        self._retry_at = max(self._retry_at, deadline)
+
     async def reset(self) -> None:
         """Forget outstanding requests (the server lost them: reconnect) and request anew."""
         self._requested = 0

@@ -15,7 +15,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 
+from busway._circuit import HALF_OPEN, OPEN, CircuitBreaker
 from busway._components import Message, Sink
+from busway._config import CircuitConfig
 from busway._consumer import ConsumerComponent
 from busway._delivery import ACK
 from busway._errors import BatchError, PermanentError, RetryableError
@@ -26,11 +28,20 @@ __all__ = ["SinkWorker"]
 class SinkWorker(ConsumerComponent):
     """One sink's consumer, batcher and settler."""
 
-    def __init__(self, *, sink: Sink, batch_size: int, batch_wait: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        sink: Sink,
+        batch_size: int,
+        batch_wait: float,
+        circuit: CircuitConfig,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.sink = sink
         self.batch_size = batch_size
         self.batch_wait = batch_wait
+        self.breaker = CircuitBreaker(circuit.failures, float(circuit.cool_down))
         # Room for every message the pull loop may hold: it never requests more than that.
         self._queue_in: MemoryObjectSendStream[tuple[Msg, Message, float]]
         self._queue_out: MemoryObjectReceiveStream[tuple[Msg, Message, float]]
@@ -68,7 +79,7 @@ class SinkWorker(ConsumerComponent):
                         while len(batch) < self.batch_size:
                             batch.append(await self._queue_out.receive())
                             self._fill(batch)
-                await self._deliver(batch)
+                await self._deliver_through_breaker(batch)
         finally:
             self._queue_in.close()
             self._queue_out.close()
@@ -82,6 +93,40 @@ class SinkWorker(ConsumerComponent):
             except anyio.WouldBlock:
                 return
 
+    async def _deliver_through_breaker(self, batch: list[tuple[Msg, Message, float]]) -> None:
+        """Deliver `batch`, waiting out an open circuit and probing with one message."""
+        breaker = self.breaker
+        while batch:
+            wait = breaker.wait_time()
+            if wait > 0:
+                self.stats.circuit = OPEN
+                await anyio.sleep(wait)
+                continue
+            if breaker.state == HALF_OPEN:
+                self.stats.circuit = HALF_OPEN
+                probe, batch = batch[:1], batch[1:]
+                await self._deliver(probe)
+            else:
+                await self._deliver(batch)
+                batch = []
+
+    def _record(self, batch_size: int, failures: dict[int, BaseException]) -> None:
+        """Tell the breaker how the delivery went; open the circuit if it says so."""
+        breaker = self.breaker
+        transient = sum(not isinstance(f, PermanentError) for f in failures.values())
+        if transient < batch_size:
+            # Something got through, or the peer answered "permanent" (it is up): close.
+            breaker.succeeded()
+        elif breaker.failed():
+            self.pull.pause_until(time.monotonic() + breaker.cool_down)
+            self.logger.warning(
+                "circuit open: %d consecutive failed deliveries; pausing for %.0fs",
+                breaker.failures,
+                breaker.cool_down,
+            )
+        self.stats.circuit = breaker.state
+        self.stats.ready = self.sink.ready() and breaker.state != OPEN
+
     async def _deliver(self, batch: list[tuple[Msg, Message, float]]) -> None:
         try:
             await self.sink.write([delivery for _, delivery, _ in batch])
@@ -93,7 +138,7 @@ class SinkWorker(ConsumerComponent):
             failures = dict.fromkeys(range(len(batch)), exc)
         else:
             failures = {}
-        self.stats.ready = self.sink.ready()
+        self._record(len(batch), failures)
         now = time.monotonic()
         for index, (message, delivery, received) in enumerate(batch):
             failure = failures.get(index)

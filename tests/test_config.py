@@ -64,7 +64,13 @@ def test_the_bundled_example_decodes_with_typed_adapters() -> None:
     config = load_config(
         EXAMPLE, source_types=registry.source_config, sink_types=registry.sink_config
     )
-    assert [route.name for route in config.routes] == ["big-orders"]
+    assert [route.name for route in config.routes] == ["big-orders", "order-router"]
+    assert [stage.kind for stage in config.routes[1].stages] == [
+        "filter",
+        "set",
+        "remove",
+        "switch",
+    ]
     assert config.routes[0].from_ == "orders.received"
     assert isinstance(config.sources[0], HttpSourceConfig)
     assert isinstance(config.sinks[0], FileSinkConfig)
@@ -202,3 +208,57 @@ def test_durations(text: str | float, seconds: float) -> None:
 def test_bad_durations_are_rejected(text: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+STAGED = """
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+
+[[routes]]
+name = "r"
+from = "orders.in"
+STAGES
+"""
+
+
+@pytest.mark.parametrize(
+    ("stages", "path", "message"),
+    [
+        (
+            'stages = [{ filter = "a", transform = "b" }]',
+            "$.routes[0].stages[0]",
+            "exactly one kind",
+        ),
+        (
+            'stages = [{ switch = { cases = [{ when = "a", to = ["elsewhere.x"] }] } }]',
+            "$.routes[0].stages[0].switch.cases[0].to[0]",
+            "no stream captures subject 'elsewhere.x'",
+        ),
+        (
+            'stages = [{ filter = "a" }]',
+            "$.routes[0].to",
+            "(or a `switch` or `reply` stage)",
+        ),
+        (
+            'to = ["orders.out"]\nmax_in_flight = 10\n'
+            'stages = [{ aggregate = { by = "a", count = 50 } }]',
+            "$.routes[0].stages[0].aggregate.count",
+            "exceeds max_in_flight 10",
+        ),
+        (
+            'to = ["orders.out"]\nstages = [{ wiretap = "orders.in" }]',
+            "$.routes[0].stages[0].wiretap",
+            "route its outputs again forever",
+        ),
+        (
+            'to = ["orders.out"]\nstages = [{ throttle = { rate = 0 } }]',
+            "$.routes[0].stages[0].throttle",
+            "rate` must be at least 1",
+        ),
+    ],
+)
+def test_stage_errors_name_their_path(stages: str, path: str, message: str) -> None:
+    error = error_of(STAGED.replace("STAGES", stages))
+    assert error.path == path
+    assert message in str(error)

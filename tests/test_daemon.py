@@ -96,7 +96,7 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
 def test_busway_check_accepts_the_bundled_example() -> None:
     result = run_cli("check", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
-    assert "ok (1 stream(s), 1 source(s), 1 route(s), 1 sink(s))" in result.stdout
+    assert "ok (1 stream(s), 1 source(s), 2 route(s), 1 sink(s))" in result.stdout
 
 
 def test_busway_check_reports_a_bad_expression_with_its_location(tmp_path: Path) -> None:
