@@ -34,7 +34,7 @@ from busway._components import SourceContext
 from busway._config import Config, RouteConfig, SinkConfig, load_config, locate_in_file
 from busway._consumer import ConsumerComponent
 from busway._embedded import EmbeddedNatsServer
-from busway._errors import ConfigError
+from busway._errors import BuswayError, ConfigError
 from busway._jetstream import (
     JetStreamPublisher,
     KeyValueState,
@@ -42,7 +42,7 @@ from busway._jetstream import (
     ensure_stream,
     state_bucket,
 )
-from busway._listener import Listener, build_app
+from busway._listener import DeferredApp, Listener, build_app
 from busway._metrics import ComponentStats, MetricsCollector, new_registry
 from busway._plan import Plan, build_plan
 from busway._registry import AdapterRegistry, default_registry
@@ -63,8 +63,18 @@ class Bus(AsyncContextManagerMixin):
     the context starts everything and raises StartupError if any part cannot start.
     """
 
-    def __init__(self, config: Config, *, registry: AdapterRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: AdapterRegistry | None = None,
+        serve_http: bool = True,
+    ) -> None:
         self.config = config
+        self.serve_http = serve_http
+        """False: do not bind `[http] listen`; the application mounts `asgi` in its own server."""
+        self.asgi = DeferredApp()
+        """busway's HTTP app (sources, /metrics, /healthz, /readyz) for mounting in yours."""
         self.registry = registry or default_registry()
         self.plan: Plan = build_plan(config, self.registry)
         self.metrics = MetricsCollector()
@@ -116,6 +126,19 @@ class Bus(AsyncContextManagerMixin):
 
     @contextlib.asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        try:
+            async with self._running() as bus:
+                yield bus
+        except BaseExceptionGroup as group:
+            # Task groups wrap errors; a lone busway error (a source that cannot start, a
+            # certificate that does not load) is what the caller should see, unwrapped.
+            leaves = _leaves(group)
+            if len(leaves) == 1 and isinstance(leaves[0], BuswayError):
+                raise leaves[0] from None
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncGenerator[Self]:
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
             servers = config.nats.servers
@@ -135,10 +158,17 @@ class Bus(AsyncContextManagerMixin):
                 await ensure_stream(js, stream)
             async with anyio.create_task_group() as tg:
                 await self._start_workers(tg, client, js)
-                http_routes: list[BaseRoute] | None = [] if config.http.listen else None
+                http_routes: list[BaseRoute] | None = (
+                    [] if config.http.listen or not self.serve_http else None
+                )
                 await tg.start(self._run_sources, js, http_routes)
-                if config.http.listen is not None:
-                    await self._start_listener(tg, http_routes or [])
+                if http_routes is not None:
+                    self.app = build_app(
+                        http_routes, registry=self.metrics_registry, readiness=self.readiness
+                    )
+                    self.asgi.app = self.app
+                    if self.serve_http:
+                        await self._start_listener(tg, self.app)
                 # Everything allocated so far lives as long as the bus: take it out of the
                 # cyclic GC's generations so collections triggered by per-message garbage stay
                 # cheap.
@@ -154,6 +184,7 @@ class Bus(AsyncContextManagerMixin):
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._drain()
+                    self.asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
 
     async def _start_workers(self, tg: TaskGroup, client: NatsClient, js: JetStreamContext) -> None:
@@ -238,10 +269,15 @@ class Bus(AsyncContextManagerMixin):
                     stats.ready = True
                 task_status.started()
 
-    async def _start_listener(self, tg: TaskGroup, routes: list[BaseRoute]) -> None:
-        assert self.config.http.listen is not None
-        self.app = build_app(routes, registry=self.metrics_registry, readiness=self.readiness)
-        listener = Listener(self.app, self.config.http.listen)
+    async def _start_listener(self, tg: TaskGroup, app: Starlette) -> None:
+        http = self.config.http
+        assert http.listen is not None
+        listener = Listener(
+            app,
+            http.listen,
+            tls_cert=self.config.resolve_path(http.tls_cert) if http.tls_cert else None,
+            tls_key=self.config.resolve_path(http.tls_key) if http.tls_key else None,
+        )
         self._listener = listener
 
         async def serve(*, task_status: TaskStatus[None]) -> None:
@@ -284,3 +320,14 @@ class Bus(AsyncContextManagerMixin):
                 with contextlib.suppress(Exception):
                     await client.flush(timeout=2)
                 await client.close()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside `group` and its nested groups."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves

@@ -5,8 +5,8 @@ so a port already in use is a StartupError at start-up instead of uvicorn's `sys
 turns off uvicorn's own signal handlers, because the daemon (or the embedding application)
 owns shutdown: `stop()` lets in-flight requests finish, then closes.
 
-The app is plain ASGI (`Listener.app`), so an application can mount busway's routes into its
-own ASGI server instead of running this listener.
+The app is plain ASGI, so an application can mount busway's routes into its own ASGI server
+instead of running this listener: `Bus(config, serve_http=False)` and mount `bus.asgi`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import anyio
 import uvicorn
@@ -25,11 +27,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from busway._config import split_listen
 from busway._errors import StartupError
 
-__all__ = ["Listener", "build_app"]
+__all__ = ["DeferredApp", "Listener", "build_app"]
 
 logger = logging.getLogger("busway.http")
 
@@ -72,16 +75,68 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class Listener:
-    """Runs the ASGI app on `listen` (host:port) until `stop()`."""
+class DeferredApp:
+    """A stable ASGI entry point for an application to mount before the bus has started.
 
-    def __init__(self, app: Starlette, listen: str) -> None:
+    It answers 503 (with `Retry-After`) until the bus has built its app, then forwards every
+    request to it: `Mount("/bus", app=bus.asgi)` works at import time of the host app.
+    """
+
+    def __init__(self) -> None:
+        self.app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward to the bus's app, or answer 503 while there is none."""
+        app = self.app
+        if app is not None:
+            await app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        response = JSONResponse(
+            {"status": "busway is not running"}, status_code=503, headers={"Retry-After": "1"}
+        )
+        await response(scope, receive, send)
+
+
+class Listener:
+    """Runs an ASGI app on `listen` (host:port) until `stop()`; HTTPS when given a cert/key."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        listen: str,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
         self.app = app
         self.host, self.port = split_listen(listen)
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self._server: _EmbeddedServer | None = None
+
+    @property
+    def scheme(self) -> str:
+        """`https` with TLS, else `http`."""
+        return "https" if self.tls_cert else "http"
+
+    def _check_tls(self) -> None:
+        """Load the certificate now so a bad cert/key is a clear start-up error."""
+        if self.tls_cert is None or self.tls_key is None:
+            return
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(
+                f"cannot load the TLS certificate {self.tls_cert} / key {self.tls_key} "
+                f"([http] tls_cert, tls_key): {exc}"
+            ) from None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind (StartupError if taken), report started, serve until `stop()`."""
+        self._check_tls()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,9 +159,11 @@ class Listener:
             lifespan="off",
             timeout_graceful_shutdown=10,
             server_header=False,
+            ssl_certfile=self.tls_cert,
+            ssl_keyfile=self.tls_key,
         )
         self._server = _EmbeddedServer(config)
-        logger.info("HTTP listening on http://%s:%d", self.host, self.port)
+        logger.info("HTTP listening on %s://%s:%d", self.scheme, self.host, self.port)
         task_status.started()
         try:
             await self._server.serve(sockets=[sock])
