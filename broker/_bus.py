@@ -19,7 +19,8 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import anyio
@@ -27,11 +28,19 @@ from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from busway._components import SourceContext
-from busway._config import Config, RouteConfig, SinkConfig, load_config, locate_in_file
+from busway._components import Sink, Source, SourceContext
+from busway._config import (
+    Config,
+    RouteConfig,
+    SinkConfig,
+    SourceConfig,
+    load_config,
+    locate_in_file,
+)
 from busway._consumer import ConsumerComponent
 from busway._embedded import EmbeddedNatsServer
 from busway._errors import BuswayError, ConfigError
@@ -50,8 +59,9 @@ from busway._requests import Requester
 from busway._route_services import NatsRouteServices
 from busway._route_worker import RouteWorker
 from busway._sink_worker import SinkWorker
+from busway.routers.route import Route
 
-__all__ = ["Bus"]
+__all__ = ["Bus", "ReloadReport"]
 
 logger = logging.getLogger("busway")
 
@@ -83,9 +93,13 @@ class Bus(AsyncContextManagerMixin):
         self.http_port: int | None = None
         self.app: Starlette | None = None
         self._client: NatsClient | None = None
-        self._workers: list[ConsumerComponent] = []
+        self._js: JetStreamContext | None = None
+        self._tg: TaskGroup | None = None
+        self._components: dict[tuple[str, str], _Running] = {}
         self._requester: Requester | None = None
-        self._sources_scope: anyio.CancelScope | None = None
+        self._publisher: JetStreamPublisher | None = None
+        self._state: KeyValue | None = None
+        self._reload_lock = anyio.Lock()
         self._listener: Listener | None = None
         self._listener_done = anyio.Event()
         self._stop_requested = anyio.Event()
@@ -154,21 +168,19 @@ class Bus(AsyncContextManagerMixin):
             self._client = client
             stack.push_async_callback(self._close_client, client)
             js = client.jetstream(publish_async_max_pending=config.nats.publish_window)
+            self._js = js
             for stream in [*config.streams, config.dead_letter_stream]:
                 await ensure_stream(js, stream)
+            self._requester = Requester(
+                client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
+            )
+            self._publisher = JetStreamPublisher(js, timeout=config.nats.publish_timeout)
             async with anyio.create_task_group() as tg:
-                await self._start_workers(tg, client, js)
-                http_routes: list[BaseRoute] | None = (
-                    [] if config.http.listen or not self.serve_http else None
-                )
-                await tg.start(self._run_sources, js, http_routes)
-                if http_routes is not None:
-                    self.app = build_app(
-                        http_routes, registry=self.metrics_registry, readiness=self.readiness
-                    )
-                    self.asgi.app = self.app
-                    if self.serve_http:
-                        await self._start_listener(tg, self.app)
+                self._tg = tg
+                await self._start_components(self.plan)
+                self._serve_app()
+                if self.serve_http and config.http.listen is not None:
+                    await self._start_listener(tg)
                 # Everything allocated so far lives as long as the bus: take it out of the
                 # cyclic GC's generations so collections triggered by per-message garbage stay
                 # cheap.
@@ -187,37 +199,163 @@ class Bus(AsyncContextManagerMixin):
                     self.asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
 
-    async def _start_workers(self, tg: TaskGroup, client: NatsClient, js: JetStreamContext) -> None:
-        config = self.config
-        common = {"client": client, "js": js, "publish_timeout": config.nats.publish_timeout}
-        for sink_config, sink in self.plan.sinks:
-            worker: ConsumerComponent = SinkWorker(
-                sink=sink,
-                batch_size=sink_config.batch_size,
-                batch_wait=sink_config.batch_wait,
-                circuit=sink_config.circuit,
-                stats=self.metrics.add(ComponentStats(sink_config.name, "sink")),
-                **self._consumer_settings(sink_config, "sink"),
-                **common,
-            )
-            await tg.start(worker.run)
-            self._workers.append(worker)
-        requester = Requester(
-            client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
+    async def reload(self, config: Config) -> ReloadReport:
+        """Switch the running bus to `config`, component by component.
+
+        The new config is compiled first: a ConfigError leaves everything running as it was.
+        New streams are created; removed routes, sinks and sources drain and stop; new ones
+        start; changed ones drain, then restart with the new settings on the same durable
+        consumer, so what the old one had not acked is redelivered to the new one (and its
+        outputs' message ids make a reprocessed message harmless). Settings of the connection
+        itself (`[nats]`, `[http]`, dead letters, state bucket) need a restart: ConfigError.
+        """
+        async with self._reload_lock:
+            for section in ("nats", "http", "dead_letter", "state_bucket"):
+                if getattr(config, section) != getattr(self.config, section):
+                    raise ConfigError(
+                        f"[{section}] changed: that needs a restart, not a reload",
+                        path=f"$.{section}",
+                    )
+            plan = build_plan(config, self.registry)
+            assert self._js is not None
+            for stream in config.streams:
+                await ensure_stream(self._js, stream)
+            old_plan = self.plan
+            self.config, self.plan = config, plan
+            report = ReloadReport()
+            wanted = {key: component for key, component in _components(plan)}
+            for key, component in _components(old_plan):
+                if wanted.get(key, (None,))[0] != component[0]:
+                    await self._stop_component(key)
+                    (report.changed if key in wanted else report.removed).append(_label(key))
+            running_before = {key for key, _ in _components(old_plan)}
+            report.added = [_label(key) for key in wanted if key not in running_before]
+            await self._start_components(plan)
+            self._serve_app()
+            logger.info("reloaded: %s", report)
+            return report
+
+    async def _start_components(self, plan: Plan) -> None:
+        """Start every component of `plan` not yet running: sinks, routes, then sources."""
+        assert self._tg is not None
+        for sink_config, sink in plan.sinks:
+            if ("sink", sink_config.name) not in self._components:
+                await self._start_sink(sink_config, sink)
+        for route_config, route in plan.routes:
+            if ("route", route_config.name) not in self._components:
+                await self._start_route(route_config, route)
+        for source_config, source in plan.sources:
+            if ("source", source_config.name) not in self._components:
+                await self._start_source(source_config, source)
+
+    async def _start_sink(self, sink_config: SinkConfig, sink: Sink) -> None:
+        stats = ComponentStats(sink_config.name, "sink")
+        worker = SinkWorker(
+            sink=sink,
+            batch_size=sink_config.batch_size,
+            batch_wait=sink_config.batch_wait,
+            circuit=sink_config.circuit,
+            stats=stats,
+            **self._consumer_settings(sink_config, "sink"),
         )
-        self._requester = requester
-        for route_config, route in self.plan.routes:
-            stats = self.metrics.add(ComponentStats(route_config.name, "route"))
-            worker = RouteWorker(
-                route=route,
-                services=NatsRouteServices(js, requester, stats),
-                state_bucket=config.state_bucket,
-                stats=stats,
-                **self._consumer_settings(route_config, "route"),
-                **common,
-            )
-            await tg.start(worker.run)
-            self._workers.append(worker)
+        await self._supervise(("sink", sink_config.name), sink_config, stats, worker.run, worker)
+
+    async def _start_route(self, route_config: RouteConfig, route: Route) -> None:
+        assert self._js is not None
+        assert self._requester is not None
+        stats = ComponentStats(route_config.name, "route")
+        worker = RouteWorker(
+            route=route,
+            services=NatsRouteServices(self._js, self._requester, stats),
+            state_bucket=self.config.state_bucket,
+            stats=stats,
+            **self._consumer_settings(route_config, "route"),
+        )
+        await self._supervise(("route", route_config.name), route_config, stats, worker.run, worker)
+
+    async def _start_source(self, source_config: SourceConfig, source: Source) -> None:
+        assert self._js is not None
+        assert self._publisher is not None
+        if self._state is None:
+            self._state = await state_bucket(self._js, self.config.state_bucket)
+        stats = ComponentStats(source_config.name, "source")
+        http_routes: list[BaseRoute] | None = (
+            [] if self.config.http.listen or not self.serve_http else None
+        )
+        context = SourceContext(
+            name=source_config.name,
+            publisher=self._publisher,
+            state=KeyValueState(self._state, f"{source_config.name}."),
+            stats=stats,
+            logger=logging.getLogger(f"busway.source.{source_config.name}"),
+            dead_letter_subject=f"{self.config.dead_letter.subject_prefix}.{source_config.name}",
+            http_routes=http_routes,
+            requester=self._requester,
+        )
+
+        async def run(*, task_status: TaskStatus[None]) -> None:
+            await source.run(context, task_status=task_status)
+
+        await self._supervise(
+            ("source", source_config.name), source_config, stats, run, None, http_routes
+        )
+        stats.ready = True
+
+    async def _supervise(
+        self,
+        key: tuple[str, str],
+        config: object,
+        stats: ComponentStats,
+        run: Callable[..., Awaitable[None]],
+        worker: ConsumerComponent | None,
+        http_routes: list[BaseRoute] | None = None,
+    ) -> None:
+        """Run one component in its own cancel scope, so a reload can stop it alone."""
+        assert self._tg is not None
+        running = _Running(config=config, stats=stats, worker=worker, http_routes=http_routes)
+        self._components[key] = running
+        self.metrics.add(stats)
+
+        async def supervised(*, task_status: TaskStatus[None]) -> None:
+            try:
+                with running.scope:
+                    await run(task_status=task_status)
+            finally:
+                running.done.set()
+
+        try:
+            await self._tg.start(supervised)
+        except BaseException:
+            self._components.pop(key, None)
+            self.metrics.remove(stats)
+            raise
+
+    async def _stop_component(self, key: tuple[str, str]) -> None:
+        """Drain one component (bounded by `shutdown_timeout`), then cancel and forget it."""
+        running = self._components.pop(key)
+        if running.worker is not None:
+            await running.worker.drain(float(self.config.shutdown_timeout))
+        running.scope.cancel()
+        await running.done.wait()
+        self.metrics.remove(running.stats)
+        logger.info("%s %s stopped", *key)
+
+    def _serve_app(self) -> None:
+        """(Re)build the HTTP app from the running sources' routes and serve it."""
+        routes: list[BaseRoute] = []
+        serving = False
+        for running in self._components.values():
+            if running.http_routes is not None:
+                serving = True
+                routes.extend(running.http_routes)
+        if not serving and not (self.serve_http and self.config.http.listen):
+            return
+        self.app = build_app(routes, registry=self.metrics_registry, readiness=self.readiness)
+        self.asgi.app = self.app
+
+    @property
+    def _workers(self) -> list[ConsumerComponent]:
+        return [r.worker for r in self._components.values() if r.worker is not None]
 
     def _is_stored(self, subject: str) -> bool:
         return self.config.stream_for(subject) is not None
@@ -228,7 +366,12 @@ class Bus(AsyncContextManagerMixin):
             captured = self.config.stream_for(component.from_)
             assert captured is not None  # the config check guarantees a capturing stream
             stream = captured.name
+        assert self._client is not None
+        assert self._js is not None
         return {
+            "client": self._client,
+            "js": self._js,
+            "publish_timeout": self.config.nats.publish_timeout,
             "stream": stream,
             "filter_subject": component.from_,
             "durable": f"busway-{kind}-{component.name}",
@@ -238,42 +381,11 @@ class Bus(AsyncContextManagerMixin):
             "dead_letter_subject": self.config.dead_letter_subject(component),
         }
 
-    async def _run_sources(
-        self,
-        js: JetStreamContext,
-        http_routes: list[BaseRoute] | None,
-        *,
-        task_status: TaskStatus[None],
-    ) -> None:
-        publisher = JetStreamPublisher(js, timeout=self.config.nats.publish_timeout)
-        bucket = await state_bucket(js, self.config.state_bucket) if self.plan.sources else None
-        with anyio.CancelScope() as scope:
-            self._sources_scope = scope
-            async with anyio.create_task_group() as tg:
-                for source_config, source in self.plan.sources:
-                    assert bucket is not None  # created above whenever there are sources
-                    stats = self.metrics.add(ComponentStats(source_config.name, "source"))
-                    context = SourceContext(
-                        name=source_config.name,
-                        publisher=publisher,
-                        state=KeyValueState(bucket, f"{source_config.name}."),
-                        stats=stats,
-                        logger=logging.getLogger(f"busway.source.{source_config.name}"),
-                        dead_letter_subject=(
-                            f"{self.config.dead_letter.subject_prefix}.{source_config.name}"
-                        ),
-                        http_routes=http_routes,
-                        requester=self._requester,
-                    )
-                    await tg.start(source.run, context)
-                    stats.ready = True
-                task_status.started()
-
-    async def _start_listener(self, tg: TaskGroup, app: Starlette) -> None:
+    async def _start_listener(self, tg: TaskGroup) -> None:
         http = self.config.http
         assert http.listen is not None
         listener = Listener(
-            app,
+            self.asgi,
             http.listen,
             tls_cert=self.config.resolve_path(http.tls_cert) if http.tls_cert else None,
             tls_key=self.config.resolve_path(http.tls_key) if http.tls_key else None,
@@ -307,8 +419,9 @@ class Bus(AsyncContextManagerMixin):
             self._listener.stop()
             with anyio.move_on_after(timeout):
                 await self._listener_done.wait()
-        if self._sources_scope is not None:
-            self._sources_scope.cancel()
+        for (kind, _), running in self._components.items():
+            if kind == "source":
+                running.scope.cancel()
 
     async def _on_reconnected(self) -> None:
         for worker in self._workers:
@@ -331,3 +444,49 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         else:
             leaves.append(exc)
     return leaves
+
+
+@dataclass(eq=False)
+class _Running:
+    """One running component: what a reload needs to compare it, drain it and cancel it."""
+
+    config: object
+    stats: ComponentStats
+    worker: ConsumerComponent | None
+    http_routes: list[BaseRoute] | None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass
+class ReloadReport:
+    """What a reload did, by `kind:name`."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [
+            f"{what}: {', '.join(names)}"
+            for what, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "nothing changed"
+
+
+def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]]]:
+    """`((kind, name), (config, built component))` of every component in `plan`."""
+    return [
+        *((("sink", c.name), (c, s)) for c, s in plan.sinks),
+        *((("route", c.name), (c, r)) for c, r in plan.routes),
+        *((("source", c.name), (c, s)) for c, s in plan.sources),
+    ]
+
+
+def _label(key: tuple[str, str]) -> str:
+    return f"{key[0]}:{key[1]}"

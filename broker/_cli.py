@@ -3,6 +3,7 @@
     busway run busway.toml      run until SIGINT/SIGTERM, then stop gracefully (exit 0)
     busway check busway.toml    decode and compile everything without connecting
     busway test routes.test.toml  run route test cases against the compiled routes, no broker
+    busway reload busway.toml   check the config, then SIGHUP the running daemon to reload it
 
 Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 
@@ -60,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a config file: decode, compile expressions, build adapters"
     )
     check.add_argument("config", help="path of the busway TOML file")
+    reload = commands.add_parser(
+        "reload", help="check a config, then make the running daemon reload it (SIGHUP)"
+    )
+    reload.add_argument("config", help="path of the busway TOML file the daemon runs")
     test = commands.add_parser(
         "test", help="run route test cases (inputs and expected outputs) without a broker"
     )
@@ -118,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         logger.error("invalid configuration: %s", exc)
         return EXIT_CONFIG
     try:
-        anyio.run(_serve, bus, backend="asyncio", backend_options={"use_uvloop": True})
+        anyio.run(_serve, bus, args.config, backend="asyncio", backend_options={"use_uvloop": True})
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         return EXIT_FAILURE
@@ -129,14 +136,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(bus: Bus) -> None:
-    """Run `bus` until SIGINT/SIGTERM; a second signal, or a stuck drain, forces the exit."""
+async def _serve(bus: Bus, config_path: str) -> None:
+    """Run `bus` until SIGINT/SIGTERM; a second signal, or a stuck drain, forces the exit.
+
+    SIGHUP reloads the config file: checked first, applied only if valid.
+    """
     grace = float(bus.config.shutdown_timeout) + 15
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
 
             async def watch_signals() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        tg.start_soon(_reload, bus, config_path)
+                        continue
                     if bus.stopping:
                         logger.warning("second %s: stopping now", signal.Signals(signum).name)
                         tg.cancel_scope.cancel()
@@ -147,8 +160,60 @@ async def _serve(bus: Bus) -> None:
 
             tg.start_soon(watch_signals)
             async with bus:
-                await bus.wait_until_stopped()
+                pid_file = bus.config.resolve_path(bus.config.pid_file)
+                _write_pid(pid_file)
+                try:
+                    await bus.wait_until_stopped()
+                finally:
+                    pid_file.unlink(missing_ok=True)
             tg.cancel_scope.cancel()
 
 
-_COMMANDS = {"run": _run, "check": _check, "test": _test}
+async def _reload(bus: Bus, config_path: str) -> None:
+    logger.info("SIGHUP: reloading %s", config_path)
+    try:
+        config = load_config(
+            config_path,
+            source_types=bus.registry.source_config,
+            sink_types=bus.registry.sink_config,
+        )
+        report = await bus.reload(config)
+    except ConfigError as exc:
+        exc = locate_in_file(exc, config_path) if exc.line is None else exc
+        logger.error("reload rejected, still running the previous config: %s", exc)
+        return
+    except BuswayError as exc:
+        logger.error("reload failed: %s", exc)
+        return
+    logger.info("reload done: %s", report)
+
+
+def _write_pid(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def _reload_command(args: argparse.Namespace) -> int:
+    """`busway reload`: check the config, then SIGHUP the daemon named by its pid file."""
+    if _check(args) != 0:
+        print("busway: not reloading: the config is invalid", file=sys.stderr)
+        return EXIT_CONFIG
+    registry = default_registry()
+    config = load_config(
+        args.config, source_types=registry.source_config, sink_types=registry.sink_config
+    )
+    pid_file = config.resolve_path(config.pid_file)
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(
+            f"busway: cannot signal the daemon via {pid_file} ({exc}); is `busway run` running?",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(f"sent SIGHUP to busway (pid {pid}); its log says what the reload changed")
+    return 0
+
+
+_COMMANDS = {"run": _run, "check": _check, "test": _test, "reload": _reload_command}

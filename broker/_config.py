@@ -213,6 +213,8 @@ class Config(_Strict, frozen=True, kw_only=True):
     shutdown_timeout: Duration = Duration(15.0)
     state_bucket: str = "busway_state"
     """JetStream key-value bucket where sources keep watermarks and cursors."""
+    pid_file: str = "var/busway.pid"
+    """Where `busway run` writes its pid, for `busway reload` (relative to the config file)."""
     streams: list[StreamConfig] = []
     routes: list[RouteConfig] = []
     sources: tuple[SourceConfig, ...] = ()

@@ -113,6 +113,10 @@ class MetricsCollector(Collector):
         self._stats.append(stats)
         return stats
 
+    def remove(self, stats: ComponentStats) -> None:
+        """Stop exporting `stats` (its component was removed by a reload)."""
+        self._stats = [s for s in self._stats if s is not stats]
+
     def collect(self) -> Iterator[Metric]:
         """Build the metric families from the current counter values."""
         labels = ["component", "kind"]
