@@ -16,6 +16,7 @@ embedded server stops.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import logging
 import os
@@ -32,6 +33,7 @@ from nats.js.kv import KeyValue
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from busway._circuit import STATE_NAMES
 from busway._components import Sink, Source, SourceContext
 from busway._config import (
     Config,
@@ -177,6 +179,7 @@ class Bus(AsyncContextManagerMixin):
             self._publisher = JetStreamPublisher(js, timeout=config.nats.publish_timeout)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self._sample_rates)
                 await self._start_components(self.plan)
                 self._serve_app()
                 if self.serve_http and config.http.listen is not None:
@@ -198,6 +201,65 @@ class Bus(AsyncContextManagerMixin):
                         await self._drain()
                     self.asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
+
+    async def status(self) -> dict[str, Any]:
+        """Per component: state, counters, rates, consumer backlog, circuit, last error.
+
+        What `/status` and `busway status` show. Backlog figures come from JetStream
+        (`num_pending`: not yet delivered; `num_ack_pending`: delivered, not acked).
+        """
+        components = []
+        for (kind, name), running in list(self._components.items()):
+            stats = running.stats
+            entry: dict[str, Any] = {
+                "kind": kind,
+                "name": name,
+                "ready": stats.ready,
+                "received": stats.received,
+                "published": stats.published,
+                "filtered": stats.filtered,
+                "dead_lettered": stats.dead_lettered,
+                "retried": stats.retried,
+                "in_flight": stats.in_flight,
+                "rate_in": round(stats.rate_in, 1),
+                "rate_out": round(stats.rate_out, 1),
+                "errors": dict(stats.errors),
+                "last_error": stats.last_error or None,
+                "last_error_at": _iso(stats.last_error_at),
+            }
+            if kind == "sink":
+                entry["circuit"] = STATE_NAMES[stats.circuit]
+            worker = running.worker
+            if worker is not None and self._js is not None:
+                try:
+                    info = await self._js.consumer_info(worker.stream, worker.durable)
+                except Exception as exc:
+                    entry["consumer_error"] = str(exc) or type(exc).__name__
+                else:
+                    entry["pending"] = info.num_pending
+                    entry["ack_pending"] = info.num_ack_pending
+                    entry["redelivered"] = info.num_redelivered
+            components.append(entry)
+        checks = self.readiness()
+        return {
+            "status": "ready" if all(checks.values()) else "not ready",
+            "nats": checks["nats"],
+            "components": components,
+        }
+
+    async def _sample_rates(self, interval: float = 5.0) -> None:
+        """Every `interval`, turn counter deltas into per-second rates for `status()`."""
+        last: dict[int, tuple[float, int, int]] = {}
+        while True:
+            await anyio.sleep(interval)
+            now = anyio.current_time()
+            for running in list(self._components.values()):
+                stats = running.stats
+                then, received, published = last.get(id(stats), (now - interval, 0, 0))
+                elapsed = max(now - then, 1e-6)
+                stats.rate_in = (stats.received - received) / elapsed
+                stats.rate_out = (stats.published - published) / elapsed
+                last[id(stats)] = (now, stats.received, stats.published)
 
     async def reload(self, config: Config) -> ReloadReport:
         """Switch the running bus to `config`, component by component.
@@ -350,7 +412,9 @@ class Bus(AsyncContextManagerMixin):
                 routes.extend(running.http_routes)
         if not serving and not (self.serve_http and self.config.http.listen):
             return
-        self.app = build_app(routes, registry=self.metrics_registry, readiness=self.readiness)
+        self.app = build_app(
+            routes, registry=self.metrics_registry, readiness=self.readiness, status=self.status
+        )
         self.asgi.app = self.app
 
     @property
@@ -486,6 +550,12 @@ def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]
         *((("route", c.name), (c, r)) for c, r in plan.routes),
         *((("source", c.name), (c, s)) for c, s in plan.sources),
     ]
+
+
+def _iso(timestamp: float) -> str | None:
+    if not timestamp:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 
 def _label(key: tuple[str, str]) -> str:

@@ -4,6 +4,7 @@
     busway check busway.toml    decode and compile everything without connecting
     busway test routes.test.toml  run route test cases against the compiled routes, no broker
     busway reload busway.toml   check the config, then SIGHUP the running daemon to reload it
+    busway status busway.toml   per component: state, rates, backlog, circuit, last error
 
 Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
 """
@@ -11,10 +12,12 @@ Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +25,13 @@ import anyio
 
 from busway import __version__
 from busway._bus import Bus
-from busway._config import load_config, locate_in_file
+from busway._config import load_config, locate_in_file, split_listen
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._logging import configure_logging
 from busway._plan import build_plan
 from busway._registry import default_registry
 from busway._route_tests import config_path_of, load_cases, run_cases
+from busway._status import format_status
 
 __all__ = ["main"]
 
@@ -63,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a config file: decode, compile expressions, build adapters"
     )
     check.add_argument("config", help="path of the busway TOML file")
+    status = commands.add_parser(
+        "status", help="show the running daemon's components: state, rates, backlog, errors"
+    )
+    status.add_argument("config", help="path of the busway TOML file the daemon runs")
+    status.add_argument("--json", action="store_true", help="print the raw /status JSON")
     reload = commands.add_parser(
         "reload", help="check a config, then make the running daemon reload it (SIGHUP)"
     )
@@ -216,4 +225,40 @@ def _reload_command(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "check": _check, "test": _test, "reload": _reload_command}
+def _status_command(args: argparse.Namespace) -> int:
+    """`busway status`: read the daemon's /status and print it as a table."""
+    registry = default_registry()
+    try:
+        config = load_config(
+            args.config, source_types=registry.source_config, sink_types=registry.sink_config
+        )
+    except ConfigError as exc:
+        print(f"busway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.http.listen is None:
+        print("busway: [http] listen is off: the daemon serves no /status", file=sys.stderr)
+        return EXIT_CONFIG
+    host, port = split_listen(config.http.listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    scheme = "https" if config.http.tls_cert else "http"
+    url = f"{scheme}://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            report = json.load(response)
+    except (OSError, ValueError) as exc:
+        print(f"busway: cannot read {url}: {exc}; is `busway run` running?", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_status(report))
+    return 0 if report.get("status") == "ready" else EXIT_FAILURE
+
+
+_COMMANDS = {
+    "run": _run,
+    "check": _check,
+    "test": _test,
+    "reload": _reload_command,
+    "status": _status_command,
+}

@@ -199,6 +199,7 @@ class SourceContext:
         ack = await self.publisher.publish(self.dead_letter_subject, data, headers=dead_headers)
         self.stats.dead_lettered += 1
         self.stats.count_error(reason)
+        self.stats.note_error(f"{reason}: {error} ({origin})")
         return ack
 
     def add_http_route(self, route: BaseRoute) -> None:

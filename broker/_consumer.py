@@ -202,6 +202,7 @@ class ConsumerComponent(abc.ABC):
         """Nak `message` with the back-off of `attempt`; remember `error` for its dead letter."""
         self.stats.retried += 1
         self.stats.count_error(reason)
+        self.stats.note_error(f"{reason}: {error}")
         self._remember_error(sequence, error)
         delay = retry_delay(attempt, self.retry, retry_after)
         self.logger.warning(
@@ -227,6 +228,7 @@ class ConsumerComponent(abc.ABC):
     ) -> None:
         """Publish `message` to the dead-letter subject, then `term` it; nak if that fails."""
         self.stats.count_error(reason)
+        self.stats.note_error(f"{reason}: {error}")
         headers = dead_letter_headers(
             component=self.stats.name,
             kind=self.stats.kind,

@@ -15,8 +15,9 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import uvicorn
@@ -42,8 +43,13 @@ def build_app(
     *,
     registry: CollectorRegistry,
     readiness: Callable[[], dict[str, bool]],
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> Starlette:
     """The ASGI app: the sources' `routes` plus the operational endpoints."""
+
+    async def status_page(_: Request) -> Response:
+        assert status is not None
+        return JSONResponse(await status())
 
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -64,6 +70,8 @@ def build_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
+    if status is not None:
+        operational.append(Route("/status", status_page, methods=["GET"]))
     return Starlette(routes=[*operational, *routes])
 
 

@@ -9,6 +9,7 @@ when /metrics is read.
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -69,9 +70,13 @@ class ComponentStats:
         "filtered",
         "in_flight",
         "kind",
+        "last_error",
+        "last_error_at",
         "latency",
         "name",
         "published",
+        "rate_in",
+        "rate_out",
         "ready",
         "received",
         "retried",
@@ -91,10 +96,21 @@ class ComponentStats:
         self.ready = False
         self.circuit = 0
         """Sinks: 0 closed, 1 open, 2 half-open (see `busway._circuit`)."""
+        self.last_error = ""
+        self.last_error_at = 0.0
+        """Wall-clock time of `last_error` (0 if none yet)."""
+        self.rate_in = 0.0
+        self.rate_out = 0.0
+        """Messages per second received / published, over the last sampling interval."""
 
     def count_error(self, reason: str) -> None:
         """Count one failure of kind `reason` (e.g. `decode`, `publish`, `http_5xx`)."""
         self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def note_error(self, error: str) -> None:
+        """Remember the latest failure for `busway status` (cheap: failures are rare)."""
+        self.last_error = error
+        self.last_error_at = time.time()
 
 
 class MetricsCollector(Collector):
