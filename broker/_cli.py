@@ -5,6 +5,7 @@
     busway test routes.test.toml  run route test cases against the compiled routes, no broker
     busway reload busway.toml   check the config, then SIGHUP the running daemon to reload it
     busway status busway.toml   per component: state, rates, backlog, circuit, last error
+    busway schema [--markdown]  the config's JSON Schema (editors) or Markdown reference
 
 Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
 """
@@ -31,6 +32,13 @@ from busway._logging import configure_logging
 from busway._plan import build_plan
 from busway._registry import default_registry
 from busway._route_tests import config_path_of, load_cases, run_cases
+from busway._schema import (
+    REFERENCE_END,
+    REFERENCE_START,
+    config_reference,
+    config_schema,
+    embed_reference,
+)
 from busway._status import format_status
 
 __all__ = ["main"]
@@ -67,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a config file: decode, compile expressions, build adapters"
     )
     check.add_argument("config", help="path of the busway TOML file")
+    schema = commands.add_parser(
+        "schema", help="print the config's JSON Schema (for editors) or its Markdown reference"
+    )
+    schema.add_argument("--markdown", action="store_true", help="the reference, as Markdown")
+    schema.add_argument(
+        "--update-readme",
+        metavar="README",
+        help="rewrite the reference between the config-reference markers of this file",
+    )
     status = commands.add_parser(
         "status", help="show the running daemon's components: state, rates, backlog, errors"
     )
@@ -225,6 +242,24 @@ def _reload_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema_command(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    if args.update_readme:
+        path = Path(args.update_readme)
+        text = path.read_text()
+        updated = embed_reference(text, config_reference(registry))
+        if updated is None:
+            print(f"busway: {path} has no {REFERENCE_START} ... {REFERENCE_END}", file=sys.stderr)
+            return EXIT_FAILURE
+        path.write_text(updated)
+        print(f"{path}: config reference updated")
+    elif args.markdown:
+        print(config_reference(registry), end="")
+    else:
+        print(json.dumps(config_schema(registry), indent=2))
+    return 0
+
+
 def _status_command(args: argparse.Namespace) -> int:
     """`busway status`: read the daemon's /status and print it as a table."""
     registry = default_registry()
@@ -261,4 +296,5 @@ _COMMANDS = {
     "test": _test,
     "reload": _reload_command,
     "status": _status_command,
+    "schema": _schema_command,
 }

@@ -64,8 +64,29 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
     """
 
     max_attempts: int = 10
+    """Attempts before a message is dead-lettered (checked before handling, from JetStream's
+    delivery count).
+    """
     backoff: Duration = Duration(0.5)
+    """First retry delay; doubles per attempt (±20 % jitter) up to `max_backoff`."""
     max_backoff: Duration = Duration(60.0)
+    """Longest delay between attempts."""
+    schedule: list[Duration] = []
+    """Explicit delays, one per retry (`["1s", "10s", "1m"]`, the last repeats); replaces
+    `backoff`."""
+    permanent: list[str] = []
+    """Error reasons to dead-letter at once instead of retrying (e.g. `["enrich"]`)."""
+    transient: list[str] = []
+    """Error reasons to retry although busway would dead-letter them at once (e.g.
+    `["validation"]` while a schema is being fixed)."""
+
+    def is_transient(self, reason: str, *, default: bool) -> bool:
+        """Whether a failure of kind `reason` is retried: the policy's lists, else `default`."""
+        if reason in self.permanent:
+            return False
+        if reason in self.transient:
+            return True
+        return default
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -76,17 +97,31 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     """Where JetStream is. Without `servers`, busway runs an embedded nats-server."""
 
     servers: list[str] | None = None
+    """NATS URLs (`nats://host:4222`); without it busway runs an embedded nats-server."""
     data_dir: str = "var/nats"
+    """Embedded server: JetStream store, config, log and pid file."""
     listen: str = "127.0.0.1:4222"
+    """Embedded server: client address (port 0 = any free port)."""
     sync: str = "always"
+    """Embedded server: `"always"` fsyncs before every PubAck; a duration such as `"1s"` trades
+    safety for speed.
+    """
     name: str = "busway"
+    """Client connection name, as monitoring tools show it."""
     user: str | None = None
+    """User for `servers` (with `password`); secrets via `${ENV}` or `${file:...}`."""
     password: str | None = None
+    """Password of `user`."""
     token: str | None = None
+    """Token authentication to `servers`."""
     credentials: str | None = None
+    """A `.creds` file (JWT + NKey) for `servers`."""
     connect_timeout: Duration = Duration(5.0)
+    """How long the first connection may take before start-up fails."""
     publish_timeout: Duration = Duration(10.0)
+    """How long to wait for a PubAck before a publish counts as failed."""
     publish_window: int = 1024
+    """PubAcks in flight per connection (the pipelining bound)."""
 
     def __post_init__(self) -> None:
         if self.sync != "always":
@@ -100,9 +135,11 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
     """The shared HTTP listener: HTTP sources, `/metrics`, `/healthz`, `/readyz`."""
 
     listen: str | None = "127.0.0.1:8080"
+    """Shared listener for HTTP sources, `/metrics`, `/healthz`, `/readyz`, `/status`."""
     tls_cert: str | None = None
     """PEM certificate (chain) file: with `tls_key`, the listener speaks HTTPS only."""
     tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
 
     def __post_init__(self) -> None:
         if self.listen is not None:
@@ -120,34 +157,53 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """
 
     name: str
+    """Stream name (letters, digits, `-`, `_`)."""
     subjects: list[str]
+    """Subjects the stream captures (wildcards allowed); streams may not overlap."""
     duplicate_window: Duration = Duration(300.0)
+    """How long `Nats-Msg-Id`s are remembered to drop copies: cover a restart plus `ack_wait`."""
     storage: Literal["file", "memory"] = "file"
+    """File (durable) or memory."""
     replicas: int = 1
+    """Copies in a NATS cluster (1, 3 or 5)."""
     max_age: Duration | None = None
+    """Discard messages older than this (default: keep)."""
     max_bytes: int | None = None
+    """Discard the oldest messages beyond this size (default: unlimited)."""
     max_msgs: int | None = None
+    """Discard the oldest messages beyond this count (default: unlimited)."""
     create: bool = True
+    """`false`: the stream is managed elsewhere; busway only checks it exists."""
 
 
 class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
     """Where messages that cannot be handled go: `<subject_prefix>.<component name>`."""
 
     stream: str = "BUSWAY_DEADLETTER"
+    """Stream holding every dead letter."""
     subject_prefix: str = "busway.deadletter"
+    """Dead letters of component `x` go to `<subject_prefix>.x`."""
     max_age: Duration = Duration(14 * 86400.0)
+    """How long dead letters are kept."""
 
 
 class _Consumer(_Strict, frozen=True, kw_only=True):
     """What every component that reads from JetStream shares (routes and sinks)."""
 
     name: str
+    """Unique name; also names the durable JetStream consumer (`busway-<kind>-<name>`)."""
     from_: str = msgspec.field(name="from")
+    """Subject to consume (wildcards allowed); a declared stream must capture it."""
     stream: str | None = None
+    """Stream to consume from (default: the stream capturing `from`)."""
     dead_letter: str | None = None
+    """Dead-letter subject (default `<subject_prefix>.<name>`)."""
     max_in_flight: int = 1024
+    """Messages held un-acked at once (the consumer's `max_ack_pending`)."""
     ack_wait: Duration = Duration(30.0)
+    """Redelivery delay of a message whose holder died."""
     retry: RetryPolicy = RetryPolicy()
+    """Back-off of transient failures, then dead letter."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -158,8 +214,13 @@ class RouteConfig(_Consumer, frozen=True, kw_only=True):
     """A route: read `from`, keep what `when` matches, reshape with `transform`, publish `to`."""
 
     to: list[str] = []
+    """Publish every resulting message to each of these (required unless a `switch` or `reply`
+    stage decides).
+    """
     when: str | None = None
+    """JMESPath predicate over the JSON body, run first; unmatched messages are filtered."""
     transform: str | None = None
+    """JMESPath mapping run last; its result is the new body."""
     stages: list[StageConfig] = []
     """Run in order after `when` and before `transform`; see the README's stage reference."""
 
@@ -171,7 +232,9 @@ class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
     """
 
     name: str
+    """Unique name of the source (metrics, dead letters, state keys)."""
     subject: str
+    """Subject to publish to (some adapters allow templates)."""
 
 
 class CircuitConfig(_Strict, frozen=True, kw_only=True):
@@ -182,7 +245,9 @@ class CircuitConfig(_Strict, frozen=True, kw_only=True):
     """
 
     failures: int = 5
+    """Consecutive failed deliveries that open the circuit (0 = never)."""
     cool_down: Duration = Duration(30.0)
+    """How long an open circuit pauses before probing with one message."""
 
     def __post_init__(self) -> None:
         if self.failures < 0:
@@ -200,8 +265,11 @@ class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
     """
 
     batch_size: int = 256
+    """Most messages handed to the adapter at once."""
     batch_wait: Duration = Duration(0.005)
+    """Longest wait to fill a batch once its first message is there."""
     circuit: CircuitConfig = CircuitConfig()
+    """Circuit breaker: pause delivery after consecutive failures."""
 
 
 class Config(_Strict, frozen=True, kw_only=True):
@@ -211,6 +279,7 @@ class Config(_Strict, frozen=True, kw_only=True):
     http: HttpConfig = HttpConfig()
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     shutdown_timeout: Duration = Duration(15.0)
+    """How long a graceful stop (or a reload) waits for in-flight messages."""
     state_bucket: str = "busway_state"
     """JetStream key-value bucket where sources keep watermarks and cursors."""
     pid_file: str = "var/busway.pid"

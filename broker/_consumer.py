@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime
 import logging
 import time
 from collections import OrderedDict
@@ -86,7 +87,8 @@ class ConsumerComponent(abc.ABC):
             handler=self._receive,
             stats=stats,
         )
-        self._last_errors: OrderedDict[str, str] = OrderedDict()
+        self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        """Stream sequence → (last error, time of the first failure), for dead letters."""
         self._held: dict[str, tuple[Msg, float]] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -145,7 +147,9 @@ class ConsumerComponent(abc.ABC):
             await self.settle(message, DRAIN_NAK)
             return
         if attempt > self.retry.max_attempts:
-            last = self._last_errors.pop(sequence, "unknown (failed in an earlier process)")
+            last, _ = self._last_errors.get(
+                sequence, ("unknown (failed in an earlier process)", 0.0)
+            )
             await self.dead_letter(
                 message,
                 sequence,
@@ -229,6 +233,12 @@ class ConsumerComponent(abc.ABC):
         """Publish `message` to the dead-letter subject, then `term` it; nak if that fails."""
         self.stats.count_error(reason)
         self.stats.note_error(f"{reason}: {error}")
+        now = time.time()
+        _, first_failed = self._last_errors.pop(sequence, ("", now))
+        timing = {
+            "Busway-First-Failed-At": _iso(first_failed),
+            "Busway-Failed-At": _iso(now),
+        }
         headers = dead_letter_headers(
             component=self.stats.name,
             kind=self.stats.kind,
@@ -239,7 +249,7 @@ class ConsumerComponent(abc.ABC):
             sequence=sequence,
             attempt=attempt,
             headers=message.headers,
-            extra=extra_headers,
+            extra={**timing, **extra_headers} if extra_headers else timing,
         )
         try:
             future = await self.js.publish_async(
@@ -269,7 +279,8 @@ class ConsumerComponent(abc.ABC):
 
     def _remember_error(self, sequence: str, error: str) -> None:
         errors = self._last_errors
-        errors[sequence] = error
+        _, first_failed = errors.get(sequence, ("", time.time()))
+        errors[sequence] = (error, first_failed)
         errors.move_to_end(sequence)
         if len(errors) > _REMEMBERED_ERRORS:
             errors.popitem(last=False)
@@ -278,3 +289,7 @@ class ConsumerComponent(abc.ABC):
         """Drop the remembered error of a message that finally succeeded."""
         if self._last_errors:
             self._last_errors.pop(sequence, None)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()

@@ -53,12 +53,16 @@ def delivery_of(reply: str) -> tuple[str, int]:
 
 
 def retry_delay(attempt: int, policy: RetryPolicy, retry_after: float | None = None) -> float:
-    """Seconds before attempt `attempt + 1`: exponential with ±20 % jitter, capped.
+    """Seconds before attempt `attempt + 1`: the policy's `schedule` entry, or exponential;
+    ±20 % jitter, capped at `max_backoff`.
 
     A peer's own `retry_after` (e.g. HTTP Retry-After) wins when it is longer.
     """
-    delay = min(float(policy.backoff) * 2.0 ** max(0, attempt - 1), float(policy.max_backoff))
-    delay *= random.uniform(0.8, 1.2)
+    if policy.schedule:
+        delay = float(policy.schedule[min(attempt, len(policy.schedule)) - 1])
+    else:
+        delay = float(policy.backoff) * 2.0 ** max(0, attempt - 1)
+    delay = min(delay, float(policy.max_backoff)) * random.uniform(0.8, 1.2)
     if retry_after is not None and retry_after > delay:
         delay = min(retry_after, float(policy.max_backoff))
     return delay

@@ -159,8 +159,11 @@ class RouteWorker(ConsumerComponent):
         await self.settle(message, ACK)
 
     async def reject(self, message: Msg, sequence: str, attempt: int, error: RoutingError) -> None:
-        """Retry a transient routing error; dead-letter a permanent one with where and why."""
-        if error.transient:
+        """Retry a transient routing error; dead-letter a permanent one with where and why.
+
+        The route's `retry.permanent` / `retry.transient` lists override by error kind.
+        """
+        if self.retry.is_transient(error.kind, default=error.transient):
             await self.retry_later(message, sequence, attempt, str(error), reason=error.kind)
             return
         await self.dead_letter(

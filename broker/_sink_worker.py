@@ -148,18 +148,20 @@ class SinkWorker(ConsumerComponent):
                 if delivery.attempt > 1:
                     self.forget_error(str(delivery.sequence))
                 await self.settle(message, ACK)
-            elif isinstance(failure, PermanentError):
+            elif not self.retry.is_transient(
+                _reason(failure), default=not isinstance(failure, PermanentError)
+            ):
                 await self.dead_letter(
                     message,
                     str(delivery.sequence),
                     delivery.attempt,
-                    reason="permanent",
+                    reason=_reason(failure),
                     error=str(failure),
                 )
             else:
                 # Retryable by its own word, or an error the adapter did not classify: retry,
                 # and let max_attempts dead-letter it if it keeps failing.
-                reason = "retryable" if isinstance(failure, RetryableError) else "sink_error"
+                reason = _reason(failure)
                 retry_after = failure.retry_after if isinstance(failure, RetryableError) else None
                 await self.retry_later(
                     message,
@@ -169,3 +171,13 @@ class SinkWorker(ConsumerComponent):
                     reason=reason,
                     retry_after=retry_after,
                 )
+
+
+def _reason(failure: BaseException) -> str:
+    """The kind of a delivery failure: the adapter's own `reason` if it gives one."""
+    reason = getattr(failure, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    if isinstance(failure, PermanentError):
+        return "permanent"
+    return "retryable" if isinstance(failure, RetryableError) else "sink_error"

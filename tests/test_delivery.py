@@ -35,6 +35,20 @@ def test_retry_after_from_the_peer_wins_when_longer_but_stays_capped() -> None:
     assert retry_delay(1, policy, retry_after=500.0) == 30.0
 
 
+def test_an_explicit_schedule_replaces_the_exponential_back_off() -> None:
+    policy = RetryPolicy(schedule=[1.0, 10.0, 60.0], max_backoff=30.0)  # type: ignore[list-item]
+    for attempt, base in ((1, 1.0), (2, 10.0), (3, 30.0), (9, 30.0)):
+        assert 0.8 * base <= retry_delay(attempt, policy) <= 1.2 * base
+
+
+def test_policy_lists_override_the_default_classification() -> None:
+    policy = RetryPolicy(permanent=["enrich"], transient=["validation"])
+    assert not policy.is_transient("enrich", default=True)
+    assert policy.is_transient("validation", default=False)
+    assert policy.is_transient("python", default=True)
+    assert not policy.is_transient("decode", default=False)
+
+
 def test_nak_payload_carries_the_delay_in_nanoseconds() -> None:
     assert nak_payload(1.5) == b'-NAK {"delay": 1500000000}'
 
