@@ -11,18 +11,20 @@ The public API. Everything else lives in `busway._*` modules and may change with
     anyio.run(main)
 """
 
-from busway._bus import Bus
+from busway._bus import Bus, ReloadReport
 from busway._components import (
     BuildContext,
     Message,
     PublishAck,
     Publisher,
+    Reply,
     Sink,
     Source,
     SourceContext,
     StateStore,
 )
 from busway._config import (
+    CircuitConfig,
     Config,
     DeadLetterConfig,
     HttpConfig,
@@ -58,6 +60,7 @@ __all__ = [
     "BuildContext",
     "Bus",
     "BuswayError",
+    "CircuitConfig",
     "ComponentStats",
     "Config",
     "ConfigError",
@@ -71,6 +74,8 @@ __all__ = [
     "PublishAck",
     "PublishError",
     "Publisher",
+    "ReloadReport",
+    "Reply",
     "RetryPolicy",
     "RetryableError",
     "RouteConfig",
