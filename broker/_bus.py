@@ -328,7 +328,7 @@ class Bus(AsyncContextManagerMixin):
         stats = ComponentStats(route_config.name, "route")
         worker = RouteWorker(
             route=route,
-            services=NatsRouteServices(self._js, self._requester, stats),
+            services=NatsRouteServices(self._js, self._requester),
             state_bucket=self.config.state_bucket,
             stats=stats,
             **self._consumer_settings(route_config, "route"),

@@ -15,7 +15,6 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from busway._errors import RetryableError
-from busway._metrics import ComponentStats
 from busway._requests import Requester
 
 __all__ = ["NatsRouteServices"]
@@ -26,10 +25,9 @@ _BUCKET_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 class NatsRouteServices:
     """`RouteServices` for one route, on its connection."""
 
-    def __init__(self, js: JetStreamContext, requester: Requester, stats: ComponentStats) -> None:
+    def __init__(self, js: JetStreamContext, requester: Requester) -> None:
         self._js = js
         self._requester = requester
-        self._stats = stats
         self._buckets: dict[str, KeyValue] = {}
 
     async def request(
@@ -55,10 +53,7 @@ class NatsRouteServices:
                 return await self.claim(scope, key, owner, window)  # expired meanwhile
             except nats.errors.Error as exc:
                 raise RetryableError(f"dedupe: cannot read key state: {exc!r}") from exc
-            if seen.value == owner.encode():
-                return True
-            self._stats.count_error("duplicate")
-            return False
+            return seen.value == owner.encode()
         except nats.errors.Error as exc:
             raise RetryableError(f"dedupe: cannot record the key: {exc!r}") from exc
         return True
