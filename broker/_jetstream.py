@@ -221,9 +221,16 @@ class JetStreamPublisher:
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
     ) -> Awaitable[PublishAck]:
         """Send now, confirm later: the returned awaitable yields the PubAck or raises."""
+        # A `wait_stall` makes nats-py wrap every publish in `asyncio.wait_for`, a task per
+        # message on Python 3.11 (measured: 2.6x slower file ingest). Only pass it when the
+        # publish window is full and the call would actually wait.
+        window_full = self._js._publish_async_pending_semaphore.locked()
         try:
             future = await self._js.publish_async(
-                subject, data, headers=dict(headers) if headers else None, wait_stall=self._timeout
+                subject,
+                data,
+                headers=dict(headers) if headers else None,
+                wait_stall=self._timeout if window_full else None,
             )
         except (nats.errors.Error, TimeoutError) as exc:
             raise publish_error(exc, subject) from exc

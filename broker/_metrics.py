@@ -67,6 +67,7 @@ class ComponentStats:
         "circuit",
         "dead_lettered",
         "errors",
+        "events",
         "filtered",
         "in_flight",
         "kind",
@@ -96,6 +97,8 @@ class ComponentStats:
         self.ready = False
         self.circuit = 0
         """Sinks: 0 closed, 1 open, 2 half-open (see `busway._circuit`)."""
+        self.events: dict[str, int] = {}
+        """Adapter-specific counts (`files_done`, `bytes`...), exported as busway_events_total."""
         self.last_error = ""
         self.last_error_at = 0.0
         """Wall-clock time of `last_error` (0 if none yet)."""
@@ -106,6 +109,10 @@ class ComponentStats:
     def count_error(self, reason: str) -> None:
         """Count one failure of kind `reason` (e.g. `decode`, `publish`, `http_5xx`)."""
         self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def count(self, event: str, amount: int = 1) -> None:
+        """Count an adapter-specific event (files claimed, rows read, requests rate-limited)."""
+        self.events[event] = self.events.get(event, 0) + amount
 
     def note_error(self, error: str) -> None:
         """Remember the latest failure for `busway status` (cheap: failures are rare)."""
@@ -157,6 +164,11 @@ class MetricsCollector(Collector):
         ready = GaugeMetricFamily(
             "busway_component_ready", "1 if the component is ready", labels=labels
         )
+        events = CounterMetricFamily(
+            "busway_events",
+            "Adapter-specific events (files claimed, bytes read...)",
+            labels=[*labels, "event"],
+        )
         circuit = GaugeMetricFamily(
             "busway_circuit_state",
             "Sinks: 0 closed, 1 open (not delivering), 2 half-open (probing)",
@@ -171,12 +183,14 @@ class MetricsCollector(Collector):
             key = [stats.name, stats.kind]
             for reason, count in sorted(stats.errors.items()):
                 errors.add_metric([*key, reason], count)
+            for event, count in sorted(stats.events.items()):
+                events.add_metric([*key, event], count)
             in_flight.add_metric(key, stats.in_flight)
             ready.add_metric(key, 1 if stats.ready else 0)
             if stats.kind == "sink":
                 circuit.add_metric(key, stats.circuit)
             latency.add_metric(key, stats.latency.cumulative(), stats.latency.total)
-        yield from (errors, in_flight, ready, circuit, latency)
+        yield from (errors, events, in_flight, ready, circuit, latency)
 
 
 def new_registry(collector: MetricsCollector) -> CollectorRegistry:

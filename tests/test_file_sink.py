@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
+import threading
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from busway import Bus
+from busway import BuildContext, Bus, Message, RetryableError
+from busway.adapters.file import FileSink, FileSinkConfig
+from tests.files_support import append, tree
 from tests.support import (
     NatsServer,
     decode_test_config,
@@ -103,3 +110,228 @@ async def test_unwritable_path_is_retried_until_it_works_and_readiness_shows_it(
         assert bus.readiness()[f"sink:file{unique}"] is True
         assert stats.dead_lettered == 0
     assert (tmp_path / "out" / "orders.jsonl").read_bytes() == b'{"n": 1}\n'
+
+
+def file_sink_config(server: NatsServer, unique: str, options: str) -> str:
+    return f"""
+[nats]
+servers = ["{server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "OUT_{unique}"
+subjects = ["out{unique}.>"]
+
+[[sinks]]
+name = "file{unique}"
+type = "file"
+from = "out{unique}.>"
+retry = {{ max_attempts = 50, backoff = "50ms", max_backoff = "100ms" }}
+{options}
+"""
+
+
+def message(n: int, *, stream: str = "S", data: bytes | None = None) -> Message:
+    body = data if data is not None else orjson.dumps({"n": n})
+    return Message(
+        subject="out.x",
+        data=body,
+        headers={},
+        id=f"{stream}:{n}",
+        stream=stream,
+        sequence=n,
+        attempt=1,
+    )
+
+
+def lines_of(*paths: Path) -> list[int]:
+    return [orjson.loads(line)["n"] for path in paths for line in path.read_bytes().splitlines()]
+
+
+async def test_append_rotates_by_size_into_complete_templated_files(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    options = (
+        'path = "out/orders.jsonl"\nrotate_bytes = 400\n'
+        'rotated_path = "archive/{stem}-{start:%Y%m%d}{suffix}"\nbatch_size = 8'
+    )
+    config = decode_test_config(file_sink_config(nats_server, unique, options), tmp_path)
+    js = nc.jetstream()
+    async with Bus(config):
+        for i in range(200):
+            await js.publish(f"out{unique}.x", orjson.dumps({"n": i}))
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
+    archive = sorted((tmp_path / "out" / "archive").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert len(archive) >= 4
+    assert all(p.name.startswith("orders-") and p.suffix == ".jsonl" for p in archive)
+    assert all(0 < p.stat().st_size <= 400 for p in archive)
+    # Every message exactly once, in order, across the rotated files and the live one.
+    assert sorted(lines_of(*archive, tmp_path / "out" / "orders.jsonl")) == list(range(200))
+    assert lines_of(*archive, tmp_path / "out" / "orders.jsonl") == list(range(200))
+
+
+async def test_append_rotates_when_the_time_window_changes(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    options = (
+        'path = "out.jsonl"\nrotate_every = "1s"\nrotated_path = "{stem}-{end:%H%M%S%f}{suffix}"'
+    )
+    config = decode_test_config(file_sink_config(nats_server, unique, options), tmp_path)
+    js = nc.jetstream()
+    async with Bus(config):
+        await js.publish(f"out{unique}.x", b'{"n": 1}')
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
+        second = int(time.time())
+
+        async def next_second() -> bool:
+            return int(time.time()) > second
+
+        await eventually(next_second)
+        await js.publish(f"out{unique}.x", b'{"n": 2}')
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
+    rotated = [name for name in tree(tmp_path) if name.startswith("out-")]
+    assert len(rotated) == 1
+    assert (tmp_path / rotated[0]).read_bytes() == b'{"n": 1}\n'
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"n": 2}\n'
+
+
+async def test_a_redelivered_batch_is_not_appended_twice_and_a_torn_tail_is_dropped(
+    tmp_path: Path,
+) -> None:
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl")
+    sink = FileSink(config, BuildContext(base_dir=tmp_path))
+    await sink.open()
+    await sink.write([message(1), message(2)])
+    # The engine's ack was lost: the same messages come again, with a new one.
+    await sink.write([message(1), message(2), message(3)])
+    await sink.close()
+    out = tmp_path / "out.jsonl"
+    assert lines_of(out) == [1, 2, 3]
+
+    # A crash after the data reached the file but before its index line: a torn tail.
+    append(out, b'{"n": 4}\n{"n": 5')
+    restarted = FileSink(config, BuildContext(base_dir=tmp_path))
+    await restarted.open()
+    assert lines_of(out) == [1, 2, 3]
+    await restarted.write([message(3), message(4), message(5)])  # redelivered after restart
+    await restarted.close()
+    assert lines_of(out) == [1, 2, 3, 4, 5]
+
+
+async def test_disk_full_leaves_no_partial_line_is_retryable_and_recovers(tmp_path: Path) -> None:
+    # A real short write: the file-size limit (RLIMIT_FSIZE) makes write() stop part-way and
+    # then fail with EFBIG, as a disk filling up does with ENOSPC.
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl", index_size=10)
+    sink = FileSink(config, BuildContext(base_dir=tmp_path))
+    await sink.open()
+    await sink.write([message(1)])
+    out = tmp_path / "out.jsonl"
+    before = out.read_bytes()
+    big = [message(n, data=orjson.dumps({"n": n, "pad": "x" * 3000})) for n in range(2, 6)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 5000, hard))
+        with pytest.raises(RetryableError) as raised:
+            await sink.write(big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert f"cannot write {out}: File too large" in str(raised.value)
+    assert sink.ready() is False
+    assert out.read_bytes() == before  # truncated back: no partial line
+    await sink.write(big)  # the retry
+    assert sink.ready() is True
+    await sink.close()
+    assert lines_of(out) == [1, 2, 3, 4, 5]
+
+
+async def test_per_message_files_are_named_from_the_message_and_written_once(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    options = (
+        'mode = "per-message"\n'
+        'path = "docs/{subject[1]}/{header[X-Tenant]}/{body[order.id]}-{seq}.json"'
+    )
+    config = decode_test_config(file_sink_config(nats_server, unique, options), tmp_path)
+    js = nc.jetstream()
+    async with Bus(config) as bus:
+        await js.publish(
+            f"out{unique}.invoices", b'{"order": {"id": 7}}', headers={"X-Tenant": "acme"}
+        )
+        await js.publish(
+            f"out{unique}.invoices", b'{"order": {"id": "../../etc"}}', headers={"X-Tenant": "a/b"}
+        )
+        await js.publish(f"out{unique}.invoices", b'{"order": {"id": 9}}')  # no X-Tenant
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
+        assert bus.metrics.stats[0].dead_lettered == 1
+    assert tree(tmp_path) == [
+        "docs/invoices/a_b/.._.._etc-2.json",
+        "docs/invoices/acme/7-1.json",
+    ]
+    assert (tmp_path / "docs/invoices/acme/7-1.json").read_bytes() == b'{"order": {"id": 7}}'
+    dead = [
+        m
+        for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
+        if m.subject == f"busway.deadletter.file{unique}"
+    ]
+    assert len(dead) == 1
+    assert dead[0].headers and "header 'X-Tenant' is missing" in dead[0].headers["Busway-Error"]
+
+
+async def test_per_message_readers_never_see_half_a_file_and_redelivery_makes_no_copy(
+    tmp_path: Path,
+) -> None:
+    config = FileSinkConfig(name="f", from_="x", mode="per-message", path="out/{id}.bin")
+    sink = FileSink(config, BuildContext(base_dir=tmp_path))
+    body = b"0123456789abcdef" * 16384  # 256 KiB
+    seen_sizes: set[int] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            folder = tmp_path / "out"
+            for path in list(folder.iterdir()) if folder.is_dir() else []:
+                if not path.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        seen_sizes.add(len(path.read_bytes()))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for start in range(0, 40, 8):
+            await sink.write([message(n, data=body) for n in range(start, start + 8)])
+        await sink.write([message(n, data=body) for n in range(0, 8)])  # redelivered
+    finally:
+        stop.set()
+        thread.join()
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == sorted(f"S:{n}.bin" for n in range(40))  # no temporary files left
+    assert seen_sizes <= {len(body)}
+    assert all(p.read_bytes() == body for p in (tmp_path / "out").iterdir())
+
+
+async def test_per_message_unwritable_directory_is_retried_until_it_works(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the sink wants a directory")
+    options = 'mode = "per-message"\npath = "out/{seq}.json"'
+    config = decode_test_config(file_sink_config(nats_server, unique, options), tmp_path)
+    js = nc.jetstream()
+    async with Bus(config) as bus:
+        await js.publish(f"out{unique}.x", b'{"n": 1}')
+        stats = bus.metrics.stats[0]
+
+        async def failing() -> bool:
+            return stats.retried >= 2
+
+        await eventually(failing)
+        assert bus.readiness()[f"sink:file{unique}"] is False
+        blocker.unlink()
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}")
+        assert bus.readiness()[f"sink:file{unique}"] is True
+        assert stats.dead_lettered == 0
+    assert (tmp_path / "out" / "1.json").read_bytes() == b'{"n": 1}'

@@ -1,26 +1,41 @@
-"""The `file` sink: append each message as one JSON line, fsync, then let the engine ack.
+"""The `file` sink: JSON lines appended to one file, or one file per message.
 
     [[sinks]]
     name = "big-orders-file"
     type = "file"
     from = "orders.big"
-    path = "var/out/big-orders.jsonl"
+    path = "var/out/big-orders.jsonl"       # mode = "append" (the default)
+    rotate_bytes = 104857600                # optional: rotate at 100 MiB ...
+    rotate_every = "1h"                     # ... or every hour (aligned to the clock)
 
-A batch is written with one `write` and one `fsync` in a worker thread; the engine acks its
-messages only after both returned, so an acked message is on disk. If the write fails midway
-(disk full), the file is truncated back to where the batch began: a reader never sees half a
-line, and the retried batch starts clean. A body that is not JSON is dead-lettered on its own
-while the rest of the batch is written.
+    [[sinks]]
+    name = "invoices-out"
+    type = "file"
+    from = "invoices.>"
+    mode = "per-message"
+    path = "var/out/{subject[1]}/{id}.json" # see _template for the placeholders
+
+`append` writes each JSON body as one line; a batch is one write, one fsync, and one line
+in the segment's id index (see `_append`), so a redelivery after a crash between the write and
+the ack is skipped rather than written twice, and a batch that failed halfway (disk full) is
+truncated away. A body that is not JSON is dead-lettered on its own while the rest of the
+batch is written.
+
+`per-message` writes each body as it is to its own file through a temporary name, fsync and
+rename (see `_per_message`): readers never see half a file.
+
+Either way, a file-system error (disk full, permission denied, read-only) naks the messages
+with back-off, is counted, and makes `ready()` false until a write succeeds again; the error
+says which path, what the system said, and what to do.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import datetime
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import orjson
@@ -29,33 +44,80 @@ from busway import (
     BatchError,
     BuildContext,
     DeliveryError,
+    Duration,
     Message,
     PermanentError,
     RetryableError,
     Sink,
     SinkConfig,
 )
+from busway.adapters.file._append import AppendWriter
+from busway.adapters.file._oserrors import delivery_error
+from busway.adapters.file._per_message import PerMessageWriter, WriteFailed
+from busway.adapters.file._template import MissingValue, PathTemplate
 
 __all__ = ["FileSink", "FileSinkConfig"]
 
 logger = logging.getLogger("busway.adapters.file")
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
 
 class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
-    """Append JSON lines to `path` (relative paths start at the config file's directory)."""
+    """Where and how to write (relative paths start at the config file's directory)."""
 
     path: str
+    mode: Literal["append", "per-message"] = "append"
     fsync: bool = True
+    rotate_bytes: int | None = None
+    rotate_every: Duration | None = None
+    rotated_path: str = "{stem}-{start:%Y%m%dT%H%M%SZ}{suffix}"
+    index_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "per-message":
+            PathTemplate(self.path)  # raises ValueError naming what is wrong
+            if self.rotate_bytes is not None or self.rotate_every is not None:
+                raise ValueError("rotate_bytes / rotate_every apply to mode = 'append' only")
+        if self.rotate_bytes is not None and self.rotate_bytes < 1:
+            raise ValueError("rotate_bytes must be at least 1")
+        if self.rotate_every is not None and float(self.rotate_every) <= 0:
+            raise ValueError("rotate_every must be positive")
+        if self.index_size < 1:
+            raise ValueError("index_size must be at least 1")
+        try:
+            self.rotated_path.format(stem="", suffix="", name="", start=_EPOCH, end=_EPOCH)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"rotated_path {self.rotated_path!r}: {exc!r}; use {{stem}}, {{suffix}}, "
+                "{name}, {start:%Y%m%d...} and {end:...}"
+            ) from None
 
 
 class FileSink(Sink):
-    """Appends message bodies as JSON lines; durable (fsynced) before the batch is acked."""
+    """Writes message bodies to files; durable (fsynced) before the batch is acked."""
 
     def __init__(self, config: FileSinkConfig, context: BuildContext) -> None:
         self.config = config
-        self.path: Path = context.resolve_path(config.path)
-        self._fd: int | None = None
         self._healthy = True
+        self._appender: AppendWriter | None = None
+        self._template: PathTemplate | None = None
+        self._writer: PerMessageWriter | None = None
+        if config.mode == "append":
+            self.path: Path = context.resolve_path(config.path)
+            self._appender = AppendWriter(
+                self.path,
+                fsync=config.fsync,
+                rotate_bytes=config.rotate_bytes,
+                rotate_every=float(config.rotate_every) if config.rotate_every else None,
+                rotated_path=config.rotated_path,
+                index_size=config.index_size,
+            )
+        else:
+            self.path = context.base_dir
+            self._template = PathTemplate(config.path)
+            self._writer = PerMessageWriter(fsync=config.fsync)
 
     async def open(self) -> None:
         """Open the file now, to report a bad path at start-up; a failure here is not fatal.
@@ -63,14 +125,32 @@ class FileSink(Sink):
         The path may become writable later (a volume mounted, space freed): messages wait,
         are retried with back-off, and readiness stays false until a write succeeds.
         """
+        if self._appender is None:
+            return
         try:
-            await anyio.to_thread.run_sync(self._open)
-        except RetryableError as exc:
-            logger.warning("%s", exc)
+            await anyio.to_thread.run_sync(self._appender.open)
+        except OSError as exc:
+            self._healthy = False
+            logger.warning("%s", delivery_error("open", self.path, exc))
 
     async def write(self, batch: Sequence[Message]) -> None:
-        """Append every JSON body of `batch` and fsync; non-JSON bodies fail on their own."""
-        lines = bytearray()
+        """Deliver `batch`; bodies that cannot be written fail on their own (BatchError)."""
+        if self._appender is not None:
+            await self._append(self._appender, batch)
+        else:
+            await self._write_files(batch)
+
+    async def close(self) -> None:
+        """Close the file."""
+        if self._appender is not None:
+            self._appender.close()
+
+    def ready(self) -> bool:
+        """False after a failed write, until a write succeeds again."""
+        return self._healthy
+
+    async def _append(self, appender: AppendWriter, batch: Sequence[Message]) -> None:
+        entries: list[tuple[str, bytes]] = []
         failures: dict[int, DeliveryError] = {}
         for index, message in enumerate(batch):
             data = message.data
@@ -82,54 +162,49 @@ class FileSink(Sink):
                     f"the file sink writes JSON lines"
                 )
                 continue
-            lines += data if b"\n" not in data else orjson.dumps(document)
-            lines += b"\n"
-        if lines:
-            await anyio.to_thread.run_sync(self._append, bytes(lines))
+            line = (data if b"\n" not in data else orjson.dumps(document)) + b"\n"
+            entries.append((f"{message.stream}:{message.sequence}", line))
+        if entries:
+            try:
+                await anyio.to_thread.run_sync(appender.write, entries)
+            except OSError as exc:
+                self._healthy = False
+                raise delivery_error("write", self.path, exc) from exc
+            self._healthy = True
         if failures:
             raise BatchError(failures)
 
-    async def close(self) -> None:
-        """Close the file."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def ready(self) -> bool:
-        """False after a failed write, until a write succeeds again."""
-        return self._healthy
-
-    def _open(self) -> int:
-        if self._fd is None:
+    async def _write_files(self, batch: Sequence[Message]) -> None:
+        assert self._template is not None
+        assert self._writer is not None
+        items: list[tuple[int, Path, bytes]] = []
+        failures: dict[int, DeliveryError] = {}
+        base = self.path
+        for index, message in enumerate(batch):
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            except OSError as exc:
-                self._healthy = False
-                raise RetryableError(self._explain("open", exc)) from exc
-        return self._fd
-
-    def _append(self, data: bytes) -> None:
-        fd = self._open()
-        start = os.fstat(fd).st_size
+                relative = self._template.render(message)
+            except MissingValue as exc:
+                failures[index] = PermanentError(
+                    f"message {message.id} on {message.subject}: cannot name its file from "
+                    f"{self._template.template!r}: {exc}"
+                )
+                continue
+            items.append((index, base / relative, message.data))
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if self.config.fsync:
-                os.fsync(fd)
-        except OSError as exc:
+            await anyio.to_thread.run_sync(self._writer.write, items)
+        except WriteFailed as failed:
             self._healthy = False
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            raise RetryableError(self._explain("write", exc)) from exc
-        self._healthy = True
-
-    def _explain(self, action: str, exc: OSError) -> str:
-        hint = {
-            errno.ENOSPC: "the disk is full: free space; messages wait and are retried",
-            errno.EACCES: "permission denied: give the busway user write access",
-            errno.EROFS: "the file system is read-only",
-        }.get(exc.errno or 0, "messages wait and are retried")
-        return f"cannot {action} {self.path}: {exc.strerror} ({hint})"
+            error = delivery_error(failed.action, failed.path, failed.error)
+            logger.warning("%s", error)
+            started = False
+            for index, _, _ in items:
+                if index == failed.index:
+                    started = True
+                    failures[index] = error
+                elif started:  # not attempted: the batch stopped at the failure
+                    failures[index] = RetryableError(f"not written yet: {error}")
+        else:
+            if items:
+                self._healthy = True
+        if failures:
+            raise BatchError(failures)

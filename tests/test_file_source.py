@@ -1,0 +1,378 @@
+"""The `file` source on real directories: watched, claimed once, published, moved after PubAcks."""
+
+from __future__ import annotations
+
+import codecs
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import nats
+import nats.js.errors
+import orjson
+import pytest
+from prometheus_client import generate_latest
+from nats.aio.client import Client as NatsClient
+
+from busway import Bus, StartupError
+from tests.files_support import (
+    append,
+    drop,
+    file_source,
+    header,
+    jsonl,
+    messages_of,
+    names,
+    source_config,
+)
+from tests.support import NatsServer, decode_test_config, eventually, stream_messages
+from tests.test_daemon import Daemon, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for_files(folder: Path, expected: list[str], timeout: float = 30.0) -> None:
+    async def arrived() -> bool:
+        return names(folder) == expected
+
+    await eventually(arrived, timeout=timeout)
+
+
+async def dead_letters(nc: NatsClient, component: str) -> list[object]:
+    return [
+        m
+        for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
+        if m.subject == f"busway.deadletter.{component}"
+    ]
+
+
+async def test_jsonl_files_at_start_up_and_dropped_while_running_are_published_once(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    drop(inbox / "a.jsonl", jsonl(300))
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='ready = "rename"'), tmp_path
+    )
+    async with Bus(config) as bus:
+        await wait_for_files(inbox / "done", ["a.jsonl"])
+        b_content = b'{"n": 1}\n\n  \n{"n": 2}\r\n'  # blank lines, CRLF
+        drop(inbox / "b.jsonl", b_content)
+        await wait_for_files(inbox / "done", ["a.jsonl", "b.jsonl"])
+        source = file_source(bus)
+        stats = bus.metrics.stats[0]
+        assert (source.files.claimed, source.files.done, source.files.failed) == (2, 2, 0)
+        assert source.files.bytes == len(jsonl(300)) + len(b_content)
+        assert (stats.received, stats.published, stats.dead_lettered) == (302, 302, 0)
+        assert stats.events["files_done"] == 2
+        metrics = generate_latest(bus.metrics_registry).decode()
+        assert 'event="files_claimed",kind="source"} 2.0' in metrics
+
+    messages = await messages_of(nc, f"IN_{unique}")
+    a = [m for m in messages if header(m, "Busway-File") == "a.jsonl"]
+    b = [m for m in messages if header(m, "Busway-File") == "b.jsonl"]
+    assert [orjson.loads(m.data)["n"] for m in a] == list(range(1, 301))
+    assert [header(m, "Busway-File-Line") for m in a] == [str(i) for i in range(1, 301)]
+    assert [m.data for m in b] == [b'{"n": 1}', b'{"n": 2}']
+    assert [header(m, "Busway-File-Line") for m in b] == ["1", "4"]
+    ids = [header(m, "Nats-Msg-Id") for m in messages]
+    assert len(set(ids)) == 302
+    assert all(i.startswith(f"inbox{unique}:") for i in ids)
+    assert ids[0].endswith(":1")
+    assert names(inbox) == []
+    assert names(inbox / "processing") == []
+
+
+async def test_a_file_written_slowly_is_not_taken_before_it_is_stable(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='stable_for = "1s"'), tmp_path
+    )
+    async with Bus(config):
+        # An appender that reopens the file by name for every line, as loggers do: had the
+        # source claimed it early, the next lines would start a second file in the inbox.
+        for i in range(1, 16):
+            append(inbox / "slow.jsonl", b'{"n": %d}\n' % i)
+            await anyio.sleep(0.1)
+        await wait_for_files(inbox / "done", ["slow.jsonl"])
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data)["n"] for m in messages] == list(range(1, 16))
+    assert names(inbox) == []
+
+
+async def test_marker_mode_waits_for_the_done_file_and_ignores_others(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "marker"\npatterns = ["*.jsonl"]'
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    async with Bus(config):
+        (inbox / "first.jsonl").write_bytes(jsonl(3))
+        (inbox / "notes.txt").write_bytes(b"not matched")
+        (inbox / ".hidden.jsonl").write_bytes(jsonl(1))
+        (inbox / "second.jsonl").write_bytes(jsonl(2, start=10))
+        (inbox / "second.jsonl.done").touch()
+        await wait_for_files(inbox / "done", ["second.jsonl"])
+        # The scan that took `second` saw `first` too, without its marker: it stays.
+        assert names(inbox) == [".hidden.jsonl", "first.jsonl", "notes.txt"]
+        (inbox / "first.jsonl.done").touch()
+        await wait_for_files(inbox / "done", ["first.jsonl", "second.jsonl"])
+        assert names(inbox) == [".hidden.jsonl", "notes.txt"]  # the marker is removed
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert sorted(orjson.loads(m.data)["n"] for m in messages) == [1, 2, 3, 10, 11]
+
+
+async def test_two_daemons_on_one_directory_process_each_file_exactly_once(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "rename"\nconcurrency = 2\nwindow = 64'
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    files = [f"f{i:02}.jsonl" for i in range(24)]
+    async with Bus(config) as one, Bus(config) as two:
+        for i, name in enumerate(files):
+            drop(inbox / name, jsonl(100, start=i * 100))
+        await wait_for_files(inbox / "done", files, timeout=60)
+        sources = [file_source(one), file_source(two)]
+        published = [bus.metrics.stats[0].published for bus in (one, two)]
+    # Had both taken a file, both would have published (and counted) its lines; the stream's
+    # dedup would hide the copies, so count what each daemon published, not what is stored.
+    assert sum(published) == 2400
+    assert sum(s.files.claimed + s.files.resumed for s in sources) == 24
+    assert sum(s.files.done for s in sources) == 24
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert sorted(orjson.loads(m.data)["n"] for m in messages) == list(range(2400))
+    assert names(inbox / "processing") == []
+
+
+async def test_csv_quotes_embedded_newlines_bom_and_bad_rows(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "rename"\nformat = "csv"'
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    text = (
+        "id,name,comment\r\n"
+        '1,"Smith, Ada","said ""hi"""\r\n'
+        '2,Bob,"two\nlines"\r\n'
+        "3,short\r\n"
+        "\r\n"
+        "4,Zoë,ok\r\n"
+    )
+    async with Bus(config) as bus:
+        drop(inbox / "people.csv", codecs.BOM_UTF8 + text.encode())
+        await wait_for_files(inbox / "done", ["people.csv"])
+        stats = bus.metrics.stats[0]
+        assert (stats.received, stats.published, stats.dead_lettered) == (4, 3, 1)
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data) for m in messages] == [
+        {"id": "1", "name": "Smith, Ada", "comment": 'said "hi"'},
+        {"id": "2", "name": "Bob", "comment": "two\nlines"},
+        {"id": "4", "name": "Zoë", "comment": "ok"},
+    ]
+    assert [header(m, "Busway-File-Line") for m in messages] == ["2", "3", "7"]
+    assert [header(m, "Busway-File-Row") for m in messages] == ["1", "2", "4"]
+    dead = await dead_letters(nc, f"inbox{unique}")
+    assert len(dead) == 1
+    assert dead[0].data == b"3,short\r\n"  # type: ignore[attr-defined]
+    assert header(dead[0], "Busway-Origin") == "people.csv:5"  # type: ignore[arg-type]
+    assert "row has 2 fields, the header has 3" in header(dead[0], "Busway-Error")  # type: ignore[arg-type]
+
+
+async def test_csv_in_another_encoding_and_delimiter(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = (
+        'ready = "rename"\nformat = "csv"\nencoding = "latin-1"\ndelimiter = ";"\nquotechar = "\'"'
+    )
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    async with Bus(config):
+        drop(
+            inbox / "ventes.csv",
+            "ville;prix\n'Orléans; centre';12,50\nGenève;3\n".encode("latin-1"),
+        )
+        await wait_for_files(inbox / "done", ["ventes.csv"])
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data) for m in messages] == [
+        {"ville": "Orléans; centre", "prix": "12,50"},
+        {"ville": "Genève", "prix": "3"},
+    ]
+
+
+async def test_bad_jsonl_lines_are_dead_lettered_with_file_and_line(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "rename"\nmax_line = 64'
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    content = b'{"n": 1}\n{"n": \n{"n": 3}\n{"long": "' + b"x" * 100 + b'"}\n{"n": 5}\n'
+    async with Bus(config) as bus:
+        drop(inbox / "mixed.jsonl", content)
+        await wait_for_files(inbox / "done", ["mixed.jsonl"])
+        assert bus.metrics.stats[0].dead_lettered == 2
+        assert bus.metrics.stats[0].errors == {"bad_line": 2}
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [m.data for m in messages] == [b'{"n": 1}', b'{"n": 3}', b'{"n": 5}']
+    dead = await dead_letters(nc, f"inbox{unique}")
+    assert [header(m, "Busway-File-Line") for m in dead] == ["2", "4"]  # type: ignore[arg-type]
+    assert [header(m, "Busway-File") for m in dead] == ["mixed.jsonl"] * 2  # type: ignore[arg-type]
+    assert "not JSON" in header(dead[0], "Busway-Error")  # type: ignore[arg-type]
+    assert "longer than max_line" in header(dead[1], "Busway-Error")  # type: ignore[arg-type]
+
+
+async def test_fail_file_mode_moves_a_bad_file_to_failed_and_publishes_none_of_it(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "rename"\non_error = "fail-file"'
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    async with Bus(config) as bus:
+        drop(inbox / "bad.jsonl", b'{"n": 1}\n{"n": 2}\nnot json\n{"n": 4}\n')
+        drop(inbox / "good.jsonl", jsonl(2))
+        await wait_for_files(inbox / "failed", ["bad.jsonl", "bad.jsonl.error"])
+        await wait_for_files(inbox / "done", ["good.jsonl"])
+        assert file_source(bus).files.failed == 1
+    error = (inbox / "failed" / "bad.jsonl.error").read_text()
+    assert "line 3: not JSON" in error
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [header(m, "Busway-File") for m in messages] == ["good.jsonl"] * 2
+    assert await dead_letters(nc, f"inbox{unique}") == []
+
+
+async def test_whole_files_are_one_message_with_their_metadata_and_deleted_when_done(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "rename"\nformat = "whole"\non_done = "delete"\nmax_size = 4096'
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    payload = bytes(range(256)) * 4
+    async with Bus(config) as bus:
+        drop(inbox / "scan.pdf", payload)
+        drop(inbox / "huge.bin", b"x" * 5000)
+        await wait_for_files(inbox / "failed", ["huge.bin", "huge.bin.error"])
+
+        async def deleted() -> bool:
+            return file_source(bus).files.done == 1
+
+        await eventually(deleted)
+    assert names(inbox) == []
+    assert not (inbox / "done").exists()
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [m.data for m in messages] == [payload]
+    assert header(messages[0], "Busway-File-Size") == "1024"
+    assert header(messages[0], "Content-Type") == "application/pdf"
+    assert header(messages[0], "Busway-File-Mtime").endswith("Z")
+    assert "larger than max_size" in (inbox / "failed" / "huge.bin.error").read_text()
+
+
+async def test_an_inbox_that_cannot_be_a_directory_refuses_to_start(
+    nats_server: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    # Tests run as root, where chmod cannot deny access; a path under a regular file is
+    # refused to root as well (ENOTDIR), which is what a permission problem looks like here.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file")
+    config = decode_test_config(source_config(nats_server, unique, blocker / "inbox"), tmp_path)
+    with pytest.raises((StartupError, BaseExceptionGroup)) as raised:
+        async with Bus(config):
+            pass
+    # The engine currently lets the source's StartupError out inside an exception group.
+    error: BaseException = raised.value
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    assert isinstance(error, StartupError)
+    assert f"cannot use inbox {blocker}/inbox: Not a directory" in str(error)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test started; any still running at the end are killed by pid."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_file_and_a_restart_store_exactly_the_files_lines(
+    nats_server: NatsServer, unique: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    total = 20_000
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = tmp_path / "busway.toml"
+    # A window of 2 slows publishing down enough for the kill to land mid-file; checkpoints
+    # every 100 ms make the restart resume from one, and re-publish what followed it.
+    options = 'ready = "rename"\nwindow = 2\ncheckpoint_every = "100ms"'
+    config.write_text(source_config(nats_server, unique, inbox, options=options))
+    padding = "x" * 60
+    drop(
+        inbox / "big.jsonl",
+        b"".join(b'{"n": %d, "pad": "%s"}\n' % (i, padding.encode()) for i in range(1, total + 1)),
+    )
+
+    async def stored() -> int:
+        client = await nats.connect(nats_server.url)
+        try:
+            return (await client.jetstream().stream_info(f"IN_{unique}")).state.messages
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await client.close()
+
+    async def stored_lines() -> list[int]:
+        client = await nats.connect(nats_server.url)
+        try:
+            return [
+                orjson.loads(m.data)["n"] for m in await stream_messages(client, f"IN_{unique}")
+            ]
+        finally:
+            await client.close()
+
+    first = Daemon(config)
+    daemons.append(first)
+    first.wait_ready()
+    wait_for(lambda: anyio.run(stored) >= 3000, "3000 lines stored before the kill", timeout=60)
+    first.kill()
+    assert first.process.returncode == -signal.SIGKILL
+    killed_at = anyio.run(stored)
+    assert killed_at < total, "the kill must land mid-file"
+    assert names(inbox / "processing") == ["big.jsonl"]
+
+    second = Daemon(config)
+    daemons.append(second)
+    second.wait_ready()
+    wait_for(lambda: names(inbox / "done") == ["big.jsonl"], "the file done", timeout=120)
+    assert "resuming big.jsonl" in second.output()
+    lines = anyio.run(stored_lines)
+    assert len(lines) == total
+    assert sorted(lines) == list(range(1, total + 1))
+    assert names(inbox / "processing") == []
+    assert second.terminate() == 0
