@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import httpx
 import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.api import DiscardPolicy
 
 from busway import Bus
 from tests.support import NatsServer, decode_test_config, stream_messages
@@ -122,3 +124,262 @@ async def test_operational_endpoints(bus: Bus, http: httpx.AsyncClient) -> None:
     metrics = (await http.get("/metrics")).text
     assert 'busway_messages_published_total{component="api",kind="source"} 1.0' in metrics
     assert 'busway_messages_received_total{component="api",kind="source"} 1.0' in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Path templates, methods, NDJSON, bytes, CloudEvents, rate limits
+
+KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture
+async def rich(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    # A stream that takes two messages and refuses the rest: a JetStream failure on demand.
+    await nc.jetstream().add_stream(
+        name=f"CAP_{unique}",
+        subjects=[f"cap{unique}.>"],
+        max_msgs=2,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=60,
+    )
+    config = decode_test_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+publish_timeout = "2s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[streams]]
+name = "CAP_{unique}"
+subjects = ["cap{unique}.>"]
+create = false
+
+[[sources]]
+name = "regional"
+type = "http"
+path = "/regional/{{region}}/{{kind}}"
+subject = "in{unique}.regional.{{region}}.{{kind}}"
+methods = ["POST", "PUT"]
+
+[[sources]]
+name = "raw"
+type = "http"
+path = "/raw"
+subject = "in{unique}.raw"
+content = "bytes"
+
+[[sources]]
+name = "lines"
+type = "http"
+path = "/lines"
+subject = "in{unique}.lines"
+
+[[sources]]
+name = "capped"
+type = "http"
+path = "/capped"
+subject = "cap{unique}.x"
+
+[[sources]]
+name = "limited"
+type = "http"
+path = "/limited"
+subject = "in{unique}.limited"
+auth = {{ api_keys = ["{key_hash(KEY_A)}", "{key_hash(KEY_B)}"] }}
+rate_limit = {{ rate = 0.01, burst = 3 }}
+""",
+        tmp_path,
+    )
+    async with (
+        Bus(config) as running,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.http_port}") as client,
+    ):
+        client.bus = running  # type: ignore[attr-defined]
+        yield client
+
+
+def errors_of(client: httpx.AsyncClient, source: str) -> dict[str, int]:
+    bus: Bus = client.bus  # type: ignore[attr-defined]
+    return next(s.errors for s in bus.metrics.stats if s.name == source)
+
+
+async def test_path_parameters_become_subject_tokens(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    assert (await rich.post("/regional/eu/new", json={"n": 1})).status_code == 202
+    assert (await rich.put("/regional/us-east/update", json={"n": 2})).status_code == 202
+    assert (await rich.get("/regional/eu/new")).status_code == 405
+    stored = await stream_messages(nc, f"IN_{unique}")
+    assert [m.subject for m in stored] == [
+        f"in{unique}.regional.eu.new",
+        f"in{unique}.regional.us-east.update",
+    ]
+
+
+@pytest.mark.parametrize("region", ["e.u", "%2A", "%3E", "a%20b", "e%2Eu"])
+async def test_a_path_parameter_that_is_not_one_safe_token_is_refused(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str, region: str
+) -> None:
+    response = await rich.post(f"/regional/{region}/new", json={"n": 1})
+    assert response.status_code == 400
+    assert response.json()["field"] == "path.region"
+    assert (await nc.jetstream().stream_info(f"IN_{unique}")).state.messages == 0
+
+
+async def test_opaque_bytes_keep_their_content_type(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    body = b"\x89PNG\r\n\x1a\n\x00binary"
+    response = await rich.post("/raw", content=body, headers={"content-type": "image/png"})
+    assert response.status_code == 202
+    [stored] = await stream_messages(nc, f"IN_{unique}")
+    assert stored.data == body
+    assert stored.headers and stored.headers["Content-Type"] == "image/png"
+
+
+async def test_ndjson_lines_are_published_one_message_each_with_per_line_answers(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    body = b'{"n": 1}\n{"n": 2,\n\n{"n": 4}\n'
+    headers = {"content-type": "application/x-ndjson", "Idempotency-Key": "batch-7"}
+    response = await rich.post("/lines", content=body, headers=headers)
+    assert response.status_code == 207
+    answer = response.json()
+    assert (answer["accepted"], answer["failed"]) == (2, 1)
+    assert [(r["line"], r["status"]) for r in answer["results"]] == [(1, 202), (2, 400), (4, 202)]
+    assert answer["results"][1]["field"] == "body.line[2]"
+    assert [r.get("id") for r in answer["results"]] == ["lines:batch-7:1", None, "lines:batch-7:4"]
+    stored = await stream_messages(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data) for m in stored] == [{"n": 1}, {"n": 4}]
+
+    # The client retries the whole body with the same key: nothing is stored twice.
+    again = await rich.post("/lines", content=body, headers=headers)
+    assert again.status_code == 207
+    assert [r.get("duplicate") for r in again.json()["results"]] == [True, None, True]
+    assert (await nc.jetstream().stream_info(f"IN_{unique}")).state.messages == 2
+
+
+async def test_ndjson_with_every_line_bad_is_a_400(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    response = await rich.post(
+        "/lines", content=b"nope\n{\n", headers={"content-type": "application/x-ndjson"}
+    )
+    assert response.status_code == 400
+    assert [r["status"] for r in response.json()["results"]] == [400, 400]
+    assert (await nc.jetstream().stream_info(f"IN_{unique}")).state.messages == 0
+
+
+async def test_ndjson_lines_jetstream_refuses_are_503_lines_in_a_207(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    body = b"".join(b'{"n": %d}\n' % n for n in range(4))
+    response = await rich.post(
+        "/capped", content=body, headers={"content-type": "application/x-ndjson"}
+    )
+    assert response.status_code == 207
+    assert [r["status"] for r in response.json()["results"]] == [202, 202, 503, 503]
+    stored = await stream_messages(nc, f"CAP_{unique}")
+    assert [orjson.loads(m.data) for m in stored] == [{"n": 0}, {"n": 1}]
+    # Nothing stored at all: 503, so the client knows a retry can work.
+    response = await rich.post(
+        "/capped", content=b'{"n": 9}\n', headers={"content-type": "application/x-ndjson"}
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_cloudevents_binary_mode_keeps_attributes_as_headers(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "evt-1",
+        "ce-source": "/partners/acme",
+        "ce-type": "com.acme.order.created",
+        "ce-tenant": "acme",
+        "content-type": "application/json",
+    }
+    first = await rich.post("/lines", content=b'{"n": 1}', headers=headers)
+    second = await rich.post("/lines", content=b'{"n": 1}', headers=headers)
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert second.json()["duplicate"] is True  # the same source + id is the same event
+    [stored] = await stream_messages(nc, f"IN_{unique}")
+    assert stored.data == b'{"n": 1}'
+    assert stored.headers is not None
+    assert {k: v for k, v in stored.headers.items() if k.startswith("ce-")} == {
+        "ce-specversion": "1.0",
+        "ce-id": "evt-1",
+        "ce-source": "/partners/acme",
+        "ce-type": "com.acme.order.created",
+        "ce-tenant": "acme",
+    }
+    bad = await rich.post("/lines", content=b"{}", headers={**headers, "ce-type": ""})
+    assert bad.status_code == 400
+    assert "type" in bad.json()["detail"]
+
+
+async def test_cloudevents_structured_mode_splits_data_and_attributes(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    event = {
+        "specversion": "1.0",
+        "id": "evt-2",
+        "source": "/crm",
+        "type": "com.example.customer.updated",
+        "datacontenttype": "application/json",
+        "time": "2026-01-01T00:00:00Z",
+        "priority": 3,
+        "data": {"customer": "Ada"},
+    }
+    response = await rich.post(
+        "/lines",
+        content=orjson.dumps(event),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert response.status_code == 202
+    [stored] = await stream_messages(nc, f"IN_{unique}")
+    assert orjson.loads(stored.data) == {"customer": "Ada"}
+    assert stored.headers is not None
+    assert stored.headers["Content-Type"] == "application/json"
+    assert stored.headers["ce-id"] == "evt-2"
+    assert stored.headers["ce-time"] == "2026-01-01T00:00:00Z"
+    assert stored.headers["ce-priority"] == "3"
+
+
+async def test_api_keys_and_the_rate_limit_per_key(
+    rich: httpx.AsyncClient, nc: NatsClient, unique: str
+) -> None:
+    missing = await rich.post("/limited", json={"n": 0})
+    wrong = await rich.post("/limited", json={"n": 0}, headers={"X-API-Key": "guess"})
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert "ApiKey" in missing.headers["www-authenticate"]
+    answers = [
+        (await rich.post("/limited", json={"n": n}, headers={"X-API-Key": KEY_A})).status_code
+        for n in range(5)
+    ]
+    assert answers == [202, 202, 202, 429, 429]
+    limited = await rich.post("/limited", json={"n": 9}, headers={"X-API-Key": KEY_A})
+    assert limited.status_code == 429
+    assert int(limited.headers["retry-after"]) >= 1
+    # Another client has its own bucket.
+    other = await rich.post("/limited", json={"n": 5}, headers={"X-API-Key": KEY_B})
+    assert other.status_code == 202
+    assert (await nc.jetstream().stream_info(f"IN_{unique}")).state.messages == 4
+    assert errors_of(rich, "limited") == {
+        "unauthenticated": 1,
+        "bad_api_key": 1,
+        "rate_limited": 3,
+    }

@@ -1,8 +1,16 @@
-"""HTTP adapters: the `http` source, an ingest endpoint that answers 202 once stored."""
+"""HTTP adapters: the `http` source (an ingest API that answers 202 once stored) and the `http`
+sink (webhook delivery with retries, signatures and optional batching)."""
 
 from busway import Adapter
+from busway.adapters.http.sink import HttpSink, HttpSinkConfig
 from busway.adapters.http.source import HttpSource, HttpSourceConfig
 
-__all__ = ["HttpSource", "HttpSourceConfig", "adapter"]
+__all__ = ["HttpSink", "HttpSinkConfig", "HttpSource", "HttpSourceConfig", "adapter"]
 
-adapter = Adapter(type="http", source_config=HttpSourceConfig, create_source=HttpSource)
+adapter = Adapter(
+    type="http",
+    source_config=HttpSourceConfig,
+    create_source=HttpSource,
+    sink_config=HttpSinkConfig,
+    create_sink=HttpSink,
+)

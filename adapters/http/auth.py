@@ -1,0 +1,247 @@
+"""Who is calling: API keys hashed at rest, or JWT bearer tokens checked against a JWKS.
+
+    [sources.auth]
+    api_keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+    api_key_header = "X-API-Key"
+
+    [sources.auth.jwt]
+    jwks_url = "https://login.example/.well-known/jwks.json"   # or jwks_file = "jwks.json"
+    issuer = "https://login.example/"
+    audience = "orders-api"
+    algorithms = ["RS256", "ES256"]
+
+An API key is compared as its SHA-256 with `hmac.compare_digest` against every configured hash
+(the config never holds a usable key, and the time taken does not say which hash came close).
+A JWT must name an allowed `alg` that fits its key's type: `none` is never allowed, and an RSA
+or EC key is never used as an HMAC secret (the HS/RS confusion attack), whatever the token
+says. `exp` is required; `exp`, `nbf` and `iat` get `leeway` seconds of clock skew; `iss` and
+`aud` must match. PyJWT (with `cryptography`) does the cryptography: it is the most used JOSE
+library for Python, maintained, and small; the checks that need context (alg against key type,
+kid lookup and refresh) are ours, in `jwks.py` and here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import msgspec
+from jwt.exceptions import InvalidTokenError
+
+from busway import BuildContext, Duration
+from busway.adapters.http.client import fetch_bytes
+from busway.adapters.http.jwks import JwksCache, SigningKey
+
+__all__ = ["AuthConfig", "AuthFailure", "Authenticator", "Identity", "JwtConfig"]
+
+_KEY_HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
+# The algorithms a key type may verify; a token's `alg` must be one of its key's.
+_ALGORITHMS_BY_KEY_TYPE = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC": frozenset({"ES256", "ES384", "ES512"}),
+    "OKP": frozenset({"EdDSA"}),
+    "oct": frozenset({"HS256", "HS384", "HS512"}),
+}
+_KNOWN_ALGORITHMS = frozenset().union(*_ALGORITHMS_BY_KEY_TYPE.values())
+
+
+class JwtConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Bearer tokens: where the keys are, and what a token must say."""
+
+    issuer: str
+    audience: str | list[str]
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256"])
+    leeway: Duration = Duration(10.0)
+    refresh: Duration = Duration(600.0)
+    min_refresh: Duration = Duration(30.0)
+    fetch_timeout: Duration = Duration(5.0)
+
+    def __post_init__(self) -> None:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwt.jwks_file and jwt.jwks_url")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("jwt.jwks_url must be an http(s) URL")
+        if not self.algorithms:
+            raise ValueError("jwt.algorithms must allow at least one algorithm")
+        for algorithm in self.algorithms:
+            if algorithm not in _KNOWN_ALGORITHMS:
+                raise ValueError(
+                    f"jwt.algorithms: {algorithm!r} is not allowed; choose from "
+                    f"{', '.join(sorted(_KNOWN_ALGORITHMS))} ('none' never is)"
+                )
+        if not self.audience:
+            raise ValueError("jwt.audience must name at least one audience")
+
+
+class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-source authentication: API keys, JWT, or both (either one admits a request)."""
+
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    api_key_header: str = "X-API-Key"
+    jwt: JwtConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.api_keys and self.jwt is None:
+            raise ValueError("auth needs api_keys, jwt, or both")
+        for i, key in enumerate(self.api_keys):
+            if not _KEY_HASH.match(key):
+                raise ValueError(
+                    f"api_keys[{i}] must be 'sha256:<64 lowercase hex>' (the key's hash, e.g. "
+                    '`printf %s "$KEY" | sha256sum`), never the key itself'
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated caller; `client` keys its rate limit (`key:<id>` or `sub:<subject>`)."""
+
+    client: str
+    claims: Mapping[str, Any] | None = None
+
+
+class AuthFailure(Exception):
+    """The request is not admitted: 401 (credentials) or 503 (keys cannot be loaded)."""
+
+    def __init__(self, detail: str, *, status: int = 401, reason: str = "unauthorized") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+        self.reason = reason
+
+
+class Authenticator:
+    """Checks a request's credentials against one source's `AuthConfig`."""
+
+    def __init__(self, config: AuthConfig, context: BuildContext) -> None:
+        self.config = config
+        self.header = config.api_key_header
+        self._hashes = [bytes.fromhex(key[len("sha256:") :]) for key in config.api_keys]
+        self._jwt = config.jwt
+        self.jwks: JwksCache | None = None
+        if config.jwt is not None:
+            jwt_config = config.jwt
+            if jwt_config.jwks_file is not None:
+                self.jwks = JwksCache.from_file(
+                    context.resolve_path(jwt_config.jwks_file),
+                    refresh=jwt_config.refresh,
+                    min_refresh=jwt_config.min_refresh,
+                )
+            else:
+                url = jwt_config.jwks_url
+                assert url is not None
+
+                async def load() -> bytes:
+                    return await fetch_bytes(url, timeout=jwt_config.fetch_timeout)
+
+                self.jwks = JwksCache(
+                    load,
+                    where=url,
+                    refresh=jwt_config.refresh,
+                    min_refresh=jwt_config.min_refresh,
+                )
+            self._audience = (
+                [jwt_config.audience]
+                if isinstance(jwt_config.audience, str)
+                else list(jwt_config.audience)
+            )
+            self._algorithms = frozenset(jwt_config.algorithms)
+
+    @property
+    def challenge(self) -> str:
+        """The `WWW-Authenticate` value of a 401."""
+        schemes = []
+        if self._jwt is not None:
+            schemes.append('Bearer realm="busway"')
+        if self._hashes:
+            schemes.append(f'ApiKey realm="busway", header="{self.header}"')
+        return ", ".join(schemes)
+
+    async def start(self) -> None:
+        """Load the JWKS once at start-up; a failure is logged and retried on use."""
+        if self.jwks is not None:
+            await self.jwks.reload()
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Identity:
+        """The caller's identity, or AuthFailure saying what is wrong."""
+        presented = headers.get(self.header)
+        if presented is not None and self._hashes:
+            return self._check_api_key(presented)
+        authorization = headers.get("authorization")
+        if authorization is not None and self._jwt is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return await self._check_jwt(token.strip())
+        wanted = " or ".join(
+            ([f"an {self.header} header"] if self._hashes else [])
+            + (["an Authorization: Bearer token"] if self._jwt is not None else [])
+        )
+        raise AuthFailure(f"missing credentials: send {wanted}", reason="unauthenticated")
+
+    def _check_api_key(self, presented: str) -> Identity:
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        matched = False
+        for known in self._hashes:  # no early exit: every hash is compared
+            matched |= hmac.compare_digest(digest, known)
+        if not matched:
+            raise AuthFailure("unknown API key", reason="bad_api_key")
+        return Identity(client=f"key:{digest.hex()[:12]}")
+
+    async def _check_jwt(self, token: str) -> Identity:
+        assert self._jwt is not None
+        assert self.jwks is not None
+        try:
+            header = jwt.get_unverified_header(token)
+        except InvalidTokenError as exc:
+            raise AuthFailure(f"malformed bearer token: {exc}", reason="bad_token") from None
+        algorithm = header.get("alg")
+        if algorithm not in self._algorithms:
+            raise AuthFailure(
+                f"token algorithm {algorithm!r} is not allowed here "
+                f"(allowed: {', '.join(sorted(self._algorithms))})",
+                reason="bad_token",
+            )
+        kid = header.get("kid")
+        key = await self.jwks.find(kid if isinstance(kid, str) else None)
+        if key is None:
+            if not self.jwks.loaded:
+                raise AuthFailure(
+                    f"cannot check tokens now: {self.jwks.last_error}",
+                    status=503,
+                    reason="jwks_unavailable",
+                )
+            raise AuthFailure(f"token signed with unknown key id {kid!r}", reason="bad_token")
+        _check_algorithm_fits(algorithm, key)
+        try:
+            claims = jwt.decode(
+                token,
+                key.jwk.key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._jwt.issuer,
+                leeway=float(self._jwt.leeway),
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except InvalidTokenError as exc:
+            raise AuthFailure(f"invalid bearer token: {exc}", reason="bad_token") from None
+        subject = claims.get("sub")
+        return Identity(
+            client=f"sub:{subject}" if subject else f"iss:{claims['iss']}", claims=claims
+        )
+
+
+def _check_algorithm_fits(algorithm: str, key: SigningKey) -> None:
+    """Refuse `alg` values the key was not made for: HS256 over an RSA key, RS256 over oct."""
+    fits = _ALGORITHMS_BY_KEY_TYPE.get(key.kty, frozenset())
+    if algorithm not in fits or (key.alg is not None and key.alg != algorithm):
+        raise AuthFailure(
+            f"token algorithm {algorithm!r} does not fit key {key.kid!r} "
+            f"({key.kty}{', pinned to ' + key.alg if key.alg else ''})",
+            reason="bad_token",
+        )
