@@ -172,7 +172,9 @@ class ConsumerComponent(abc.ABC):
         JetStream would redeliver them while busway still holds them, and a peer would receive
         them twice. Subclasses that hold messages start it in `start_workers`.
         """
-        interval = max(0.5, self.ack_wait / 3)
+        # A message is refreshed at most two intervals after it arrived (or was last
+        # refreshed): half of ack_wait, leaving the other half as margin on a loaded machine.
+        interval = max(0.05, self.ack_wait / 4)
         while True:
             await anyio.sleep(interval)
             cutoff = time.monotonic() - interval
