@@ -37,6 +37,18 @@ from busway._config import (
     decode_config,
     load_config,
 )
+from busway._dlq import (
+    DeadLetter,
+    DeadLetterError,
+    DeadLetterFilters,
+    ReplayOutcome,
+    ReplayReport,
+    get_dead_letter,
+    iter_dead_letters,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 from busway._durations import Duration
 from busway._errors import (
     BatchError,
@@ -64,7 +76,10 @@ __all__ = [
     "ComponentStats",
     "Config",
     "ConfigError",
+    "DeadLetter",
     "DeadLetterConfig",
+    "DeadLetterError",
+    "DeadLetterFilters",
     "DeliveryError",
     "Duration",
     "HttpConfig",
@@ -75,6 +90,8 @@ __all__ = [
     "PublishError",
     "Publisher",
     "ReloadReport",
+    "ReplayOutcome",
+    "ReplayReport",
     "Reply",
     "RetryPolicy",
     "RetryableError",
@@ -90,5 +107,10 @@ __all__ = [
     "__version__",
     "decode_config",
     "default_registry",
+    "get_dead_letter",
+    "iter_dead_letters",
+    "list_dead_letters",
     "load_config",
+    "purge_dead_letters",
+    "replay_dead_letters",
 ]

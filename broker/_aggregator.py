@@ -156,7 +156,9 @@ class Aggregator:
         # The first input stands in for the group's headers (correlation ids and the like).
         futures = await worker.publish_outputs(outputs, members[0][1][0], id_base)
         error = (
-            await worker.await_all(futures, outputs, worker.publish_timeout) if futures else None
+            await worker.await_all(futures, outputs, time.monotonic() + worker.publish_timeout)
+            if futures
+            else None
         )
         for sequence, (message, attempt) in members:
             if error is None:

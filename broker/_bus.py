@@ -51,6 +51,8 @@ from busway._jetstream import (
     KeyValueState,
     connect,
     ensure_stream,
+    fail_unconfirmed,
+    jetstream,
     state_bucket,
 )
 from busway._listener import DeferredApp, Listener, build_app
@@ -169,7 +171,7 @@ class Bus(AsyncContextManagerMixin):
             client = await connect(config.nats, servers, on_reconnected=self._on_reconnected)
             self._client = client
             stack.push_async_callback(self._close_client, client)
-            js = client.jetstream(publish_async_max_pending=config.nats.publish_window)
+            js = jetstream(client, window=config.nats.publish_window)
             self._js = js
             for stream in [*config.streams, config.dead_letter_stream]:
                 await ensure_stream(js, stream)
@@ -248,13 +250,20 @@ class Bus(AsyncContextManagerMixin):
         }
 
     async def _sample_rates(self, interval: float = 5.0) -> None:
-        """Every `interval`, turn counter deltas into per-second rates for `status()`."""
+        """Every `interval`, turn counter deltas into per-second rates for `status()`, and
+        sample each consumer's backlog for `busway_consumer_pending`."""
         last: dict[int, tuple[float, int, int]] = {}
         while True:
             await anyio.sleep(interval)
             now = anyio.current_time()
             for running in list(self._components.values()):
                 stats = running.stats
+                worker = running.worker
+                if worker is not None and self._js is not None:
+                    stats.max_in_flight = worker.max_in_flight
+                    with contextlib.suppress(Exception):  # a lost sample is not an error
+                        info = await self._js.consumer_info(worker.stream, worker.durable)
+                        stats.pending = info.num_pending or 0
                 then, received, published = last.get(id(stats), (now - interval, 0, 0))
                 elapsed = max(now - then, 1e-6)
                 stats.rate_in = (stats.received - received) / elapsed
@@ -488,6 +497,8 @@ class Bus(AsyncContextManagerMixin):
                 running.scope.cancel()
 
     async def _on_reconnected(self) -> None:
+        if self._js is not None:
+            fail_unconfirmed(self._js)
         for worker in self._workers:
             await worker.reset_pull()
 

@@ -6,6 +6,7 @@
     busway reload busway.toml   check the config, then SIGHUP the running daemon to reload it
     busway status busway.toml   per component: state, rates, backlog, circuit, last error
     busway schema [--markdown]  the config's JSON Schema (editors) or Markdown reference
+    busway dlq list|show|replay|purge busway.toml  inspect, replay or purge dead letters
 
 Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
 """
@@ -27,6 +28,7 @@ import anyio
 from busway import __version__
 from busway._bus import Bus
 from busway._config import load_config, locate_in_file, split_listen
+from busway._dlq_cli import add_dlq_parser, run_dlq
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._logging import configure_logging
 from busway._plan import build_plan
@@ -98,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     test.add_argument("tests", help="path of the test TOML file")
     test.add_argument("--config", help="config file to test (default: the test file's `config`)")
+    add_dlq_parser(commands)
     return parser
 
 
@@ -297,4 +300,5 @@ _COMMANDS = {
     "reload": _reload_command,
     "status": _status_command,
     "schema": _schema_command,
+    "dlq": run_dlq,
 }

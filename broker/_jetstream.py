@@ -18,6 +18,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -202,6 +203,47 @@ async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: f
         return future.result()
     except (nats.errors.Error, asyncio.CancelledError) as exc:
         raise publish_error(exc, subject) from exc
+
+
+def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
+    """`client.jetstream()` with refused async publishes reported as refusals.
+
+    nats-py's async-publish reply handler calls `APIError.from_error`, which *raises* the
+    error instead of returning it, so the PubAck future of a refused message (stream full,
+    message too large...) is never resolved: the error goes to the connection's error callback
+    and the publisher waits out its whole `publish_timeout`. Here the raised error resolves the
+    future, so a refusal comes back at once with JetStream's own description.
+    """
+    js = client.jetstream(publish_async_max_pending=window)
+    handle = js._handle_async_reply
+    prefix_length = len(client._inbox_prefix) + 24  # as nats-py slices the reply token
+
+    async def handle_async_reply(message: Msg) -> None:
+        try:
+            await handle(message)
+        except nats.js.errors.APIError as exc:
+            future = js._publish_async_futures.get(message.subject[prefix_length:])
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    js._handle_async_reply = handle_async_reply  # type: ignore[method-assign]
+    return js
+
+
+def fail_unconfirmed(js: JetStreamContext) -> int:
+    """Fail every publish still waiting for its PubAck; how many there were.
+
+    Called after a reconnect: a PubAck the old connection did not deliver never comes, and
+    nats-py would keep such futures (and their publish-window slots) until each one times out,
+    one `publish_timeout` after another. Failing them at once lets routes nak their inputs and
+    republish (the deterministic message ids make that harmless) and sources answer 503.
+    """
+    pending = [f for f in list(js._publish_async_futures.values()) if not f.done()]
+    for future in pending:
+        future.set_exception(nats.errors.ConnectionClosedError())
+    if pending:
+        logger.warning("reconnected: %d publish(es) lost their PubAck, retrying them", len(pending))
+    return len(pending)
 
 
 class JetStreamPublisher:

@@ -74,7 +74,9 @@ class ComponentStats:
         "last_error",
         "last_error_at",
         "latency",
+        "max_in_flight",
         "name",
+        "pending",
         "published",
         "rate_in",
         "rate_out",
@@ -102,6 +104,10 @@ class ComponentStats:
         self.last_error = ""
         self.last_error_at = 0.0
         """Wall-clock time of `last_error` (0 if none yet)."""
+        self.pending = 0
+        """Routes and sinks: messages in JetStream not yet delivered to them (sampled)."""
+        self.max_in_flight = 0
+        """Routes and sinks: their `max_in_flight`, to see saturation against it."""
         self.rate_in = 0.0
         self.rate_out = 0.0
         """Messages per second received / published, over the last sampling interval."""
@@ -169,6 +175,16 @@ class MetricsCollector(Collector):
             "Adapter-specific events (files claimed, bytes read...)",
             labels=[*labels, "event"],
         )
+        pending = GaugeMetricFamily(
+            "busway_consumer_pending",
+            "Routes and sinks: messages in JetStream not yet delivered to them (lag)",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "busway_max_in_flight",
+            "Routes and sinks: most messages held un-acked at once",
+            labels=labels,
+        )
         circuit = GaugeMetricFamily(
             "busway_circuit_state",
             "Sinks: 0 closed, 1 open (not delivering), 2 half-open (probing)",
@@ -187,10 +203,13 @@ class MetricsCollector(Collector):
                 events.add_metric([*key, event], count)
             in_flight.add_metric(key, stats.in_flight)
             ready.add_metric(key, 1 if stats.ready else 0)
+            if stats.kind != "source":
+                pending.add_metric(key, stats.pending)
+                limit.add_metric(key, stats.max_in_flight)
             if stats.kind == "sink":
                 circuit.add_metric(key, stats.circuit)
             latency.add_metric(key, stats.latency.cumulative(), stats.latency.total)
-        yield from (errors, events, in_flight, ready, circuit, latency)
+        yield from (errors, events, in_flight, ready, pending, limit, circuit, latency)
 
 
 def new_registry(collector: MetricsCollector) -> CollectorRegistry:

@@ -43,9 +43,9 @@ __all__ = ["RouteWorker"]
 _T = TypeVar("_T")
 _Futures = list[asyncio.Future[PubAck]]
 
-# What an input waits for: the PubAck futures of its OUT outputs, and the outputs (OUT ones
-# first, so `outputs[i]` names the subject of `futures[i]`).
-_Published = tuple[_Futures, list[Output]]
+# What an input waits for: the PubAck futures of its OUT outputs, the outputs (OUT ones
+# first, so `outputs[i]` names the subject of `futures[i]`), and when they were published.
+_Published = tuple[_Futures, list[Output], float]
 
 # An input waiting for its outputs' PubAcks: (message, published, sequence, attempt, received).
 # `published` is a task for routes that process messages concurrently: it yields the futures,
@@ -110,7 +110,8 @@ class RouteWorker(ConsumerComponent):
         if futures is None:
             await self._settle_without_outputs(message, outputs)
             return
-        self._pending.append((message, (futures, outputs), sequence, attempt, received))
+        published = (futures, outputs, time.monotonic())
+        self._pending.append((message, published, sequence, attempt, received))
         self._wake.set()
 
     def spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
@@ -151,7 +152,7 @@ class RouteWorker(ConsumerComponent):
         if futures is None:
             await self._settle_without_outputs(message, outputs)
             return None
-        return futures, outputs
+        return futures, outputs, time.monotonic()
 
     async def _settle_without_outputs(self, message: Msg, outputs: list[Output]) -> None:
         if not outputs:
@@ -238,8 +239,8 @@ class RouteWorker(ConsumerComponent):
                 if resolved is None:
                     continue
                 published = resolved
-            futures, outputs = published
-            error = await self.await_all(futures, outputs, timeout)
+            futures, outputs, published_at = published
+            error = await self.await_all(futures, outputs, published_at + timeout)
             if error is None:
                 stats.published += len(futures)
                 observe(time.monotonic() - received)
@@ -251,14 +252,16 @@ class RouteWorker(ConsumerComponent):
 
     @staticmethod
     async def await_all(
-        futures: _Futures, outputs: list[Output], timeout: float
+        futures: _Futures, outputs: list[Output], deadline: float
     ) -> Exception | None:
-        """Wait for every PubAck; the first failure, or None when all are stored."""
+        """Wait for every PubAck until `deadline` (monotonic, counted from the publish, not
+        from when the settler got here); the first failure, or None when all are stored."""
         for index, future in enumerate(futures):
             try:
                 if future.done() and not future.cancelled() and future.exception() is None:
                     continue
-                await await_pub_ack(future, outputs[index].subject, timeout)
+                remaining = max(0.0, deadline - time.monotonic())
+                await await_pub_ack(future, outputs[index].subject, remaining)
             except Exception as exc:
                 return exc
         return None

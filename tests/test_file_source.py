@@ -12,8 +12,8 @@ import nats
 import nats.js.errors
 import orjson
 import pytest
-from prometheus_client import generate_latest
 from nats.aio.client import Client as NatsClient
+from prometheus_client import generate_latest
 
 from busway import Bus, StartupError
 from tests.files_support import (

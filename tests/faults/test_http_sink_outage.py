@@ -1,0 +1,119 @@
+"""The HTTP sink's partner is down for 30 s (connection refused), then back.
+
+A real receiver (uvicorn + Starlette on loopback) takes the first messages, stops, and starts
+again on the same port `BUSWAY_FAULT_HTTP_DOWN` seconds later (30 by default, as the issue
+says); messages keep arriving meanwhile. While it is down the sink retries with back-off, its
+circuit opens and readiness goes false; once it is back, everything is delivered and the
+receiver, deduplicating on `Idempotency-Key`, handled every message exactly once. Nothing is
+dead-lettered. (The http sink delivers a batch concurrently and has no per-key ordering
+option, so order is not asserted.)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from busway import Bus
+from tests.faults.helpers import Figures
+from tests.http_support import Receiver, serving
+from tests.support import NatsServer, decode_test_config, free_port, stream_messages, wait_settled
+
+pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.slow]
+
+DOWN_SECONDS = float(os.environ.get("BUSWAY_FAULT_HTTP_DOWN", "30"))
+BEFORE, DURING, AFTER = 1_000, 2_000, 1_000
+
+
+async def publish(nc: NatsClient, subject: str, numbers: range) -> None:
+    js = nc.jetstream(publish_async_max_pending=500)
+    for n in numbers:
+        await js.publish_async(
+            subject, orjson.dumps({"n": n}), headers={"Nats-Msg-Id": f"order-{n}"}
+        )
+    await js.publish_async_completed()
+
+
+async def test_http_partner_down_then_back_gets_everything_once(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    receiver = Receiver()  # one record across both lives of the server
+    subject = f"hout{unique}.orders"
+    config = decode_test_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "HOUT_{unique}"
+subjects = ["hout{unique}.>"]
+
+[[sinks]]
+name = "partner{unique}"
+type = "http"
+from = "{subject}"
+url = "http://127.0.0.1:{port}/orders"
+timeout = {{ connect = "1s", read = "5s", total = "10s" }}
+retry = {{ max_attempts = 10000, backoff = "100ms", max_backoff = "2s" }}
+circuit = {{ failures = 5, cool_down = "2s" }}
+""",
+        tmp_path,
+    )
+    total = BEFORE + DURING + AFTER
+    durable = f"busway-sink-partner{unique}"
+    circuit_states: set[int] = set()
+    ready_while_down: set[bool] = set()
+    async with Bus(config) as bus:
+        stats = bus.metrics.stats[0]
+        async with serving(receiver.app(), port):
+            await publish(nc, subject, range(BEFORE))
+            await wait_settled(nc, f"HOUT_{unique}", durable)
+        served_before = len(receiver.handled)
+        down_since = time.monotonic()
+        await publish(nc, subject, range(BEFORE, BEFORE + DURING))
+        while time.monotonic() - down_since < DOWN_SECONDS:
+            circuit_states.add(stats.circuit)
+            ready_while_down.add(bus.readiness()[f"sink:partner{unique}"])
+            await anyio.sleep(0.1)
+        down_for = time.monotonic() - down_since
+        async with serving(receiver.app(), port):
+            await publish(nc, subject, range(BEFORE + DURING, total))
+            await wait_settled(nc, f"HOUT_{unique}", durable, timeout=120)
+        final_circuit = stats.circuit
+        retried, dead_lettered, errors = stats.retried, stats.dead_lettered, dict(stats.errors)
+
+    dead = [
+        m
+        for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
+        if m.subject == f"busway.deadletter.partner{unique}"
+    ]
+    keys = [f"order-{n}" for n in range(total)]
+    arrived = [key for key, count in receiver.handled.items() for _ in range(count)]
+    Figures.of(
+        "http-sink-down",
+        keys,
+        arrived,
+        down_s=round(down_for, 1),
+        requests=len(receiver.seen),
+        retried=retried,
+        errors=errors,
+        circuit_states_while_down=sorted(circuit_states),
+        dead_lettered=dead_lettered,
+    ).report()
+
+    assert served_before == BEFORE
+    assert receiver.handled == dict.fromkeys(keys, 1)  # everything, nothing twice
+    assert dead_lettered == 0 and dead == []
+    assert 1 in circuit_states  # the circuit opened while the partner was down...
+    assert final_circuit == 0  # ...and closed again once it was back
+    assert False in ready_while_down  # /readyz told the operator

@@ -1,0 +1,1 @@
+"""Tests of the database adapters against real PostgreSQL, MariaDB and SQLite."""
