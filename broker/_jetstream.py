@@ -226,7 +226,7 @@ def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
             if future is not None and not future.done():
                 future.set_exception(exc)
 
-    js._handle_async_reply = handle_async_reply  # type: ignore[method-assign]
+    js._handle_async_reply = handle_async_reply  # type: ignore[method-assign,assignment]
     return js
 
 

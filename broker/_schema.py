@@ -109,10 +109,8 @@ class _SchemaWriter:
             mi.FloatType: "number",
             mi.BoolType: "boolean",
         }
-        for kind, name in simple.items():
-            if isinstance(t, kind):
-                return {"type": name}
-        return {}
+        name = next((name for kind, name in simple.items() if isinstance(t, kind)), None)
+        return {"type": name} if name else {}
 
     def struct(self, t: mi.StructType) -> dict[str, Any]:
         name = t.cls.__name__

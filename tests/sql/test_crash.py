@@ -1,10 +1,9 @@
 """`kill -9` of a daemon mid-flow: after a restart every row is in the stream exactly once.
 
-One daemon runs both source modes against PostgreSQL: an incremental source over 12,000 rows
-and an outbox of 3,000. It is killed while publishing; the restarted daemon re-reads from the
-last stored watermark and re-claims the uncommitted outbox rows, and the stream's dedup drops
-what the first one had already stored. The watermark-after-PubAck rule is tested per engine in
-test_sources.py; this test adds the real crash, on one engine.
+For each engine, one daemon runs both source modes: an incremental source over 6,000 rows and
+an outbox of 1,500. It is killed while publishing; the restarted daemon re-reads from the last
+stored watermark and re-claims the uncommitted outbox rows, and the stream's dedup drops what
+the first one had already stored.
 """
 
 from __future__ import annotations
@@ -21,14 +20,12 @@ import anyio
 import nats
 import nats.js.errors
 import orjson
-import psycopg
 import pytest
 
-from tests.sql.engines import DEPLOY
-from tests.sql.servers import PostgresServer
-from tests.support import NatsServer, stream_messages
+from tests.sql.engines import Engine
+from tests.support import NatsServer, eventually, stream_messages
 
-ROWS, OUTBOX = 12_000, 3_000
+ROWS, OUTBOX = 6_000, 1_500
 
 
 class Daemon:
@@ -76,26 +73,25 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
-    postgres_server: PostgresServer,
+@pytest.mark.anyio
+async def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
+    engine: Engine,
     nats_server: NatsServer,
     tmp_path: Path,
     unique: str,
     daemons: list[Daemon],
 ) -> None:
     feed, box, stream = f"crash_{unique}", f"crashbox_{unique}", f"CRASH_{unique}"
-    with psycopg.connect(postgres_server.dsn, autocommit=True) as connection:
-        connection.execute(f"CREATE TABLE {feed} (id bigint PRIMARY KEY, note text)")
-        connection.execute(
-            f"INSERT INTO {feed} SELECT i, 'row ' || i FROM generate_series(1, {ROWS}) AS i"
-        )
-        connection.execute(
-            (DEPLOY / "outbox.postgres.sql").read_text().replace("busway_outbox", box)
-        )
-        connection.execute(
-            f"INSERT INTO {box} (subject, payload) SELECT 'crash{unique}.box', "
-            f"json_build_object('n', i) FROM generate_series(1, {OUTBOX}) AS i"
-        )
+    await engine.execute(f"CREATE TABLE {feed} (id bigint PRIMARY KEY, note text)")
+    await engine.executemany(
+        f"INSERT INTO {feed} (id, note) VALUES ({engine.marks(2)})",
+        [(i, f"row {i}") for i in range(1, ROWS + 1)],
+    )
+    await engine.create_outbox(box)
+    await engine.executemany(
+        f"INSERT INTO {box} (subject, payload) VALUES ({engine.marks(2)})",
+        [(f"crash{unique}.box", f'{{"n": {i}}}') for i in range(1, OUTBOX + 1)],
+    )
     config = tmp_path / "crash.toml"
     config.write_text(
         f"""
@@ -112,8 +108,8 @@ duplicate_window = "10m"
 
 [[sources]]
 name = "feed{unique}"
-type = "postgres"
-dsn = "{postgres_server.dsn}"
+type = "{engine.type}"
+{engine.config()}
 table = "{feed}"
 subject = "crash{unique}.feed"
 batch_size = 200
@@ -121,69 +117,57 @@ interval = "100ms"
 
 [[sources]]
 name = "box{unique}"
-type = "postgres"
+type = "{engine.type}"
+{engine.config()}
 mode = "outbox"
-dsn = "{postgres_server.dsn}"
 table = "{box}"
 subject = "{{subject}}"
 batch_size = 100
 interval = "100ms"
 """
     )
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
 
     async def stored() -> int:
-        client = await nats.connect(nats_server.url)
         try:
-            return (await client.jetstream().stream_info(stream)).state.messages
+            return (await js.stream_info(stream)).state.messages
         except nats.js.errors.NotFoundError:
             return 0
-        finally:
-            await client.close()
 
-    first = Daemon(config)
-    daemons.append(first)
-    first.wait_ready()
-    wait_for(lambda: anyio.run(stored) >= 2_000, "2,000 messages before the kill")
-    first.kill()
-    assert first.process.returncode == -signal.SIGKILL
-    assert anyio.run(stored) < ROWS + OUTBOX, "the kill must land mid-flow"
+    async def some_stored() -> bool:
+        return await stored() >= 2_000
 
-    def outbox_empty() -> bool:
-        with psycopg.connect(postgres_server.dsn) as connection:
-            return connection.execute(f"SELECT count(*) FROM {box}").fetchone() == (0,)
-
-    async def watermark() -> bytes | None:
-        client = await nats.connect(nats_server.url)
+    async def done() -> bool:
+        [(left,)] = await engine.fetch(f"SELECT count(*) FROM {box}")
         try:
-            bucket = await client.jetstream().key_value("busway_state")
-            return (await bucket.get(f"feed{unique}.watermark")).value
+            entry = await (await js.key_value("busway_state")).get(f"feed{unique}.watermark")
         except nats.js.errors.KeyNotFoundError:
-            return None
-        finally:
-            await client.close()
+            return False
+        return left == 0 and entry.value == f'[["int","{ROWS}"]]'.encode()
 
-    second = Daemon(config)
-    daemons.append(second)
-    second.wait_ready()
-    wait_for(
-        lambda: outbox_empty() and anyio.run(watermark) == f'[["int","{ROWS}"]]'.encode(),
-        "every row published",
-        timeout=120,
-    )
-    second.process.send_signal(signal.SIGTERM)
-    assert second.process.wait(timeout=40) == 0, second.output()
+    try:
+        first = Daemon(config)
+        daemons.append(first)
+        await anyio.to_thread.run_sync(first.wait_ready)
+        await eventually(some_stored, timeout=60)
+        first.kill()
+        assert first.process.returncode == -signal.SIGKILL
+        assert await stored() < ROWS + OUTBOX, "the kill must land mid-flow"
 
-    async def contents() -> list[tuple[str, int]]:
-        client = await nats.connect(nats_server.url)
-        try:
-            return [
-                (m.subject, orjson.loads(m.data).get("id") or orjson.loads(m.data)["n"])
-                for m in await stream_messages(client, stream)
-            ]
-        finally:
-            await client.close()
+        second = Daemon(config)
+        daemons.append(second)
+        await anyio.to_thread.run_sync(second.wait_ready)
+        await eventually(done, timeout=120)
+        second.process.send_signal(signal.SIGTERM)
+        assert await anyio.to_thread.run_sync(second.process.wait, 40) == 0, second.output()
 
-    found = anyio.run(contents)
+        found = [
+            (m.subject, orjson.loads(m.data).get("id") or orjson.loads(m.data)["n"])
+            for m in await stream_messages(client, stream)
+        ]
+    finally:
+        await client.close()
     assert len(found) == ROWS + OUTBOX
     assert sorted(n for subject, n in found if subject.endswith(".feed")) == list(
         range(1, ROWS + 1)
