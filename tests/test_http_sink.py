@@ -431,3 +431,32 @@ def test_signature_matches_the_specification_by_hand() -> None:
         "webhook-timestamp": "1700000000",
         "webhook-signature": "v1," + base64.b64encode(expected).decode(),
     }
+
+
+async def test_max_in_flight_1_keeps_stream_order_across_retries(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """Strict order: with one message held at a time, a failed message is retried before any
+    later one is delivered (JetStream keeps a naked message pending until it is acked)."""
+    accepted: list[int] = []
+    attempts: dict[int, int] = {}
+
+    def respond(seen: Seen) -> Response:
+        n = orjson.loads(seen.body)["n"]
+        attempts[n] = attempts.get(n, 0) + 1
+        if n % 3 == 0 and attempts[n] <= 2:  # every third message fails twice
+            return Response(b"busy", status_code=503)
+        accepted.append(n)
+        return Response(b"", status_code=204)
+
+    receiver = Receiver(respond)
+    async with serving(receiver.app()) as base:
+        config = decode_test_config(
+            sink_config(nats_server, unique, f"{base}/ordered", "max_in_flight = 1"), tmp_path
+        )
+        ids = await publish(nc, f"out{unique}.orders", 30)
+        async with Bus(config):
+            await wait_settled(nc, f"OUT_{unique}", f"busway-sink-hook{unique}")
+    assert accepted == list(range(30))
+    assert receiver.handled == dict.fromkeys(ids, 1)
+    assert sum(attempts.values()) == 30 + 2 * 10

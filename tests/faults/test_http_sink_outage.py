@@ -5,8 +5,9 @@ again on the same port `BUSWAY_FAULT_HTTP_DOWN` seconds later (30 by default, as
 says); messages keep arriving meanwhile. While it is down the sink retries with back-off, its
 circuit opens and readiness goes false; once it is back, everything is delivered and the
 receiver, deduplicating on `Idempotency-Key`, handled every message exactly once. Nothing is
-dead-lettered. (The http sink delivers a batch concurrently and has no per-key ordering
-option, so order is not asserted.)
+dead-lettered. A second sink with `max_in_flight = 1` (the ordered configuration: JetStream
+keeps a naked message pending, so nothing after it is delivered first) feeds a second
+receiver, which must see every message in stream order.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ async def publish(nc: NatsClient, subject: str, numbers: range) -> None:
 async def test_http_partner_down_then_back_gets_everything_once(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port, ordered_port = free_port(), free_port()
     receiver = Receiver()  # one record across both lives of the server
+    ordered = Receiver()
     subject = f"hout{unique}.orders"
     config = decode_test_config(
         f"""
@@ -66,6 +68,16 @@ url = "http://127.0.0.1:{port}/orders"
 timeout = {{ connect = "1s", read = "5s", total = "10s" }}
 retry = {{ max_attempts = 10000, backoff = "100ms", max_backoff = "2s" }}
 circuit = {{ failures = 5, cool_down = "2s" }}
+
+[[sinks]]
+name = "ordered{unique}"
+type = "http"
+from = "{subject}"
+url = "http://127.0.0.1:{ordered_port}/orders"
+max_in_flight = 1
+timeout = {{ connect = "1s", read = "5s", total = "10s" }}
+retry = {{ max_attempts = 10000, backoff = "100ms", max_backoff = "2s" }}
+circuit = {{ failures = 5, cool_down = "2s" }}
 """,
         tmp_path,
     )
@@ -75,9 +87,10 @@ circuit = {{ failures = 5, cool_down = "2s" }}
     ready_while_down: set[bool] = set()
     async with Bus(config) as bus:
         stats = bus.metrics.stats[0]
-        async with serving(receiver.app(), port):
+        async with serving(receiver.app(), port), serving(ordered.app(), ordered_port):
             await publish(nc, subject, range(BEFORE))
             await wait_settled(nc, f"HOUT_{unique}", durable)
+            await wait_settled(nc, f"HOUT_{unique}", f"busway-sink-ordered{unique}")
         served_before = len(receiver.handled)
         down_since = time.monotonic()
         await publish(nc, subject, range(BEFORE, BEFORE + DURING))
@@ -86,9 +99,10 @@ circuit = {{ failures = 5, cool_down = "2s" }}
             ready_while_down.add(bus.readiness()[f"sink:partner{unique}"])
             await anyio.sleep(0.1)
         down_for = time.monotonic() - down_since
-        async with serving(receiver.app(), port):
+        async with serving(receiver.app(), port), serving(ordered.app(), ordered_port):
             await publish(nc, subject, range(BEFORE + DURING, total))
             await wait_settled(nc, f"HOUT_{unique}", durable, timeout=120)
+            await wait_settled(nc, f"HOUT_{unique}", f"busway-sink-ordered{unique}", timeout=180)
         final_circuit = stats.circuit
         retried, dead_lettered, errors = stats.retried, stats.dead_lettered, dict(stats.errors)
 
@@ -111,6 +125,9 @@ circuit = {{ failures = 5, cool_down = "2s" }}
         dead_lettered=dead_lettered,
     ).report()
 
+    first_arrivals = list(dict.fromkeys(s.headers["idempotency-key"] for s in ordered.seen))
+    assert first_arrivals == keys  # the ordered sink: stream order, outage or not
+    assert ordered.handled == dict.fromkeys(keys, 1)
     assert served_before == BEFORE
     assert receiver.handled == dict.fromkeys(keys, 1)  # everything, nothing twice
     assert dead_lettered == 0 and dead == []
