@@ -205,11 +205,25 @@ class ConsumerComponent(abc.ABC):
         reason: str,
         retry_after: float | None = None,
     ) -> None:
-        """Nak `message` with the back-off of `attempt`; remember `error` for its dead letter."""
+        """Nak `message` with the back-off of `attempt`; remember `error` for its dead letter.
+
+        The last allowed attempt dead-letters at once instead: a redelivery that would only be
+        dead-lettered on arrival costs a round trip and reads as one attempt more.
+        """
+        self._remember_error(sequence, error)
+        if attempt >= self.retry.max_attempts and reason != "dead_letter_publish":
+            self.stats.count_error(reason)
+            await self.dead_letter(
+                message,
+                sequence,
+                attempt,
+                reason="max_attempts",
+                error=f"gave up after {attempt} attempt(s); last error ({reason}): {error}",
+            )
+            return
         self.stats.retried += 1
         self.stats.count_error(reason)
         self.stats.note_error(f"{reason}: {error}")
-        self._remember_error(sequence, error)
         delay = retry_delay(attempt, self.retry, retry_after)
         self.logger.warning(
             "retrying %s seq %s in %.1fs (attempt %d of %d): %s",

@@ -246,7 +246,8 @@ async def test_exhausted_retries_dead_letter_with_the_last_error(
         await publish_inputs(nc, f"in{unique}.orders", [b'{"n": 1}'])
 
         await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
-        assert bus.metrics.stats[0].retried == 2
+        # Two attempts: the first is retried, the second (the last allowed) dead-letters.
+        assert bus.metrics.stats[0].retried == 1
         assert bus.metrics.stats[0].dead_lettered == 1
     dead = [
         m
@@ -256,7 +257,7 @@ async def test_exhausted_retries_dead_letter_with_the_last_error(
     assert len(dead) == 1
     headers = dead[0].headers or {}
     assert headers["Busway-Error-Reason"] == "max_attempts"
-    assert headers["Busway-Attempts"] == "3"
+    assert headers["Busway-Attempts"] == "2"
     assert "no stream captures subject" in headers["Busway-Error"]
 
 

@@ -100,9 +100,8 @@ stages = [{{ python = "tests.faults.test_poison_message:handle" }}]
         headers = message.headers or {}
         n = orjson.loads(message.data)["id"]
         assert headers["Busway-Error-Reason"] == "max_attempts"
-        # The delivery count: handled MAX_ATTEMPTS times, dead-lettered on the next delivery
-        # before running again.
-        assert headers["Busway-Attempts"] == str(MAX_ATTEMPTS + 1)
+        # Handled MAX_ATTEMPTS times; the last failure dead-letters it at once.
+        assert headers["Busway-Attempts"] == str(MAX_ATTEMPTS)
         assert f"gave up after {MAX_ATTEMPTS} attempt(s)" in headers["Busway-Error"]
         assert headers["Busway-Original-Subject"] == f"pin{unique}.orders"
         assert headers["Busway-Original-Stream"] == f"PIN_{unique}"
