@@ -562,9 +562,15 @@ def _check_topology(config: Config) -> None:
         _check_consumer(config, sink, f"$.sinks[{i}]")
     for i, source in enumerate(config.sources):
         path = f"$.sources[{i}]"
-        if "{" not in source.subject:  # templated subjects are checked by their adapter
+        if "{" not in source.subject:
             _check_subject(source.subject, f"{path}.subject", wildcards=False)
             _check_captured(config, source.subject, f"{path}.subject")
+            continue
+        # A template (`orders.{region}`): its adapter checks the syntax; here, that a stream
+        # captures every subject it can make, with each templated token as a wildcard.
+        tokens = ["*" if "{" in token else token for token in source.subject.split(".")]
+        if any(token != "*" for token in tokens):
+            _check_captured(config, ".".join(tokens), f"{path}.subject")
 
 
 def _route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:

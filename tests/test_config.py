@@ -262,3 +262,21 @@ def test_stage_errors_name_their_path(stages: str, path: str, message: str) -> N
     error = error_of(STAGED.replace("STAGES", stages))
     assert error.path == path
     assert message in str(error)
+
+
+def test_a_templated_source_subject_must_be_captured_too() -> None:
+    text = """
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+
+[[sources]]
+name = "api"
+type = "http"
+path = "/x/{region}"
+subject = "SUBJECT"
+"""
+    decode(text.replace("SUBJECT", "orders.{region}"))
+    error = error_of(text.replace("SUBJECT", "invoices.{region}"))
+    assert error.path == "$.sources[0].subject"
+    assert "no stream captures subject 'invoices.*'" in str(error)

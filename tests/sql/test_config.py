@@ -66,7 +66,7 @@ key = ["id"]
         ('table = "t"\nwatermark = []', "watermark needs at least one column"),
         ('mode = "outbox"\nquery = "SELECT 1"', "`query` is not used"),
         ('table = "t"\nbatch_size = 0', "batch_size must be at least 1"),
-        ('mode = "outbox"\nsubject = "x.{region}"', "column(s) ['region']"),
+        ('mode = "outbox"\nsubject = "s.{region}"', "column(s) ['region']"),
     ],
 )
 def test_source_mistakes_are_config_errors(keys: str, expected: str) -> None:
