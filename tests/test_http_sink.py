@@ -131,11 +131,49 @@ async def test_a_4xx_is_dead_lettered_with_its_status_and_not_retried(
     assert len(rejected) == 1  # a permanent failure is not retried
     [dead] = await dead_letters(nc, unique)
     assert dead["data"] == '{"n":1}'
-    assert dead["Busway-Error-Reason"] == "permanent"
+    assert dead["Busway-Error-Reason"] == "http_422"
     error = dead["Busway-Error"]
     assert error.startswith("HTTP 422 Unprocessable ")
     assert '{"error": "customer unknown"}' in error
     assert len(error) < 700  # an excerpt of the answer, not all of it
+
+
+async def test_retry_lists_reclassify_statuses(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """A partner answering 409 while another system catches up: retry it (`transient`); a
+    503 known to mean "never" for this partner: dead-letter it at once (`permanent`)."""
+    conflicts = 0
+
+    def respond(seen: Seen) -> Response:
+        nonlocal conflicts
+        n = orjson.loads(seen.body)["n"]
+        if n == 0 and conflicts < 2:
+            conflicts += 1
+            return Response(b"not yet", status_code=409)
+        if n == 1:
+            return Response(b"gone for good", status_code=503)
+        return Response(b"", status_code=200)
+
+    retry = (
+        'retry = { max_attempts = 50, backoff = "50ms", max_backoff = "1s", '
+        'transient = ["http_409"], permanent = ["http_503"] }'
+    )
+    receiver = Receiver(respond)
+    async with serving(receiver.app()) as base:
+        text = sink_config(nats_server, unique, f"{base}/h").replace(
+            'retry = { max_attempts = 50, backoff = "50ms", max_backoff = "2s" }', retry
+        )
+        config = decode_test_config(text, tmp_path)
+        ids = await publish(nc, f"out{unique}.x", 3)
+        async with Bus(config) as bus:
+            await wait_settled(nc, f"OUT_{unique}", f"busway-sink-hook{unique}")
+            errors = dict(bus.metrics.stats[0].errors)
+    assert receiver.handled == {ids[0]: 1, ids[2]: 1}
+    assert conflicts == 2
+    assert errors == {"http_409": 2, "http_503": 1}
+    [dead] = await dead_letters(nc, unique)
+    assert dead["data"] == '{"n":1}' and dead["Busway-Error-Reason"] == "http_503"
 
 
 async def test_retry_after_is_honoured(

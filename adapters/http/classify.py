@@ -23,12 +23,17 @@ _MAX_RETRY_AFTER = 24 * 3600.0
 
 
 class HttpStatusError(PermanentError):
-    """The peer refused the message for good; `status` and `excerpt` say how."""
+    """The peer refused the message for good; `status` and `excerpt` say how.
+
+    `reason` (`http_404`) names it in metrics and dead letters, and in a sink's
+    `retry.transient` / `retry.permanent` lists, which can re-classify a status.
+    """
 
     def __init__(self, message: str, *, status: int, excerpt: str) -> None:
         super().__init__(message)
         self.status = status
         self.excerpt = excerpt
+        self.reason = f"http_{status}"
 
 
 class HttpRetryableStatus(RetryableError):
@@ -37,6 +42,7 @@ class HttpRetryableStatus(RetryableError):
     def __init__(self, message: str, *, status: int, retry_after: float | None) -> None:
         super().__init__(message, retry_after=retry_after)
         self.status = status
+        self.reason = f"http_{status}"
 
 
 def error_for(reply: Reply, method: str, url: str) -> DeliveryError | None:
