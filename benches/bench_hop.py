@@ -9,7 +9,9 @@ acking each input only after its output's PubAck (at-least-once):
           mapping written by hand in Python;
 * busway: a `Bus` with one route whose `when` and `transform` are JMESPath, compiled.
 
-Runs alternate raw / busway so drift on a noisy machine hits both; the median of each is
+The busway hop is timed from the first message it takes (the raw hop from its consumer's
+creation, a few ms earlier), so the bus's own start-up is not counted. Runs alternate raw /
+busway so drift on a noisy machine hits both; the median of each is
 reported with their ratio. The nats-server runs with `sync_interval: always` (busway's embedded
 default: on disk before a PubAck) or with nats-server's default (`--sync default`: flushed
 every 2 minutes); every figure printed says which.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -127,7 +130,7 @@ servers = ["{url}"]
 publish_window = {window}
 
 [http]
-listen = "127.0.0.1:0"
+listen = ""
 
 [[streams]]
 name = "IN"
@@ -149,9 +152,13 @@ max_in_flight = 4000
         sink_types=registry.sink_config,
     )
     bus = Bus(config)
-    started = time.perf_counter()
     async with bus:
+        # Timed from the first message taken, like the raw hop (timed from its consumer):
+        # the bus's own start-up (streams, consumers) is not part of the hop.
         stats = bus.metrics.stats[0]
+        while not stats.received:  # noqa: ASYNC110 - a counter, no event
+            await anyio.sleep(0.0005)
+        started = time.perf_counter()
         while stats.published < count or stats.in_flight:  # noqa: ASYNC110 - a counter, no event
             await anyio.sleep(0.002)
         return time.perf_counter() - started
@@ -167,6 +174,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1000, help="publish acks in flight")
     parser.add_argument("--sync", choices=["always", "default"], default="always")
     parser.add_argument(
+        "--pin", action="store_true", help="pin nats-server and the hops to separate CPUs"
+    )
+    parser.add_argument(
         "--route",
         choices=sorted(ROUTES),
         default="when",
@@ -177,6 +187,13 @@ def main() -> None:
     results: dict[str, list[float]] = {"raw": [], "busway": []}
     with tempfile.TemporaryDirectory(prefix="busway-bench-") as store:
         server, url = start_server(Path(store), args.sync)
+        if args.pin:
+            # nats-server on the last CPU, the hops on the first: on a small machine this
+            # keeps the two from trading places mid-run, the main source of round-to-round
+            # noise.
+            last = max(os.sched_getaffinity(0))
+            os.sched_setaffinity(server.pid, {last})
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         try:
             for round_ in range(args.rounds):
                 for impl in ("raw", "busway"):

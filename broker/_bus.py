@@ -184,7 +184,7 @@ class Bus(AsyncContextManagerMixin):
                 tg.start_soon(self._sample_rates)
                 await self._start_components(self.plan)
                 self._serve_app()
-                if self.serve_http and config.http.listen is not None:
+                if self.serve_http and config.http.listen:
                     await self._start_listener(tg)
                 # Everything allocated so far lives as long as the bus: take it out of the
                 # cyclic GC's generations so collections triggered by per-message garbage stay
@@ -456,7 +456,7 @@ class Bus(AsyncContextManagerMixin):
 
     async def _start_listener(self, tg: TaskGroup) -> None:
         http = self.config.http
-        assert http.listen is not None
+        assert http.listen
         listener = Listener(
             self.asgi,
             http.listen,

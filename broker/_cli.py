@@ -273,7 +273,7 @@ def _status_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"busway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if config.http.listen is None:
+    if not config.http.listen:
         print("busway: [http] listen is off: the daemon serves no /status", file=sys.stderr)
         return EXIT_CONFIG
     host, port = split_listen(config.http.listen)

@@ -135,14 +135,15 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
     """The shared HTTP listener: HTTP sources, `/metrics`, `/healthz`, `/readyz`."""
 
     listen: str | None = "127.0.0.1:8080"
-    """Shared listener for HTTP sources, `/metrics`, `/healthz`, `/readyz`, `/status`."""
+    """Shared listener for HTTP sources, `/metrics`, `/healthz`, `/readyz`, `/status`; `""`
+    turns it off."""
     tls_cert: str | None = None
     """PEM certificate (chain) file: with `tls_key`, the listener speaks HTTPS only."""
     tls_key: str | None = None
     """PEM private key of `tls_cert`."""
 
     def __post_init__(self) -> None:
-        if self.listen is not None:
+        if self.listen:
             split_listen(self.listen)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both `tls_cert` and `tls_key`")
