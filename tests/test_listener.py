@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from busway import Bus, StartupError
+from busway import Bus, ConfigError, StartupError
 from busway._listener import Listener
 from tests.support import NatsServer, decode_test_config, free_port
 
@@ -147,3 +147,22 @@ async def test_busway_mounted_in_an_application(
     assert posted.status_code == 202
     assert ready.status_code == 200
     assert after.status_code == 503
+
+
+async def test_an_empty_listen_turns_the_listener_off(
+    nats_server: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    text = f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = ""
+"""
+    async with Bus(decode_test_config(text, tmp_path)) as bus:
+        assert bus.http_port is None
+        assert bus.app is None
+    with_source = decode_test_config(http_config(nats_server, unique, 'listen = ""'), tmp_path)
+    with pytest.raises(ConfigError, match=r"\[http\] listen is not set"):
+        async with Bus(with_source):
+            pass
