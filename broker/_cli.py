@@ -27,6 +27,7 @@ import anyio
 
 from busway import __version__
 from busway._bus import Bus
+from busway._cli_support import EXIT_CONFIG, EXIT_FAILURE, load_or_report
 from busway._config import load_config, locate_in_file, split_listen
 from busway._dlq_cli import add_dlq_parser, run_dlq
 from busway._errors import BuswayError, ConfigError, StartupError
@@ -46,9 +47,6 @@ from busway._status import format_status
 __all__ = ["main"]
 
 logger = logging.getLogger("busway")
-
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,10 +225,9 @@ def _reload_command(args: argparse.Namespace) -> int:
     if _check(args) != 0:
         print("busway: not reloading: the config is invalid", file=sys.stderr)
         return EXIT_CONFIG
-    registry = default_registry()
-    config = load_config(
-        args.config, source_types=registry.source_config, sink_types=registry.sink_config
-    )
+    config = load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
     pid_file = config.resolve_path(config.pid_file)
     try:
         pid = int(pid_file.read_text().strip())
@@ -265,13 +262,8 @@ def _schema_command(args: argparse.Namespace) -> int:
 
 def _status_command(args: argparse.Namespace) -> int:
     """`busway status`: read the daemon's /status and print it as a table."""
-    registry = default_registry()
-    try:
-        config = load_config(
-            args.config, source_types=registry.source_config, sink_types=registry.sink_config
-        )
-    except ConfigError as exc:
-        print(f"busway: {exc}", file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return EXIT_CONFIG
     if not config.http.listen:
         print("busway: [http] listen is off: the daemon serves no /status", file=sys.stderr)

@@ -28,7 +28,8 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from busway._config import Config, load_config, split_listen
+from busway._cli_support import EXIT_CONFIG, EXIT_FAILURE, load_or_report
+from busway._config import Config, split_listen
 from busway._dlq import (
     DeadLetter,
     DeadLetterError,
@@ -39,14 +40,10 @@ from busway._dlq import (
     purge_dead_letters,
     replay_dead_letters,
 )
-from busway._errors import ConfigError
-from busway._registry import default_registry
 from busway.routers.durations import parse_duration
 
 __all__ = ["add_dlq_parser", "run_dlq"]
 
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 _LIST_LIMIT = 100
 _ERROR_WIDTH = 60
 
@@ -148,13 +145,8 @@ def _moment(text: str) -> datetime:
 
 def run_dlq(args: argparse.Namespace) -> int:
     """Run `busway dlq ACTION`; returns the exit code."""
-    registry = default_registry()
-    try:
-        config = load_config(
-            args.config, source_types=registry.source_config, sink_types=registry.sink_config
-        )
-    except ConfigError as exc:
-        print(f"busway: {exc}", file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return EXIT_CONFIG
     if args.dlq_command == "purge" and not args.all and not any(_given_filters(args).values()):
         print("busway: purge needs a filter (--component, --reason, ...) or --all", file=sys.stderr)

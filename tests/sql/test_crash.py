@@ -8,12 +8,7 @@ the first one had already stored.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -24,52 +19,9 @@ import pytest
 
 from tests.sql.engines import Engine
 from tests.support import NatsServer, eventually, stream_messages
+from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
 
 ROWS, OUTBOX = 6_000, 1_500
-
-
-class Daemon:
-    """`busway run CONFIG` as a child process, its output in a log file."""
-
-    def __init__(self, config: Path) -> None:
-        self.log = config.with_suffix(f".{time.monotonic_ns()}.log")
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "busway", "run", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        wait_for(lambda: "busway ready" in self.output() or self.process.poll() is not None,
-                 "daemon ready", timeout)  # fmt: skip
-        assert self.process.poll() is None, self.output()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test started; any still running at the end are killed by pid."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -79,7 +31,7 @@ async def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
     nats_server: NatsServer,
     tmp_path: Path,
     unique: str,
-    daemons: list[Daemon],
+    daemons: list[Daemon],  # noqa: F811 - the fixture
 ) -> None:
     feed, box, stream = f"crash_{unique}", f"crashbox_{unique}", f"CRASH_{unique}"
     await engine.execute(f"CREATE TABLE {feed} (id bigint PRIMARY KEY, note text)")
