@@ -46,9 +46,8 @@ from busway._dlq import (
     get_dead_letter,
     iter_dead_letters,
     list_dead_letters,
-    purge_dead_letters,
-    replay_dead_letters,
 )
+from busway._dlq_replay import purge_dead_letters, replay_dead_letters
 from busway._durations import Duration
 from busway._errors import (
     BatchError,

@@ -37,9 +37,8 @@ from busway._dlq import (
     ReplayReport,
     get_dead_letter,
     iter_dead_letters,
-    purge_dead_letters,
-    replay_dead_letters,
 )
+from busway._dlq_replay import purge_dead_letters, replay_dead_letters
 from busway.routers.durations import parse_duration
 
 __all__ = ["add_dlq_parser", "run_dlq"]

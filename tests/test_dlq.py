@@ -24,9 +24,8 @@ from busway._dlq import (
     _location,
     get_dead_letter,
     list_dead_letters,
-    purge_dead_letters,
-    replay_dead_letters,
 )
+from busway._dlq_replay import purge_dead_letters, replay_dead_letters
 from busway._jetstream import JetStreamPublisher, KeyValueState, state_bucket
 from tests.support import (
     NatsServer,
