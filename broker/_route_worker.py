@@ -33,6 +33,7 @@ from busway._aggregator import Aggregator
 from busway._consumer import ConsumerComponent
 from busway._delivery import ACK, passthrough_headers
 from busway._errors import RetryableError
+from busway._fast_publish import publish_with_id
 from busway._jetstream import await_pub_ack, publish_error
 from busway.routers.context import MessageContext
 from busway.routers.pipeline import OUT, REPLY, Output, RouteServices, RoutingError
@@ -190,16 +191,21 @@ class RouteWorker(ConsumerComponent):
         publish = self.js.publish_async
         indexes = self._indexes
         futures: _Futures = []
+        js = self.js
         for index, (kind, subject, body, extra) in enumerate(outputs):
-            headers = passthrough_headers(inherited) if inherited else {}
+            headers = passthrough_headers(inherited) if inherited else None
             if extra:
-                headers.update(extra)
+                headers = {**headers, **extra} if headers else dict(extra)
             if kind == REPLY:
-                await self._reply(subject, body, headers)
+                await self._reply(subject, body, headers or {})
                 continue
-            headers["Nats-Msg-Id"] = id_base + (indexes[index] if index < 64 else str(index))
+            message_id = id_base + (indexes[index] if index < 64 else str(index))
             try:
-                future = await publish(subject, body, headers=headers)
+                if headers:
+                    headers["Nats-Msg-Id"] = message_id
+                    future = await publish(subject, body, headers=headers)
+                else:  # the common case: the id is the only header
+                    future = await publish_with_id(js, subject, body, message_id)
             except (TimeoutError, nats.errors.Error) as exc:
                 future = asyncio.get_running_loop().create_future()
                 future.set_exception(publish_error(exc, subject))

@@ -1,4 +1,4 @@
-"""A publish JetStream refuses fails at once with JetStream's reason, not after a timeout."""
+"""Publishing: a refusal fails at once with JetStream's reason; the fast path keeps the id."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from busway import PublishError
+from busway._fast_publish import publish_with_id
 from busway._jetstream import JetStreamPublisher, jetstream
 
 pytestmark = pytest.mark.anyio
@@ -31,3 +32,19 @@ async def test_a_full_stream_refuses_with_its_reason(nc: NatsClient, unique: str
         with pytest.raises(PublishError, match="maximum messages exceeded") as refused:
             await publisher.publish(f"full{unique}.a", b"2")
     assert "no PubAck" not in str(refused.value)
+
+
+async def test_the_fast_publish_carries_the_message_id(nc: NatsClient, unique: str) -> None:
+    """The route's publish path builds the HPUB frame itself: same id header, same dedup."""
+    js = jetstream(nc, window=16)
+    await js.add_stream(StreamConfig(name=f"FAST_{unique}", subjects=[f"fast{unique}.>"]))
+    await js.publish_async(f"fast{unique}.warm", b"0")  # nats-py sets up its reply inbox
+    first = await publish_with_id(js, f"fast{unique}.a", b'{"n":1}', "id-1")
+    again = await publish_with_id(js, f"fast{unique}.a", b'{"n":1}', "id-1")
+    other = await publish_with_id(js, f"fast{unique}.a", b'{"n":2}', "id-2")
+    acks = [await future for future in (first, again, other)]
+    assert [bool(ack.duplicate) for ack in acks] == [False, True, False]
+    stored = await js.get_msg(f"FAST_{unique}", acks[2].seq)
+    assert stored.data == b'{"n":2}'
+    assert stored.headers == {"Nats-Msg-Id": "id-2"}
+    assert js.publish_async_pending() == 0  # every future resolved and released its slot
