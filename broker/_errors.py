@@ -70,7 +70,13 @@ class StartupError(BuswayError):
 
 
 class DeliveryError(BuswayError):
-    """A message could not be handled. Subclasses say whether a retry can help."""
+    """A message could not be handled. Subclasses say whether a retry can help.
+
+    `headers` are added to the message's dead letter if it ends there (e.g. an HTTP sink's
+    `Busway-Http-Status`), so an operator can filter on them without parsing the error text.
+    """
+
+    headers: dict[str, str] | None = None
 
 
 class RetryableError(DeliveryError):

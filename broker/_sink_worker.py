@@ -157,6 +157,7 @@ class SinkWorker(ConsumerComponent):
                     delivery.attempt,
                     reason=_reason(failure),
                     error=str(failure),
+                    extra_headers=getattr(failure, "headers", None),
                 )
             else:
                 # Retryable by its own word, or an error the adapter did not classify: retry,

@@ -132,6 +132,7 @@ async def test_a_4xx_is_dead_lettered_with_its_status_and_not_retried(
     [dead] = await dead_letters(nc, unique)
     assert dead["data"] == '{"n":1}'
     assert dead["Busway-Error-Reason"] == "http_422"
+    assert dead["Busway-Http-Status"] == "422"
     error = dead["Busway-Error"]
     assert error.startswith("HTTP 422 Unprocessable ")
     assert '{"error": "customer unknown"}' in error
@@ -174,6 +175,7 @@ async def test_retry_lists_reclassify_statuses(
     assert errors == {"http_409": 2, "http_503": 1}
     [dead] = await dead_letters(nc, unique)
     assert dead["data"] == '{"n":1}' and dead["Busway-Error-Reason"] == "http_503"
+    assert dead["Busway-Http-Status"] == "503"
 
 
 async def test_retry_after_is_honoured(

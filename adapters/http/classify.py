@@ -34,6 +34,7 @@ class HttpStatusError(PermanentError):
         self.status = status
         self.excerpt = excerpt
         self.reason = f"http_{status}"
+        self.headers = {"Busway-Http-Status": str(status)}
 
 
 class HttpRetryableStatus(RetryableError):
@@ -43,6 +44,7 @@ class HttpRetryableStatus(RetryableError):
         super().__init__(message, retry_after=retry_after)
         self.status = status
         self.reason = f"http_{status}"
+        self.headers = {"Busway-Http-Status": str(status)}
 
 
 def error_for(reply: Reply, method: str, url: str) -> DeliveryError | None:
