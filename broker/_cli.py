@@ -27,12 +27,11 @@ import anyio
 
 from busway import __version__
 from busway._bus import Bus
-from busway._cli_support import EXIT_CONFIG, EXIT_FAILURE, load_or_report
+from busway._cli_support import EXIT_CONFIG, EXIT_FAILURE, load_or_report, plan_or_report
 from busway._config import load_config, locate_in_file, split_listen
 from busway._dlq_cli import add_dlq_parser, run_dlq
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._logging import configure_logging
-from busway._plan import build_plan
 from busway._registry import default_registry
 from busway._route_tests import config_path_of, load_cases, run_cases
 from busway._schema import (
@@ -103,38 +102,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> int:
-    registry = default_registry()
-    try:
-        bus_config = load_config(
-            args.config, source_types=registry.source_config, sink_types=registry.sink_config
-        )
-        plan = build_plan(bus_config, registry, file=args.config)
-    except ConfigError as exc:
-        exc = locate_in_file(exc, args.config) if exc.line is None else exc
-        print(f"busway: {exc}", file=sys.stderr)
+    plan = plan_or_report(args.config)
+    if plan is None:
         return EXIT_CONFIG
     print(
-        f"{args.config}: ok ({len(bus_config.streams)} stream(s), {len(plan.sources)} source(s), "
+        f"{args.config}: ok ({len(plan.config.streams)} stream(s), {len(plan.sources)} source(s), "
         f"{len(plan.routes)} route(s), {len(plan.sinks)} sink(s))"
     )
     return 0
 
 
 def _test(args: argparse.Namespace) -> int:
-    registry = default_registry()
-    config_file = args.config
     try:
         cases = load_cases(args.tests)
-        config_file = config_file or config_path_of(args.tests, cases)
-        bus_config = load_config(
-            config_file, source_types=registry.source_config, sink_types=registry.sink_config
-        )
-        plan = build_plan(bus_config, registry, file=config_file)
     except ConfigError as exc:
         print(f"busway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    plan = plan_or_report(args.config or config_path_of(args.tests, cases))
+    if plan is None:
+        return EXIT_CONFIG
     routes = {route_config.name: route for route_config, route in plan.routes}
-    results = anyio.run(run_cases, cases, bus_config, routes)
+    results = anyio.run(run_cases, cases, plan.config, routes)
     for result in results:
         print(f"{'PASS' if result.passed else 'FAIL'}  {result.name}")
         if result.detail:

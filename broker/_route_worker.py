@@ -111,8 +111,8 @@ class RouteWorker(ConsumerComponent):
         if futures is None:
             await self._settle_without_outputs(message, outputs)
             return
-        published = (futures, outputs, time.monotonic())
-        self._pending.append((message, published, sequence, attempt, received))
+        # Published microseconds after `received`: one clock read serves as both.
+        self._pending.append((message, (futures, outputs, received), sequence, attempt, received))
         self._wake.set()
 
     def spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:

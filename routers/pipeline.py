@@ -27,6 +27,7 @@ __all__ = [
     "RoutingError",
     "Step",
     "SyncStep",
+    "expression_error",
 ]
 
 #: Output kinds. OUT: a route output, its input is acked only once it is stored. TAP: a
@@ -108,6 +109,14 @@ class RoutingError(Exception):
         if self.stage:
             headers["Busway-Stage"] = self.stage
         return headers
+
+
+def expression_error(
+    error: Exception, source: str, label: str, stage: str | None = None
+) -> RoutingError:
+    """The RoutingError for an expression that failed on a message: `label: error`, naming the
+    expression's `source` and the `stage` (default: `label`) in the dead letter."""
+    return RoutingError("expression", f"{label}: {error}", expression=source, stage=stage or label)
 
 
 class Reject(Exception):

@@ -27,6 +27,7 @@ from busway.routers.pipeline import (
     RoutingError,
     Step,
     SyncStep,
+    expression_error,
 )
 from busway.routers.stage_compiler import StageCompileError, StageCompiler, header_value
 from busway.routers.stages import AggregateStage, StageConfig
@@ -73,9 +74,7 @@ class Aggregation:
         try:
             value = self.by(document, context)
         except ExpressionRuntimeError as exc:
-            raise RoutingError(
-                "expression", f"aggregate.by: {exc}", expression=self.by.source, stage="aggregate"
-            ) from None
+            raise expression_error(exc, self.by.source, "aggregate.by", "aggregate") from None
         if value is None:
             raise RoutingError(
                 "expression",
@@ -99,11 +98,8 @@ class Aggregation:
         try:
             return self.complete_when.is_truthy(group)
         except ExpressionRuntimeError as exc:
-            raise RoutingError(
-                "expression",
-                f"aggregate.complete_when: {exc}",
-                expression=self.complete_when.source,
-                stage="aggregate",
+            raise expression_error(
+                exc, self.complete_when.source, "aggregate.complete_when", "aggregate"
             ) from None
 
     def body(self, group: dict[str, Any]) -> Any:
@@ -113,12 +109,7 @@ class Aggregation:
         try:
             return self.into(group)
         except ExpressionRuntimeError as exc:
-            raise RoutingError(
-                "expression",
-                f"aggregate.into: {exc}",
-                expression=self.into.source,
-                stage="aggregate",
-            ) from None
+            raise expression_error(exc, self.into.source, "aggregate.into", "aggregate") from None
 
 
 class Route:
@@ -232,20 +223,13 @@ class Route:
                 if not when.is_truthy(document, context):
                     return []
             except ExpressionRuntimeError as exc:
-                raise RoutingError(
-                    "expression", f"when: {exc}", expression=when.source, stage="when"
-                ) from None
+                raise expression_error(exc, when.source, "when") from None
         transform = self._transform
         if transform is not None:
             try:
                 data = orjson.dumps(transform(document, context))
             except ExpressionRuntimeError as exc:
-                raise RoutingError(
-                    "expression",
-                    f"transform: {exc}",
-                    expression=transform.source,
-                    stage="transform",
-                ) from None
+                raise expression_error(exc, transform.source, "transform") from None
         return [Output(OUT, subject, data, None) for subject in self.to]
 
     def _begin(self, document: Any, context: MessageContext | None) -> list[Item]:

@@ -33,6 +33,7 @@ from busway.routers.pipeline import (
     RouteServices,
     RoutingError,
     Step,
+    expression_error,
 )
 from busway.routers.stages import StageConfig
 from busway.routers.throttle import TokenBuckets
@@ -58,7 +59,7 @@ def header_value(value: Any) -> str:
 
 
 def _evaluation_error(exc: ExpressionRuntimeError, expr: Expression, stage: str) -> RoutingError:
-    return RoutingError("expression", f"{stage}: {exc}", expression=expr.source, stage=stage)
+    return expression_error(exc, expr.source, stage)
 
 
 class StageCompiler:
