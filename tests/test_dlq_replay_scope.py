@@ -98,24 +98,30 @@ async def test_a_replay_reaches_only_the_failed_sink_with_the_original_idempoten
             await js.publish(subject, b'{"n": 1}', headers={"Nats-Msg-Id": "order-1"})
             await js.publish(subject, b'{"n": 2}')  # no id: sinks know it as <stream>:<seq>
             await settle(nc, unique)
+            first = await list_dead_letters(js, config)
+            assert [(d.component, d.kind) for d in first] == [(f"hook{unique}", "sink")] * 2
+
+            # Replayed too early, refused again: the new dead letters keep the first identity.
+            await replay_dead_letters(js, config, component=f"hook{unique}")
+            await settle(nc, unique)
             letters = await list_dead_letters(js, config)
-            assert [(d.component, d.kind) for d in letters] == [(f"hook{unique}", "sink")] * 2
+            assert [d.replay_count for d in letters] == [1, 1]
 
             fixed = True
             report = await replay_dead_letters(js, config, component=f"hook{unique}")
             await settle(nc, unique)
             stats = {s.name: s for s in bus.metrics.stats}
 
+    third = f"IN_{unique}:3"
+    assert [d.original_id for d in first] == [d.original_id for d in letters] == ["order-1", third]
     assert [o.seq for o in report.replayed] == [d.seq for d in letters]
     assert (report.failed, report.skipped) == ([], [])
     assert await list_dead_letters(js, config) == []
 
-    # The failed sink's partner: each refused order once more, under the same key as before.
+    # The failed sink's partner: each refused order twice more, under the same key as before.
     keys = [(s.headers["idempotency-key"], s.headers["webhook-id"]) for s in hook.seen]
-    third = f"IN_{unique}:3"
     assert sorted(keys) == sorted(
-        [("order-0", "order-0"), ("order-1", "order-1"), (third, third)] * 1
-        + [("order-1", "order-1"), (third, third)]
+        [("order-0", "order-0")] + [("order-1", "order-1"), (third, third)] * 3
     )
     assert hook.handled == {"order-0": 1, "order-1": 1, third: 1}
 
@@ -125,7 +131,7 @@ async def test_a_replay_reaches_only_the_failed_sink_with_the_original_idempoten
     copied = await stream_messages(nc, f"OUT_{unique}")
     assert sorted(orjson.loads(m.data)["n"] for m in copied) == [0, 1, 2]
     for name in (f"copy{unique}", f"audit{unique}"):
-        assert (stats[name].filtered, stats[name].events.get("replay_skipped")) == (2, 2)
+        assert (stats[name].filtered, stats[name].events.get("replay_skipped")) == (4, 4)
     assert stats[f"hook{unique}"].events.get("replay_skipped") is None
 
 
