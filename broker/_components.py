@@ -62,7 +62,8 @@ class Message:
     """One message delivered to a sink.
 
     `id` is stable across redeliveries: the `Nats-Msg-Id` the message was published with, or
-    `<stream>:<sequence>` when it had none. Sinks use it to make writes idempotent.
+    `<stream>:<sequence>` when it had none; a replayed dead letter keeps the id of the message
+    that failed (`Busway-Replay-Msg-Id`). Sinks use it to make writes idempotent.
     """
 
     subject: str

@@ -32,7 +32,9 @@ from nats.js import JetStreamContext
 
 from busway._config import RetryPolicy
 from busway._delivery import (
+    ACK,
     DRAIN_NAK,
+    REPLAY_FOR_HEADER,
     TERM,
     dead_letter_headers,
     delivery_of,
@@ -90,6 +92,8 @@ class ConsumerComponent(abc.ABC):
         self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
         """Stream sequence → (last error, time of the first failure), for dead letters."""
         self._held: dict[str, tuple[Msg, float]] = {}
+        self._replay_address = f"{stats.kind}:{stats.name}"
+        """What `Busway-Replay-For` says on a replayed dead letter meant for this component."""
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Declare the consumer, start pulling and settling; runs until cancelled."""
@@ -142,6 +146,12 @@ class ConsumerComponent(abc.ABC):
 
     async def _receive(self, message: Msg) -> None:
         self.stats.received += 1
+        # -- replay addressing: a dead letter replayed for another consumer of this subject.
+        headers = message.headers
+        if headers and headers.get(REPLAY_FOR_HEADER, self._replay_address) != self._replay_address:
+            await self._skip_replay(message)
+            return
+        # --
         sequence, attempt = delivery_of(message.reply)
         if self.stopping:
             await self.settle(message, DRAIN_NAK)
@@ -159,6 +169,12 @@ class ConsumerComponent(abc.ABC):
             )
             return
         await self.handle(message, sequence, attempt)
+
+    async def _skip_replay(self, message: Msg) -> None:
+        """Ack a replay meant for another component unprocessed (counted as filtered)."""
+        self.stats.filtered += 1
+        self.stats.count("replay_skipped")
+        await self.settle(message, ACK)
 
     def hold(self, message: Msg, received: float) -> None:
         """Keep `message` alive with `+WPI` until it is settled (see `keep_alive`)."""

@@ -19,6 +19,8 @@ __all__ = [
     "ACK",
     "DRAIN_NAK",
     "NAK",
+    "REPLAY_FOR_HEADER",
+    "REPLAY_MSG_ID_HEADER",
     "TERM",
     "dead_letter_headers",
     "delivery_of",
@@ -36,6 +38,18 @@ TERM = b"+TERM"
 DRAIN_NAK = b'-NAK {"delay": 1500000000}'
 
 _MAX_ERROR_CHARS = 1024
+
+REPLAY_FOR_HEADER = "Busway-Replay-For"
+"""On a replayed dead letter: `<kind>:<name>` of the one route or sink it is for; every other
+consumer of the subject acks it unprocessed (`ConsumerComponent._receive`)."""
+REPLAY_MSG_ID_HEADER = "Busway-Replay-Msg-Id"
+"""On a replayed dead letter: the original message's identity, which a sink keeps using as its
+idempotency key (`Message.id`), so a partner sees the same key as for the first attempt."""
+
+# Headers an output never inherits: NATS' own status ones (the `Nats-*` family is dropped by
+# prefix) and the replay addressing, which belongs to the replayed input alone (an output
+# carrying it would be skipped by its consumers, or share the input's idempotency key).
+_NOT_INHERITED = frozenset({"Status", "Description", REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER})
 
 
 def delivery_of(reply: str) -> tuple[str, int]:
@@ -74,13 +88,14 @@ def nak_payload(delay: float) -> bytes:
 
 
 def passthrough_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """The headers an output inherits from its input: all but NATS' own (`Nats-*`, status)."""
+    """The headers an output inherits from its input: all but NATS' own (`Nats-*`, status)
+    and a replay's addressing (`Busway-Replay-For`, `Busway-Replay-Msg-Id`)."""
     if not headers:
         return {}
     return {
         key: value
         for key, value in headers.items()
-        if not key.startswith("Nats-") and key not in ("Status", "Description")
+        if not key.startswith("Nats-") and key not in _NOT_INHERITED
     }
 
 
@@ -100,6 +115,7 @@ def dead_letter_headers(
     """Headers of a dead letter: what failed (`Busway-Error`), where, and the original's place.
 
     The id is deterministic so a dead letter re-sent after a crash is deduplicated.
+    `Busway-Original-Msg-Id` is the first message's id even when a replayed copy failed again.
     """
     result = passthrough_headers(headers)
     result.update(
@@ -115,8 +131,10 @@ def dead_letter_headers(
             "Busway-Attempts": str(attempt),
         }
     )
-    if headers and "Nats-Msg-Id" in headers:
-        result["Busway-Original-Msg-Id"] = headers["Nats-Msg-Id"]
+    if headers:
+        original = headers.get(REPLAY_MSG_ID_HEADER) or headers.get("Nats-Msg-Id")
+        if original:
+            result["Busway-Original-Msg-Id"] = original
     if extra:
         result.update(extra)
     return result

@@ -37,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
 from busway._config import Config
+from busway._delivery import REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER
 from busway._errors import BuswayError
 from busway.routers.subject import covers, is_valid_subject
 
@@ -80,8 +81,11 @@ writes them afresh). Everything else, e.g. `Busway-Reply-To` or a correlation id
 # Header families that describe a failure too, so headers added later (first/last failure
 # time...) are dropped on replay without a change here.
 _FAILURE_PREFIXES = ("Busway-Error-", "Busway-Original-", "Busway-First-", "Busway-Last-")
+_REPLAY_ADDRESSING = frozenset({REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER})
+_CONSUMER_KINDS = frozenset({"route", "sink"})
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_NO_MESSAGE = 10037  # JetStream's "no message found" error code
+_NO_MESSAGE = 10037  # JetStream's "no message found" error code (STREAM.MSG.GET)
+_DELETE_FAILED = 10057  # STREAM.MSG.DELETE's code for any failure; the description says which
 # Replays and deletes in flight at once: enough to hide round trips (and, with
 # `sync_interval: always`, to share fsyncs), few enough to bound memory and a failure's reach.
 _WINDOW = 64
@@ -123,12 +127,31 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str] = {}
     body: bytes = b""
 
-    def replay_headers(self) -> dict[str, str]:
+    @property
+    def addressee(self) -> str | None:
+        """`<kind>:<component>` of the route or sink that gave up on it (None for others)."""
+        return f"{self.kind}:{self.component}" if self.kind in _CONSUMER_KINDS else None
+
+    @property
+    def original_id(self) -> str | None:
+        """The identity a sink knew the failed message by: its `Nats-Msg-Id`, else
+        `<stream>:<sequence>`; None for a source's dead letter (there was no message)."""
+        found = self.headers.get("Busway-Original-Msg-Id")
+        if found:
+            return found
+        if self.original_stream and self.original_seq is not None:
+            return f"{self.original_stream}:{self.original_seq}"
+        return None
+
+    def replay_headers(self, *, addressed: bool = True) -> dict[str, str]:
         """The headers a replay of this dead letter is published with.
 
         The failure headers and NATS' own are dropped; the replay counter goes up by one; the
         `Nats-Msg-Id` is fresh but deterministic, so replaying the same dead letter twice (a
-        crash between the PubAck and the delete) stores it once.
+        crash between the PubAck and the delete, two replays at once) stores it once.
+        `Busway-Replay-Msg-Id` carries the original identity, which sinks keep as their
+        idempotency key. `addressed` (a replay to the original subject) adds
+        `Busway-Replay-For`, so only the component that failed processes the copy.
         """
         headers = {
             key: value
@@ -136,10 +159,17 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
             if key not in FAILURE_HEADERS
             and not key.startswith(_FAILURE_PREFIXES)
             and not key.startswith("Nats-")
+            and key not in _REPLAY_ADDRESSING
         }
         count = self.replay_count + 1
         headers[REPLAY_COUNT_HEADER] = str(count)
         headers["Nats-Msg-Id"] = f"replay:{self.stream}:{self.seq}:{count}"
+        original = self.original_id
+        if original is not None:
+            headers[REPLAY_MSG_ID_HEADER] = original
+        addressee = self.addressee
+        if addressed and addressee is not None:
+            headers[REPLAY_FOR_HEADER] = addressee
         return headers
 
 

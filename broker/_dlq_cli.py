@@ -74,10 +74,17 @@ def add_dlq_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentPars
     replay = actions.add_parser(
         "replay",
         help="republish dead letters to their original subject (or --to), then delete them",
+        description="Republish dead letters, then delete them. A copy sent to its original "
+        "subject is processed by the route or sink that dead-lettered it alone; the other "
+        "consumers of that subject ack it unprocessed.",
     )
     _common(replay)
     _filters(replay)
-    replay.add_argument("--to", metavar="SUBJECT", help="publish to SUBJECT instead")
+    replay.add_argument(
+        "--to",
+        metavar="SUBJECT",
+        help="publish to SUBJECT instead (every consumer of SUBJECT processes the copy)",
+    )
     replay.add_argument("--dry-run", action="store_true", help="only say what would happen")
     replay.add_argument("--limit", type=int, help="replay at most N")
 

@@ -2,9 +2,13 @@
 
 Replay is at-least-once and never loses a dead letter: the body is republished (to its original
 subject or another) with a fresh deterministic `Nats-Msg-Id`, and the dead letter is deleted
-only after JetStream confirmed the copy. A replay interrupted between the two is deduplicated
-when run again within the target stream's `duplicate_window`. Selection and reading are
-`busway._dlq`'s.
+only after JetStream confirmed the copy. A replay interrupted between the two, or two replays
+running at once, store the copy once (within the target stream's `duplicate_window`): the run
+whose copy JetStream stored reports it replayed, the other skipped.
+
+A copy replayed to its original subject is addressed to the route or sink that gave up on it
+(`Busway-Replay-For`): the other consumers of that subject ack it unprocessed, so a healthy
+sibling does not get the message twice. Selection and reading are `busway._dlq`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from nats.js.api import PubAck
 
 from busway._config import Config
 from busway._dlq import (
+    _DELETE_FAILED,
     _NO_MESSAGE,
     _WINDOW,
     DeadLetter,
@@ -69,6 +74,7 @@ async def replay_dead_letters(
             )
     wait = float(timeout if timeout is not None else config.nats.publish_timeout)
     report = ReplayReport(dry_run=dry_run)
+    addressed = to_subject is None
     window: list[tuple[DeadLetter, str]] = []
     async for letter in iter_dead_letters(js, config, limit=limit, **filters):
         target = to_subject or letter.original_subject
@@ -80,15 +86,17 @@ async def replay_dead_letters(
             report.skipped.append(
                 _outcome(letter, target, "the original subject is not a subject to replay to")
             )
+        elif to_subject is None and (unread := _unread_by_addressee(config, letter, target)):
+            report.skipped.append(_outcome(letter, target, unread))
         elif dry_run:
             report.replayed.append(_outcome(letter, target, "dry run: not published"))
         else:
             window.append((letter, target))
             if len(window) >= _WINDOW:
-                await _replay_window(js, window, wait, report)
+                await _replay_window(js, window, wait, report, addressed=addressed)
                 window.clear()
     if window:
-        await _replay_window(js, window, wait, report)
+        await _replay_window(js, window, wait, report, addressed=addressed)
     return report
 
 
@@ -97,13 +105,19 @@ async def _replay_window(
     window: list[tuple[DeadLetter, str]],
     timeout: float,
     report: ReplayReport,
+    *,
+    addressed: bool,
 ) -> None:
-    """Publish every letter of `window`, await the PubAcks, then delete the stored ones."""
+    """Publish every letter of `window`, await the PubAcks, then delete the stored ones.
+
+    `addressed` copies (to their original subject) are for the failed component alone.
+    """
     sent: list[tuple[DeadLetter, str, asyncio.Future[PubAck]]] = []
     for letter, target in window:
+        headers = letter.replay_headers(addressed=addressed)
         try:
             future = await js.publish_async(
-                target, letter.body, headers=letter.replay_headers(), wait_stall=timeout
+                target, letter.body, headers=headers, wait_stall=timeout
             )
         except (nats.errors.Error, TimeoutError) as exc:
             report.failed.append(_outcome(letter, target, str(publish_error(exc, target))))
@@ -119,8 +133,20 @@ async def _replay_window(
             stored.append((letter, target, ack))
     deleted = await _delete_all(js, [letter for letter, _, _ in stored])
     for (letter, target, ack), problem in zip(stored, deleted, strict=True):
-        where = f"stored as {ack.stream} seq {ack.seq}" + (" (duplicate)" if ack.duplicate else "")
-        if problem is None:
+        where = f"stored as {ack.stream} seq {ack.seq}"
+        if problem is None and ack.duplicate:
+            # Another replay (running now, or interrupted before its delete) stored this copy
+            # first: that run replayed it, this one only made sure the dead letter is gone.
+            report.skipped.append(
+                _outcome(
+                    letter,
+                    target,
+                    f"already replayed by another run ({where}): deduplicated, not stored again",
+                    ack.stream,
+                    ack.seq,
+                )
+            )
+        elif problem is None:
             report.replayed.append(_outcome(letter, target, where, ack.stream, ack.seq))
         else:
             report.failed.append(
@@ -146,7 +172,7 @@ async def _delete_all(js: JetStreamContext, letters: list[DeadLetter]) -> list[s
         try:
             await _delete_msg(js, letter.stream, letter.seq)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != _NO_MESSAGE:
+            if not _already_gone(exc):
                 problems[index] = f"{exc.description} (code {exc.err_code})"
         except (nats.errors.Error, TimeoutError) as exc:
             problems[index] = str(exc) or type(exc).__name__
@@ -155,6 +181,42 @@ async def _delete_all(js: JetStreamContext, letters: list[DeadLetter]) -> list[s
         for index, letter in enumerate(letters):
             tg.start_soon(delete, index, letter)
     return problems
+
+
+def _already_gone(exc: nats.js.errors.APIError) -> bool:
+    """True if JetStream refused a delete because the message is not there (any more).
+
+    `STREAM.MSG.DELETE` answers 10057 with the description "no message found" for a message
+    deleted before (`STREAM.MSG.GET` says 10037); 10057 with another description is a real
+    failure (e.g. "stream store EOF" for a sequence past the end).
+    """
+    if exc.err_code == _NO_MESSAGE:
+        return True
+    return exc.err_code == _DELETE_FAILED and "no message found" in (exc.description or "")
+
+
+def _unread_by_addressee(config: Config, letter: DeadLetter, target: str) -> str | None:
+    """Why nothing would process `letter` replayed to `target` for its component, or None.
+
+    A replay to the original subject is processed by the route or sink named in it alone; if
+    that component is gone from the config (or no longer reads `target`), every consumer
+    would ack the copy unprocessed and the dead letter would be lost.
+    """
+    if letter.addressee is None:
+        return None
+    consumers = config.routes if letter.kind == "route" else config.sinks
+    for consumer in consumers:
+        if consumer.name == letter.component:
+            if covers(consumer.from_, target):
+                return None
+            return (
+                f"{letter.kind} {letter.component!r} no longer reads {target!r} "
+                f"(its `from` is {consumer.from_!r}): replay with --to SUBJECT"
+            )
+    return (
+        f"{letter.kind} {letter.component!r} is not in this config, so nothing would process "
+        "the replay: replay with --to SUBJECT"
+    )
 
 
 def _outcome(

@@ -19,7 +19,7 @@ from busway._circuit import HALF_OPEN, OPEN, CircuitBreaker
 from busway._components import Message, Sink
 from busway._config import CircuitConfig
 from busway._consumer import ConsumerComponent
-from busway._delivery import ACK
+from busway._delivery import ACK, REPLAY_MSG_ID_HEADER
 from busway._errors import BatchError, PermanentError, RetryableError
 
 __all__ = ["SinkWorker"]
@@ -60,7 +60,10 @@ class SinkWorker(ConsumerComponent):
             subject=message.subject,
             data=message.data,
             headers=headers,
-            id=headers.get("Nats-Msg-Id") or f"{self.stream}:{sequence}",
+            # A replayed dead letter keeps the original's identity (the partner's idempotency key).
+            id=headers.get(REPLAY_MSG_ID_HEADER)
+            or headers.get("Nats-Msg-Id")
+            or f"{self.stream}:{sequence}",
             stream=self.stream,
             sequence=int(sequence),
             attempt=attempt,

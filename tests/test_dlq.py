@@ -11,6 +11,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
+import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -21,11 +23,12 @@ from busway._components import SourceContext
 from busway._dlq import (
     DeadLetter,
     DeadLetterError,
+    ReplayReport,
     _location,
     get_dead_letter,
     list_dead_letters,
 )
-from busway._dlq_replay import purge_dead_letters, replay_dead_letters
+from busway._dlq_replay import _delete_all, purge_dead_letters, replay_dead_letters
 from busway._jetstream import JetStreamPublisher, KeyValueState, state_bucket
 from tests.support import (
     NatsServer,
@@ -488,4 +491,92 @@ async def test_a_replay_does_not_pick_up_the_dead_letters_it_causes(
     assert {d.replay_count for d in after} == {1}
     assert min(d.seq for d in after) > max(d.seq for d in before)
     assert await purge_dead_letters(js, config, reason="expression") == 150
+    assert await list_dead_letters(js, config) == []
+
+
+async def test_two_replays_at_once_replay_each_dead_letter_once_and_report_no_failure(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """Two operators (or a retried script) replaying the same dead letters side by side.
+
+    Both read letters the other is about to delete: the copies share their deterministic id,
+    so JetStream stores each once; the run whose copy was stored reports it replayed, the other
+    skipped, and a delete that finds the letter gone (10057 "no message found") is no failure.
+    The bus is stopped first, so the copies stay in the input stream to be counted.
+    """
+    config = decode_test_config(config_text(nats_server.url, unique), tmp_path)
+    js = nc.jetstream()
+    component = f"shape{unique}"
+    names = [b'{"name": "n%d"}' % i for i in range(300)]
+    async with Bus(config):
+        await publish(nc, f"in{unique}.orders", names)
+        await settle_all(nc, unique)
+    letters = await list_dead_letters(js, config, component=component)
+    assert len(letters) == len(names)
+
+    async def replay(into: list[ReplayReport]) -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            into.append(await replay_dead_letters(client.jetstream(), config, component=component))
+        finally:
+            await client.close()
+
+    reports: list[ReplayReport] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replay, reports)
+        tg.start_soon(replay, reports)
+
+    first, second = reports
+    assert first.failed == second.failed == []
+    replayed = [o.seq for o in first.replayed + second.replayed]
+    assert sorted(replayed) == [d.seq for d in letters]  # each exactly once in total
+    skipped = first.skipped + second.skipped
+    assert {o.seq for o in skipped} <= set(replayed)
+    assert all(o.detail.startswith("already replayed by another run") for o in skipped)
+    copies = [
+        (m.headers or {}).get("Nats-Msg-Id", "")
+        for m in await stream_messages(nc, f"IN_{unique}")
+        if (m.headers or {}).get("Busway-Replay-Count") == "1"
+    ]
+    assert sorted(copies) == sorted(f"replay:DL_{unique}:{d.seq}:1" for d in letters)
+    assert await list_dead_letters(js, config) == []
+
+
+async def test_a_replay_interrupted_before_its_delete_is_finished_without_a_second_copy(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    config = decode_test_config(config_text(nats_server.url, unique), tmp_path)
+    js = nc.jetstream()
+    async with Bus(config):
+        await publish(nc, f"in{unique}.events", [BAD_1])
+        await settle_all(nc, unique)
+    [letter] = await list_dead_letters(js, config)
+    # What an earlier replay did before it was killed: the copy is stored, the letter not deleted.
+    assert letter.original_subject is not None
+    await js.publish(letter.original_subject, letter.body, headers=letter.replay_headers())
+
+    report = await replay_dead_letters(js, config)
+
+    assert (report.replayed, report.failed) == ([], [])
+    [skipped] = report.skipped
+    assert skipped.seq == letter.seq
+    assert skipped.detail.startswith("already replayed by another run (stored as IN_")
+    assert skipped.detail.endswith("): deduplicated, not stored again")
+    copies = [m for m in await stream_messages(nc, f"IN_{unique}") if m.data == BAD_1]
+    assert len(copies) == 2  # the original and one replayed copy
+    assert await list_dead_letters(js, config) == []
+
+
+async def test_deleting_a_dead_letter_someone_else_deleted_is_no_failure(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    config = decode_test_config(config_text(nats_server.url, unique), tmp_path)
+    js = nc.jetstream()
+    async with Bus(config):
+        await publish(nc, f"in{unique}.events", [BAD_1, BAD_2])
+        await settle_all(nc, unique)
+    gone, there = await list_dead_letters(js, config)
+    await js.delete_msg(f"DL_{unique}", gone.seq)
+
+    assert await _delete_all(js, [gone, there]) == [None, None]
     assert await list_dead_letters(js, config) == []

@@ -11,7 +11,10 @@ side: a row locked by one is skipped by the others, so none is published twice. 
 writer at a time: the claim opens with `BEGIN IMMEDIATE`, so a second daemon waits for the
 first one's commit and then sees the rows gone. A crash after the publish and before the
 commit leaves the rows in place; they are published again with the same `Nats-Msg-Id`
-(`<table>:<id>`, or the row's own `Nats-Msg-Id` header) and the stream drops the copies.
+(`<source>:<table>:<id>`, or the row's own `Nats-Msg-Id` header) and the stream drops the
+copies. The source name is part of the id because two outboxes in two databases may have
+the same table name and the same ids: with `<table>:<id>` alone, the stream took the second
+one's rows for copies of the first one's and dropped them, after which they were deleted.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class OutboxClaimer:
         dialect = database.dialect
         self._claim = dialect.claim(self.table, config.batch_size, marked=marked)
         self._marked = marked
+        self._id_prefix = f"{config.name}:"
         self._subject = SubjectTemplate(config.subject)
         self._subject.bind(_COLUMNS)
 
@@ -76,7 +80,7 @@ class OutboxClaimer:
                         data, reason="bad_row", error=str(exc), origin=origin, message_id=origin
                     )
                     continue
-                headers.setdefault("Nats-Msg-Id", origin)
+                headers.setdefault("Nats-Msg-Id", self._id_prefix + origin)
                 await confirmations.publish(subject, data, headers)
             await confirmations.wait()
             sql = dialect.settle(self.table, len(ids), marked=self._marked)

@@ -1,10 +1,12 @@
 """Incremental mode: read rows past the watermark, publish them, then store the watermark.
 
 Each poll selects at most `batch_size` rows ordered by the watermark columns, publishes each
-as a JSON object with `Nats-Msg-Id = <table>:<key>:<watermark>`, awaits every PubAck, and only
-then stores the last row's watermark in the state store. A crash anywhere before that store
-means the next poll reads the same rows again; the stream drops the copies it already has
-(within its `duplicate_window`), so nothing is lost and nothing is duplicated.
+as a JSON object with `Nats-Msg-Id = <source>:<table>:<key>[:<watermark>]` (`<source>:<key>...`
+for a query), awaits every PubAck, and only then stores the last row's watermark in the state
+store. A crash anywhere before that store means the next poll reads the same rows again; the
+stream drops the copies it already has (within its `duplicate_window`), so nothing is lost and
+nothing is duplicated. The source name in the id keeps apart two sources that read tables of
+the same name in two databases into one stream.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class IncrementalPoller:
         self._first = dialect.select_after(relation, config.watermark, after=False, limit=limit)
         self._next = dialect.select_after(relation, config.watermark, after=True, limit=limit)
         self._prefix = config.table or config.name
+        """What the row is called in logs and dead letters: `<table>:<key>`."""
+        self._id_prefix = f"{config.name}:{config.table}:" if config.table else f"{config.name}:"
         self._subject = SubjectTemplate(config.subject)
         self._json_columns = frozenset(config.json_columns)
         self._watermark: list[Any] | None = None
@@ -91,7 +95,7 @@ class IncrementalPoller:
         keys: list[int],
     ) -> None:
         key = ",".join(render_value(row[i]) for i in keys)
-        message_id = f"{self._prefix}:{key}"
+        message_id = self._id_prefix + key
         if keys != positions:
             message_id += ":" + ",".join(render_value(row[i]) for i in positions)
         try:

@@ -1,7 +1,7 @@
 -- busway transactional outbox for MariaDB (>= 10.6) and MySQL (>= 8.0): both have
 -- SELECT ... FOR UPDATE SKIP LOCKED, so several busway daemons can share the outbox.
 --
--- Ids must never be reused (the Nats-Msg-Id is "<table>:<id>"): InnoDB keeps its
+-- Ids must never be reused (the Nats-Msg-Id is "<source>:<table>:<id>"): InnoDB keeps its
 -- AUTO_INCREMENT counter across restarts since MariaDB 10.2.4 / MySQL 8.0.
 CREATE TABLE IF NOT EXISTS busway_outbox (
     id           BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,

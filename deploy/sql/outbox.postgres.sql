@@ -2,8 +2,9 @@
 -- transaction as its business change; a busway `postgres` source in `mode = "outbox"` publishes it
 -- and deletes it (or sets published_at, with on_publish = "mark") after JetStream stored it.
 --
--- Ids must never be reused: a message's Nats-Msg-Id is "<table>:<id>", and a reused id inside
--- the stream's duplicate_window would be dropped as a duplicate. Identity columns never reuse.
+-- Ids must never be reused: a message's Nats-Msg-Id is "<source>:<table>:<id>", and a reused
+-- id inside the stream's duplicate_window would be dropped as a duplicate. Identity columns
+-- never reuse.
 CREATE TABLE IF NOT EXISTS busway_outbox (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     subject      text        NOT NULL,          -- with `subject = "{subject}"` in the source

@@ -2,7 +2,8 @@
 -- source claims with BEGIN IMMEDIATE, so daemons sharing the file take turns.
 --
 -- AUTOINCREMENT matters: without it SQLite may reuse the id of a deleted last row, and the
--- Nats-Msg-Id "<table>:<id>" would then be dropped as a duplicate inside the duplicate_window.
+-- Nats-Msg-Id "<source>:<table>:<id>" would then be dropped as a duplicate inside the
+-- duplicate_window.
 CREATE TABLE IF NOT EXISTS busway_outbox (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     subject      TEXT NOT NULL,

@@ -62,21 +62,30 @@ class Engine(abc.ABC):
         """`count` parameter markers, comma-separated."""
         return ", ".join([self.mark] * count)
 
+    @abc.abstractmethod
+    async def another_database(self, name: str) -> Engine:
+        """The same engine on a new, empty database `name` (not yet connected)."""
+
 
 class PostgresEngine(Engine):
     type = "postgres"
     mark = "%s"
     decimal = "numeric(20,6)"
 
-    def __init__(self, server: PostgresServer) -> None:
+    def __init__(self, server: PostgresServer, database: str = "postgres") -> None:
         self.server = server
+        self.dsn = server.dsn.rsplit("/", 1)[0] + "/" + database
         self._connection: psycopg.AsyncConnection[Any] | None = None
 
     def config(self) -> str:
-        return f'dsn = "{self.server.dsn}"'
+        return f'dsn = "{self.dsn}"'
 
     async def connect(self) -> None:
-        self._connection = await psycopg.AsyncConnection.connect(self.server.dsn, autocommit=True)
+        self._connection = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+
+    async def another_database(self, name: str) -> PostgresEngine:
+        await self.execute(f'CREATE DATABASE "{name}"')
+        return PostgresEngine(self.server, name)
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -112,19 +121,24 @@ class MariaDBEngine(Engine):
     mark = "%s"
     decimal = "DECIMAL(20,6)"
 
-    def __init__(self, server: MariaDBServer) -> None:
+    def __init__(self, server: MariaDBServer, database: str = "busway") -> None:
         self.server = server
+        self.database = database
         self._connection: Any = None
 
     def config(self) -> str:
-        return f'dsn = "{self.server.dsn}"'
+        return f'dsn = "{self.server.dsn.rsplit("/", 1)[0]}/{self.database}"'
+
+    async def another_database(self, name: str) -> MariaDBEngine:
+        self.server.create_database(name)
+        return MariaDBEngine(self.server, name)
 
     async def connect(self) -> None:
         self._connection = await asyncmy.connect(
             host="127.0.0.1",
             port=self.server.port,
             user="root",
-            database="busway",
+            database=self.database,
             autocommit=True,
             init_command="SET time_zone = '+00:00'",
         )
@@ -167,6 +181,9 @@ class SqliteEngine(Engine):
 
     def config(self) -> str:
         return f'path = "{self.path}"'
+
+    async def another_database(self, name: str) -> SqliteEngine:
+        return SqliteEngine(self.path.with_name(f"{name}.db"))
 
     async def connect(self) -> None:
         self._connection = sqlite3.connect(self.path, isolation_level=None, timeout=30)

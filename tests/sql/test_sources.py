@@ -68,7 +68,7 @@ async def test_incremental_source_publishes_new_rows_once_in_watermark_order(
         {"id": i, "name": f"item {i}", "amount": f"{i}.500000"} for i in range(1, 31)
     ]
     assert [m.headers and m.headers["Nats-Msg-Id"] for m in found] == [
-        f"{table}:{i}" for i in range(1, 31)
+        f"src{unique}:{table}:{i}" for i in range(1, 31)
     ]
     watermark = await nc.jetstream().key_value("busway_state")
     assert (await watermark.get(f"src{unique}.watermark")).value == b'[["int","30"]]'
@@ -167,4 +167,4 @@ async def test_two_buses_share_one_outbox_without_publishing_a_row_twice(
         n = orjson.loads(m.data)["n"]
         assert m.subject == f"out{unique}.n{n % 3}"
         assert m.headers and m.headers["Row"] == str(n)
-        assert m.headers["Nats-Msg-Id"].startswith(f"{table}:")
+        assert m.headers["Nats-Msg-Id"].startswith(f"box{unique}:{table}:")
