@@ -219,9 +219,20 @@ def _refused_credentials(exc: BaseException) -> bool:
 
 
 async def _abandon(client: NatsClient) -> None:
-    """Close a client that will not be used, whatever state its connection attempt left."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(Exception):
-        await client.close()
+    """Close a client that will not be used, whatever state its connection attempt left.
+
+    An attempt cancelled inside nats-py's own clean-up between two tries (refused credentials,
+    the deadline, SIGTERM) leaves it marked closed with its socket open, so `close()` does
+    nothing: the socket is closed here directly.
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        with contextlib.suppress(Exception):
+            await client.close()
+        transport = client._transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()  # type: ignore[no-untyped-call]
+                await transport.wait_closed()  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager
