@@ -71,7 +71,7 @@ def decode(text: str, tmp_path: Path, environ: dict[str, str], *, outline: bool 
         source_types=registry.source_config,
         sink_types=registry.sink_config,
         environ=environ,
-        outline=outline,
+        **({"outline": True} if outline else {}),
     )
 
 
