@@ -99,9 +99,11 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     servers: list[str] | None = None
     """NATS URLs (`nats://host:4222`); without it busway runs an embedded nats-server."""
     data_dir: str = "var/nats"
-    """Embedded server: JetStream store, config, log and pid file."""
+    """Embedded server: JetStream store, config, log, pid file and `busway.lock` (one daemon per
+    data_dir)."""
     listen: str = "127.0.0.1:4222"
-    """Embedded server: client address (port 0 = any free port)."""
+    """Embedded server: client address (port 0 = any free port); a port another process holds
+    is a start-up error, never shared."""
     sync: str = "always"
     """Embedded server: `"always"` fsyncs before every PubAck; a duration such as `"1s"` trades
     safety for speed.
