@@ -156,6 +156,7 @@ class Listener:
 
         The bus calls this before it starts anything else, so a taken port or a bad
         certificate stops start-up before an embedded server or a connection exists.
+        Connections arriving before `run()` serves wait in the listen backlog.
         """
         if self._socket is not None:
             return
