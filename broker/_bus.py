@@ -3,9 +3,12 @@
     async with Bus.from_file("busway.toml") as bus:
         await bus.wait_until_stopped()      # until bus.stop(), e.g. from a signal handler
 
-Start-up order is downstream first: the embedded server, the connection, every stream, then
+Start-up order: first what is local and cannot wait (the HTTP port and its certificate, the
+NATS key files), then downstream first: the embedded server, the connection, every stream, then
 sinks, routes and finally sources and the listener, each through `task_group.start()`, so a bad
-port or a refused stream raises here instead of leaving a half-started bus.
+port or a refused stream raises here instead of leaving a half-started bus. An embedded server
+that dies later is restarted on its store (`EmbeddedNatsServer.watch`); if it cannot be, the
+bus stops and leaving the block raises why.
 
 Leaving the block shuts down gracefully: the listener stops taking requests and finishes those
 in progress, sources stop, and meanwhile routes and sinks stop pulling and settle what they
@@ -45,7 +48,7 @@ from busway._config import (
 )
 from busway._consumer import ConsumerComponent
 from busway._embedded import EmbeddedNatsServer
-from busway._errors import BuswayError, ConfigError
+from busway._errors import BuswayError, ConfigError, StartupError
 from busway._jetstream import (
     JetStreamPublisher,
     KeyValueState,
@@ -53,6 +56,8 @@ from busway._jetstream import (
     ensure_stream,
     fail_unconfirmed,
     jetstream,
+    nats_auth,
+    server_name_of,
     state_bucket,
 )
 from busway._listener import DeferredApp, Listener, build_app
@@ -107,6 +112,8 @@ class Bus(AsyncContextManagerMixin):
         self._listener: Listener | None = None
         self._listener_done = anyio.Event()
         self._stop_requested = anyio.Event()
+        self._embedded: EmbeddedNatsServer | None = None
+        self._failure: BuswayError | None = None
 
     @classmethod
     def from_file(
@@ -135,6 +142,10 @@ class Bus(AsyncContextManagerMixin):
         """Block until `stop()` is called."""
         await self._stop_requested.wait()
 
+    def health(self) -> dict[str, bool]:
+        """Liveness checks by name: the embedded nats-server, when busway runs one."""
+        return {} if self._embedded is None else {"embedded_nats": self._embedded.up}
+
     def readiness(self) -> dict[str, bool]:
         """Readiness checks by name: the NATS connection and every component."""
         checks = {"nats": bool(self._client and self._client.is_connected)}
@@ -159,16 +170,27 @@ class Bus(AsyncContextManagerMixin):
     async def _running(self) -> AsyncGenerator[Self]:
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
+            if self.serve_http and config.http.listen:
+                stack.callback(self._bind_listener().close)
+            auth = nats_auth(config.nats, config.resolve_path)
             servers = config.nats.servers
+            embedded = None
             if servers is None:
                 embedded = EmbeddedNatsServer(
                     config.nats, config.resolve_path(config.nats.data_dir)
                 )
                 await embedded.start()
                 stack.push_async_callback(embedded.stop)
+                self._embedded = embedded
                 servers = [embedded.url]
             self.nats_url = servers[0]
-            client = await connect(config.nats, servers, on_reconnected=self._on_reconnected)
+            client = await connect(
+                config.nats,
+                servers,
+                on_reconnected=self._on_reconnected,
+                auth=auth,
+                server_name=embedded.server_name if embedded is not None else None,
+            )
             self._client = client
             stack.push_async_callback(self._close_client, client)
             js = jetstream(client, window=config.nats.publish_window)
@@ -182,6 +204,8 @@ class Bus(AsyncContextManagerMixin):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._sample_rates)
+                if embedded is not None:
+                    tg.start_soon(self._watch_embedded, embedded)
                 await self._start_components(self.plan)
                 self._serve_app()
                 if self.serve_http and config.http.listen:
@@ -203,6 +227,8 @@ class Bus(AsyncContextManagerMixin):
                         await self._drain()
                     self.asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
+            if self._failure is not None:
+                raise self._failure
 
     async def status(self) -> dict[str, Any]:
         """Per component: state, counters, rates, consumer backlog, circuit, last error.
@@ -422,7 +448,11 @@ class Bus(AsyncContextManagerMixin):
         if not serving and not (self.serve_http and self.config.http.listen):
             return
         self.app = build_app(
-            routes, registry=self.metrics_registry, readiness=self.readiness, status=self.status
+            routes,
+            registry=self.metrics_registry,
+            readiness=self.readiness,
+            status=self.status,
+            health=self.health,
         )
         self.asgi.app = self.app
 
@@ -454,7 +484,8 @@ class Bus(AsyncContextManagerMixin):
             "dead_letter_subject": self.config.dead_letter_subject(component),
         }
 
-    async def _start_listener(self, tg: TaskGroup) -> None:
+    def _bind_listener(self) -> Listener:
+        """The HTTP listener with its port taken and its certificate loaded (StartupError)."""
         http = self.config.http
         assert http.listen
         listener = Listener(
@@ -463,7 +494,13 @@ class Bus(AsyncContextManagerMixin):
             tls_cert=self.config.resolve_path(http.tls_cert) if http.tls_cert else None,
             tls_key=self.config.resolve_path(http.tls_key) if http.tls_key else None,
         )
+        listener.bind()
         self._listener = listener
+        return listener
+
+    async def _start_listener(self, tg: TaskGroup) -> None:
+        listener = self._listener
+        assert listener is not None
 
         async def serve(*, task_status: TaskStatus[None]) -> None:
             try:
@@ -496,7 +533,36 @@ class Bus(AsyncContextManagerMixin):
             if kind == "source":
                 running.scope.cancel()
 
+    async def _watch_embedded(self, embedded: EmbeddedNatsServer) -> None:
+        """Keep the embedded server running; stop the bus if it cannot be."""
+        try:
+            await embedded.watch()
+        except BuswayError as exc:
+            self._fail(exc)
+
+    def _fail(self, error: BuswayError) -> None:
+        """Stop the bus because of `error`; leaving its block raises it."""
+        if self._failure is None:
+            self._failure = error
+            logger.error("stopping: %s", error)
+        self.stop()
+
     async def _on_reconnected(self) -> None:
+        embedded, client = self._embedded, self._client
+        if embedded is not None and client is not None:
+            name = server_name_of(client)
+            if name != embedded.server_name:
+                # Another server took the port while ours was down: never talk to it.
+                self._fail(
+                    StartupError(
+                        f"reconnected to a NATS server named {name!r} on {embedded.url}, not "
+                        f"the embedded server busway started ({embedded.server_name!r}): "
+                        "another server took [nats] listen"
+                    )
+                )
+                if self._tg is not None:
+                    self._tg.start_soon(self._close_client, client)
+                return
         if self._js is not None:
             fail_unconfirmed(self._js)
         for worker in self._workers:
@@ -507,7 +573,11 @@ class Bus(AsyncContextManagerMixin):
             if not client.is_closed:
                 with contextlib.suppress(Exception):
                     await client.flush(timeout=2)
-                await client.close()
+                # nats-py raises RuntimeError writing its pending buffer to a transport the
+                # server already closed (an embedded server that died for good): nothing left
+                # to save then, and the reason the bus stops must not be masked.
+                with contextlib.suppress(Exception):
+                    await client.close()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

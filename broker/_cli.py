@@ -3,12 +3,16 @@
     busway run busway.toml      run until SIGINT/SIGTERM, then stop gracefully (exit 0)
     busway check busway.toml    decode and compile everything without connecting
     busway test routes.test.toml  run route test cases against the compiled routes, no broker
-    busway reload busway.toml   check the config, then SIGHUP the running daemon to reload it
+    busway reload busway.toml   check the config, SIGHUP the running daemon, report its outcome
     busway status busway.toml   per component: state, rates, backlog, circuit, last error
     busway schema [--markdown]  the config's JSON Schema (editors) or Markdown reference
     busway dlq list|show|replay|purge busway.toml  inspect, replay or purge dead letters
 
-Exit codes: 0 success, 1 start-up or run-time failure, 2 invalid configuration.
+Exit codes: 0 success; 1 a failure at run time (the daemon stopped on an error it could not
+recover from, a reload that failed, an unreachable daemon); 2 invalid configuration, or
+`busway run` could not start (a port taken, a data_dir in use, NATS unreachable or refusing
+the credentials, a bad certificate): one line on stderr, no traceback, and a service manager
+should not restart in a loop on it without a fix.
 """
 
 from __future__ import annotations
@@ -19,18 +23,27 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from busway import __version__
 from busway._bus import Bus
-from busway._cli_support import EXIT_CONFIG, EXIT_FAILURE, load_or_report, plan_or_report
-from busway._config import load_config, locate_in_file, split_listen
+from busway._cli_support import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_STARTUP,
+    load_or_report,
+    plan_or_report,
+)
+from busway._config import Config, load_config, locate_in_file, split_listen
 from busway._dlq_cli import add_dlq_parser, run_dlq
-from busway._errors import BuswayError, ConfigError, StartupError
+from busway._errors import BuswayError, ConfigError
 from busway._logging import configure_logging
 from busway._registry import default_registry
 from busway._route_tests import config_path_of, load_cases, run_cases
@@ -89,9 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("config", help="path of the busway TOML file the daemon runs")
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")
     reload = commands.add_parser(
-        "reload", help="check a config, then make the running daemon reload it (SIGHUP)"
+        "reload",
+        help="check a config, make the running daemon reload it (SIGHUP), report the outcome",
     )
     reload.add_argument("config", help="path of the busway TOML file the daemon runs")
+    reload.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon's outcome (it drains changed components first)",
+    )
     test = commands.add_parser(
         "test", help="run route test cases (inputs and expected outputs) without a broker"
     )
@@ -132,6 +153,14 @@ def _test(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else 0
 
 
+@dataclass
+class _Run:
+    """What `_serve` tells `_run`: whether start-up had completed, and what stopped the bus."""
+
+    started: bool = False
+    error: BuswayError | None = None
+
+
 def _run(args: argparse.Namespace) -> int:
     configure_logging(log_format=args.log_format, level=args.log_level)
     try:
@@ -139,32 +168,52 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         logger.error("invalid configuration: %s", exc)
         return EXIT_CONFIG
-    try:
-        anyio.run(_serve, bus, args.config, backend="asyncio", backend_options={"use_uvloop": True})
-    except StartupError as exc:
-        logger.error("cannot start: %s", exc)
+    run = _Run()
+    anyio.run(
+        _serve, bus, args.config, run, backend="asyncio", backend_options={"use_uvloop": True}
+    )
+    if run.error is not None:
+        if not run.started:
+            logger.error("cannot start: %s", _one_line(run.error))
+            return EXIT_STARTUP
+        logger.error("stopped on error: %s", _one_line(run.error))
         return EXIT_FAILURE
-    except BuswayError as exc:
-        logger.error("stopped on error: %s", exc)
-        return EXIT_FAILURE
-    logger.info("stopped")
+    logger.info("stopped" if run.started else "stopped before start-up completed")
     return 0
 
 
-async def _serve(bus: Bus, config_path: str) -> None:
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+async def _serve(bus: Bus, config_path: str, run: _Run) -> None:
     """Run `bus` until SIGINT/SIGTERM; a second signal, or a stuck drain, forces the exit.
 
-    SIGHUP reloads the config file: checked first, applied only if valid.
+    A signal while starting (connecting to an unreachable server, waiting for a data_dir)
+    stops at once: nothing is running that needs draining. SIGHUP reloads the config file:
+    checked first, applied only if valid, and the outcome written for `busway reload`.
     """
     grace = float(bus.config.shutdown_timeout) + 15
+    results = _reload_results_path(bus.config)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
 
             async def watch_signals() -> None:
+                reloads = 0
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        tg.start_soon(_reload, bus, config_path)
+                        if not run.started:
+                            logger.warning("SIGHUP while starting: ignored; reload once ready")
+                            continue
+                        reloads += 1
+                        tg.start_soon(_reload, bus, config_path, results, reloads)
                         continue
+                    if not run.started:
+                        logger.info(
+                            "%s received while starting: stopping", signal.Signals(signum).name
+                        )
+                        tg.cancel_scope.cancel()
+                        return
                     if bus.stopping:
                         logger.warning("second %s: stopping now", signal.Signals(signum).name)
                         tg.cancel_scope.cancel()
@@ -174,17 +223,23 @@ async def _serve(bus: Bus, config_path: str) -> None:
                     tg.cancel_scope.deadline = anyio.current_time() + grace
 
             tg.start_soon(watch_signals)
-            async with bus:
-                pid_file = bus.config.resolve_path(bus.config.pid_file)
-                _write_pid(pid_file)
-                try:
-                    await bus.wait_until_stopped()
-                finally:
-                    pid_file.unlink(missing_ok=True)
+            try:
+                async with bus:
+                    run.started = True
+                    pid_file = bus.config.resolve_path(bus.config.pid_file)
+                    _write_pid(pid_file)
+                    try:
+                        await bus.wait_until_stopped()
+                    finally:
+                        pid_file.unlink(missing_ok=True)
+                        results.unlink(missing_ok=True)
+            except BuswayError as exc:  # reported by `_run`, as one line
+                run.error = exc
             tg.cancel_scope.cancel()
 
 
-async def _reload(bus: Bus, config_path: str) -> None:
+async def _reload(bus: Bus, config_path: str, results: Path, number: int) -> None:
+    """Reload the config file into `bus`; log the outcome and write it to `results`."""
     logger.info("SIGHUP: reloading %s", config_path)
     try:
         config = load_config(
@@ -195,12 +250,42 @@ async def _reload(bus: Bus, config_path: str) -> None:
         report = await bus.reload(config)
     except ConfigError as exc:
         exc = locate_in_file(exc, config_path) if exc.line is None else exc
-        logger.error("reload rejected, still running the previous config: %s", exc)
+        message = f"reload rejected, still running the previous config: {exc}"
+        logger.error("%s", message)
+        _write_reload_result(results, number, EXIT_CONFIG, message)
         return
     except BuswayError as exc:
-        logger.error("reload failed: %s", exc)
+        message = f"reload failed: {exc}"
+        logger.error("%s", message)
+        _write_reload_result(results, number, EXIT_FAILURE, message)
         return
     logger.info("reload done: %s", report)
+    _write_reload_result(results, number, 0, f"reload done: {report}")
+
+
+def _reload_results_path(config: Config) -> Path:
+    """Where the daemon reports its reloads: beside its pid file (`busway.reload.json`)."""
+    pid_file = config.resolve_path(config.pid_file)
+    return pid_file.with_name(f"{pid_file.stem}.reload.json")
+
+
+def _write_reload_result(path: Path, number: int, code: int, message: str) -> None:
+    """Replace `path` atomically with the outcome of this process's reload number `number`."""
+    entry = {"pid": os.getpid(), "reload": number, "exit": code, "message": message}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(entry) + "\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        logger.warning("cannot write the reload outcome to %s: %s", path, exc.strerror)
+
+
+def _read_reload_result(path: Path) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def _write_pid(path: Path) -> None:
@@ -209,7 +294,9 @@ def _write_pid(path: Path) -> None:
 
 
 def _reload_command(args: argparse.Namespace) -> int:
-    """`busway reload`: check the config, then SIGHUP the daemon named by its pid file."""
+    """`busway reload`: check the config, SIGHUP the daemon named by its pid file, then wait
+    for the outcome the daemon writes beside its pid file and exit with its code: 0 applied,
+    2 rejected (the daemon keeps its previous config), 1 failed or no answer in time."""
     if _check(args) != 0:
         print("busway: not reloading: the config is invalid", file=sys.stderr)
         return EXIT_CONFIG
@@ -217,8 +304,11 @@ def _reload_command(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     pid_file = config.resolve_path(config.pid_file)
+    results = _reload_results_path(config)
     try:
         pid = int(pid_file.read_text().strip())
+        before = _read_reload_result(results) or {}
+        seen = int(before.get("reload", 0)) if before.get("pid") == pid else 0
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
         print(
@@ -226,8 +316,35 @@ def _reload_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    print(f"sent SIGHUP to busway (pid {pid}); its log says what the reload changed")
-    return 0
+    deadline = time.monotonic() + args.wait
+    while True:
+        outcome = _read_reload_result(results) or {}
+        if outcome.get("pid") == pid and int(outcome.get("reload", 0)) > seen:
+            break
+        if not _process_exists(pid):
+            print(f"busway: the daemon (pid {pid}) exited during the reload", file=sys.stderr)
+            return EXIT_FAILURE
+        if time.monotonic() > deadline:
+            print(
+                f"busway: sent SIGHUP to busway (pid {pid}) but it reported no outcome within "
+                f"{args.wait:g}s (it may still be draining): see its log",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        time.sleep(0.1)
+    code = int(outcome.get("exit", EXIT_FAILURE))
+    print(f"busway (pid {pid}): {outcome.get('message', '')}", file=sys.stderr if code else None)
+    return code
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _schema_command(args: argparse.Namespace) -> int:

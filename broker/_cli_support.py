@@ -9,18 +9,30 @@ from busway._errors import ConfigError
 from busway._plan import Plan, build_plan
 from busway._registry import default_registry
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "load_or_report", "plan_or_report"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_STARTUP", "load_or_report", "plan_or_report"]
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_STARTUP = 2
+"""`busway run` could not start: like a bad config, it needs a fix, not a retry loop."""
 
 
 def load_or_report(path: str) -> Config | None:
-    """The config at `path` with every registered adapter; None after printing why not."""
+    """The config at `path` as operator commands (`status`, `reload`, `dlq`) need it: every
+    section, and each component's name, subjects and consumer settings, but not adapters' own
+    keys or route logic, whose `${...}` secrets stay unresolved (see `decode_config`'s
+    `outline`); None after printing why not."""
+    return _load(path, outline=True)
+
+
+def _load(path: str, *, outline: bool) -> Config | None:
     registry = default_registry()
     try:
         return load_config(
-            path, source_types=registry.source_config, sink_types=registry.sink_config
+            path,
+            source_types=registry.source_config,
+            sink_types=registry.sink_config,
+            outline=outline,
         )
     except ConfigError as exc:
         exc = locate_in_file(exc, path) if exc.line is None else exc
@@ -29,9 +41,9 @@ def load_or_report(path: str) -> Config | None:
 
 
 def plan_or_report(path: str) -> Plan | None:
-    """The config at `path` compiled (expressions, adapters), as `busway check` and
-    `busway test` need it; None after printing why not."""
-    config = load_or_report(path)
+    """The config at `path` in full and compiled (expressions, adapters), as `busway check`
+    and `busway test` need it; None after printing why not."""
+    config = _load(path, outline=False)
     if config is None:
         return None
     try:

@@ -99,9 +99,11 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     servers: list[str] | None = None
     """NATS URLs (`nats://host:4222`); without it busway runs an embedded nats-server."""
     data_dir: str = "var/nats"
-    """Embedded server: JetStream store, config, log and pid file."""
+    """Embedded server: JetStream store, config, log, pid file and `busway.lock` (one daemon per
+    data_dir)."""
     listen: str = "127.0.0.1:4222"
-    """Embedded server: client address (port 0 = any free port)."""
+    """Embedded server: client address (port 0 = any free port); a port another process holds
+    is a start-up error, never shared."""
     sync: str = "always"
     """Embedded server: `"always"` fsyncs before every PubAck; a duration such as `"1s"` trades
     safety for speed.
@@ -115,7 +117,9 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     token: str | None = None
     """Token authentication to `servers`."""
     credentials: str | None = None
-    """A `.creds` file (JWT + NKey) for `servers`."""
+    """A `.creds` file (user JWT + NKey seed) for `servers`, relative to the config file."""
+    nkey_seed: str | None = None
+    """A file holding an NKey user seed (`SU...`), for servers that list NKey users."""
     connect_timeout: Duration = Duration(5.0)
     """How long the first connection may take before start-up fails."""
     publish_timeout: Duration = Duration(10.0)
@@ -128,6 +132,8 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             parse_duration(self.sync)
         if self.publish_window < 1:
             raise ValueError("publish_window must be at least 1")
+        if self.credentials is not None and self.nkey_seed is not None:
+            raise ValueError("give one of `credentials` (a .creds file) and `nkey_seed`")
         split_listen(self.listen)
 
 
@@ -333,6 +339,7 @@ def load_config(
     source_types: SourceTypes,
     sink_types: SinkTypes,
     environ: dict[str, str] | None = None,
+    outline: bool = False,
 ) -> Config:
     """Read and decode the TOML file at `path`; see `decode_config`."""
     file = os.fspath(path)
@@ -347,6 +354,7 @@ def load_config(
         source_types=source_types,
         sink_types=sink_types,
         environ=environ,
+        outline=outline,
     )
 
 
@@ -358,11 +366,19 @@ def decode_config(
     source_types: SourceTypes,
     sink_types: SinkTypes,
     environ: dict[str, str] | None = None,
+    outline: bool = False,
 ) -> Config:
     """Decode TOML `text` into a checked `Config`.
 
     `source_types` / `sink_types` map a `type = "..."` name to its adapter's config struct (the
     adapter registry provides them). Raises ConfigError naming file, key path and line.
+
+    `outline = True` decodes only what operator commands (`busway status`, `busway dlq`) need:
+    every section but the components in full, and of each component its name, subjects and
+    consumer settings. Adapters' own keys are dropped and route logic (`when`, `transform`,
+    `stages`) is kept as written, neither resolved (`${...}`) nor compiled, so a secret only an
+    adapter uses need not be set to inspect dead letters. Sources and sinks come back as plain
+    `SourceConfig` / `SinkConfig` values, whatever their adapter: never build a plan from them.
     """
 
     def located(error: ConfigError) -> ConfigError:
@@ -372,22 +388,34 @@ def decode_config(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", file=file) from None
+    env = os.environ if environ is None else environ
+    skip = _route_logic if outline else None
     try:
-        document = _interpolate(document, "$", os.environ if environ is None else environ)
-        if not isinstance(document, dict):  # pragma: no cover - tomllib always yields a table
-            raise ConfigError("the config must be a TOML table", path="$")
         sources = _pop_list(document, "sources")
         sinks = _pop_list(document, "sinks")
+        if outline:
+            sources = [_outline(raw, SourceConfig) for raw in sources]
+            sinks = [_outline(raw, SinkConfig) for raw in sinks]
+            source_types = _outline_types(SourceConfig)
+            sink_types = _outline_types(SinkConfig)
+        document = _interpolate(document, "$", env, skip)
         document["base_dir"] = base_dir
         config = _convert(document, Config, "$")
         config = msgspec.structs.replace(
             config,
             sources=tuple(
-                _convert_tagged(raw, f"$.sources[{i}]", source_types, "source")
+                _convert_tagged(
+                    _interpolate(raw, f"$.sources[{i}]", env),
+                    f"$.sources[{i}]",
+                    source_types,
+                    "source",
+                )
                 for i, raw in enumerate(sources)
             ),
             sinks=tuple(
-                _convert_tagged(raw, f"$.sinks[{i}]", sink_types, "sink")
+                _convert_tagged(
+                    _interpolate(raw, f"$.sinks[{i}]", env), f"$.sinks[{i}]", sink_types, "sink"
+                )
                 for i, raw in enumerate(sinks)
             ),
         )
@@ -404,6 +432,39 @@ def _pop_list(document: dict[str, Any], key: str) -> list[Any]:
             f"expected an array of tables ([[{key}]]), got {_kind(value)}", path=f"$.{key}"
         )
     return value
+
+
+_ROUTE_LOGIC = re.compile(r"^\$\.routes\[\d+\]\.(when|transform|stages)$")
+
+
+def _route_logic(path: str) -> bool:
+    return _ROUTE_LOGIC.match(path) is not None
+
+
+def _outline(raw: object, base: type[msgspec.Struct]) -> object:
+    """A component's table with only the keys `base` (SourceConfig, SinkConfig) knows."""
+    if not isinstance(raw, dict):
+        return raw
+    keep = {field.encode_name for field in msgspec.structs.fields(base)} | {"type"}
+    return {key: value for key, value in raw.items() if key in keep}
+
+
+def _outline_types(base: type[_T]) -> Callable[[str], type[_T]]:
+    """Struct types decoding any adapter's `type` as plain `base` fields (see `outline`)."""
+
+    def outline_type(tag: str) -> type[_T]:
+        key = (base, tag)
+        if key not in _OUTLINE_TYPES:
+            _OUTLINE_TYPES[key] = msgspec.defstruct(
+                f"Outline{base.__name__}", [], bases=(base,), tag=tag, frozen=True, kw_only=True
+            )
+        struct: type[_T] = _OUTLINE_TYPES[key]
+        return struct
+
+    return outline_type
+
+
+_OUTLINE_TYPES: dict[tuple[type, str], Any] = {}
 
 
 def _convert(raw: object, kind: type[_T], path: str) -> _T:
@@ -457,13 +518,23 @@ def _kind(value: object) -> str:
 _REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 
 
-def _interpolate(value: Any, path: str, environ: os._Environ[str] | dict[str, str]) -> Any:
+def _interpolate(
+    value: Any,
+    path: str,
+    environ: os._Environ[str] | dict[str, str],
+    skip: Callable[[str], bool] | None = None,
+) -> Any:
+    """`value` with its `${...}` references resolved, except under paths `skip` accepts."""
+    if skip is not None and skip(path):
+        return value
     if isinstance(value, str):
         return _resolve_references(value, path, environ) if "${" in value else value
     if isinstance(value, dict):
-        return {key: _interpolate(item, f"{path}.{key}", environ) for key, item in value.items()}
+        return {
+            key: _interpolate(item, f"{path}.{key}", environ, skip) for key, item in value.items()
+        }
     if isinstance(value, list):
-        return [_interpolate(item, f"{path}[{i}]", environ) for i, item in enumerate(value)]
+        return [_interpolate(item, f"{path}[{i}]", environ, skip) for i, item in enumerate(value)]
     return value
 
 

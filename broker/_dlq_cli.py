@@ -39,6 +39,8 @@ from busway._dlq import (
     iter_dead_letters,
 )
 from busway._dlq_replay import purge_dead_letters, replay_dead_letters
+from busway._errors import StartupError
+from busway._jetstream import nats_auth
 from busway.routers.durations import parse_duration
 
 __all__ = ["add_dlq_parser", "run_dlq"]
@@ -352,14 +354,10 @@ async def _connected(config: Config) -> AsyncIterator[NatsClient]:
         """Connection errors are reported once, below, not logged per attempt."""
         errors.append(exc)
 
-    options: dict[str, Any] = {}
-    if config.nats.user is not None:
-        options["user"] = config.nats.user
-        options["password"] = config.nats.password
-    if config.nats.token is not None:
-        options["token"] = config.nats.token
-    if config.nats.credentials is not None:
-        options["user_credentials"] = config.nats.credentials
+    try:
+        options = nats_auth(config.nats, config.resolve_path)
+    except StartupError as exc:
+        raise _Unreachable(str(exc)) from None
     try:
         client = await nats.connect(
             servers,

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 import nats.errors
 import nats.js.errors
@@ -43,7 +45,9 @@ __all__ = [
     "connect",
     "ensure_consumer",
     "ensure_stream",
+    "nats_auth",
     "publish_error",
+    "server_name_of",
     "state_bucket",
 ]
 
@@ -55,10 +59,29 @@ async def connect(
     servers: list[str],
     *,
     on_reconnected: Callable[[], Awaitable[None]],
+    auth: Mapping[str, Any] | None = None,
+    server_name: str | None = None,
 ) -> NatsClient:
-    """Connect to `servers`, reconnecting forever once connected; StartupError if unreachable."""
+    """Connect to `servers` within `[nats] connect_timeout`, then reconnect forever.
+
+    nats-py retries a first connection forever when reconnecting is allowed; here the attempt
+    is bounded by `connect_timeout`, and refused credentials end it at once (retrying cannot
+    fix them). The first connection's errors are reported once, in the StartupError, rather
+    than logged per attempt. Cancelling (SIGTERM while connecting) abandons the attempt cleanly.
+    `auth` comes from `nats_auth`. With `server_name`, the server must announce that name in
+    its INFO (the embedded server busway started), else StartupError.
+    """
+    client = NatsClient()
+    started = False
+    failures: list[BaseException] = []
+    attempt = anyio.CancelScope(deadline=anyio.current_time() + float(config.connect_timeout))
 
     async def error_cb(exc: Exception) -> None:
+        if not started:
+            failures.append(exc)
+            if _refused_credentials(exc):
+                attempt.cancel()
+            return
         logger.warning("NATS connection error: %s", exc or type(exc).__name__)
 
     async def disconnected_cb() -> None:
@@ -72,6 +95,67 @@ async def connect(
         )
         await on_reconnected()
 
+    try:
+        with attempt:
+            await client.connect(
+                servers,
+                name=config.name,
+                connect_timeout=max(1, round(config.connect_timeout)),
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type] # a float works; typed int
+                error_cb=error_cb,
+                disconnected_cb=disconnected_cb,
+                reconnected_cb=reconnected_cb,
+                pending_size=8 * 1024 * 1024,
+                # Every subject busway publishes to is validated when the config is checked, and
+                # ack subjects come from the server; nats-py's per-publish regex is pure cost.
+                # Anything that derives a subject from message content must validate it itself.
+                skip_subject_validation=True,
+                **(auth or {}),
+            )
+            started = True
+    except (OSError, ValueError, nats.errors.Error, TimeoutError) as exc:
+        failures.append(exc)
+    finally:
+        if not started:
+            await _abandon(client)
+    where = ", ".join(servers)
+    if not started:
+        last = failures[-1] if failures else None
+        cause = (str(last) or type(last).__name__) if last is not None else "no answer"
+        if last is not None and _refused_credentials(last):
+            raise StartupError(
+                f"NATS at {where} refused busway's credentials: {cause}; check [nats] user and "
+                "password, token, credentials or nkey_seed"
+            )
+        raise StartupError(
+            f"cannot connect to NATS at {where} within {float(config.connect_timeout):g}s "
+            f"([nats] connect_timeout): {cause}; check [nats] servers and that the server runs"
+        )
+    if server_name is not None and server_name_of(client) != server_name:
+        found = server_name_of(client)
+        await _abandon(client)
+        raise StartupError(
+            f"the NATS server at {where} is not the embedded server busway started (it is named "
+            f"{found!r}, not {server_name!r}); another server took [nats] listen: stop it or "
+            "choose another port"
+        )
+    return client
+
+
+def server_name_of(client: NatsClient) -> str | None:
+    """The `server_name` the server `client` is connected to announced in its INFO."""
+    name = client._server_info.get("server_name")
+    return name if isinstance(name, str) else None
+
+
+def nats_auth(config: NatsConfig, resolve: Callable[[str], Path]) -> dict[str, Any]:
+    """nats-py's authentication options for `config`, with its key files checked first.
+
+    nats-py reads `.creds` and seed files only while connecting, and loops forever on a
+    `.creds` file without a JWT: a missing or malformed file is a StartupError here instead.
+    Relative paths are resolved by `resolve` (against the config file's directory).
+    """
     options: dict[str, Any] = {}
     if config.user is not None:
         options["user"] = config.user
@@ -79,30 +163,76 @@ async def connect(
     if config.token is not None:
         options["token"] = config.token
     if config.credentials is not None:
-        options["user_credentials"] = config.credentials
+        path = resolve(config.credentials)
+        _check_key_file(path, "credentials", creds=True)
+        options["user_credentials"] = str(path)
+    if config.nkey_seed is not None:
+        path = resolve(config.nkey_seed)
+        _check_key_file(path, "nkey_seed", creds=False)
+        options["nkeys_seed"] = str(path)
+    return options
+
+
+def _check_key_file(path: Path, key: str, *, creds: bool) -> None:
+    """StartupError unless `path` holds a user JWT and seed (`creds`) or a bare NKey seed."""
     try:
-        client = await nats.connect(
-            servers,
-            name=config.name,
-            connect_timeout=max(1, round(config.connect_timeout)),
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=error_cb,
-            disconnected_cb=disconnected_cb,
-            reconnected_cb=reconnected_cb,
-            pending_size=8 * 1024 * 1024,
-            # Every subject busway publishes to is validated when the config is checked, and
-            # ack subjects come from the server; nats-py's per-publish regex is pure cost.
-            # Anything that derives a subject from message content must validate it itself.
-            skip_subject_validation=True,
-            **options,
-        )
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise StartupError(f"cannot read [nats] {key} file {path}: {reason}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    if creds:
+        jwt = _after(lines, "BEGIN NATS USER JWT")
+        seed = _after(lines, "BEGIN USER NKEY SEED")
+        if not jwt or not seed:
+            raise StartupError(
+                f"[nats] {key} file {path} is not a .creds file: it needs a "
+                "'BEGIN NATS USER JWT' and a 'BEGIN USER NKEY SEED' block"
+            )
+    else:
+        seed = next((line for line in lines if line and not line.startswith("#")), "")
+    try:
+        import nkeys
+    except ImportError:  # pragma: no cover - a dependency of busway (nats-py[nkeys])
+        raise StartupError(f"[nats] {key} needs the nkeys package: pip install nkeys") from None
+    try:
+        nkeys.from_seed(bytearray(seed.encode())).wipe()
+    except Exception:
         raise StartupError(
-            f"cannot connect to NATS at {', '.join(servers)}: {exc or type(exc).__name__}; "
-            "check [nats] servers and that the server is running"
-        ) from exc
-    return client
+            f"[nats] {key} file {path} holds no valid NKey user seed (a line starting 'SU')"
+        ) from None
+
+
+def _after(lines: list[str], marker: str) -> str:
+    """The line after the one containing `marker`, or ''."""
+    for index, line in enumerate(lines[:-1]):
+        if marker in line:
+            return lines[index + 1]
+    return ""
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.AuthorizationError) or any(
+        word in text for word in ("authorization violation", "authentication", "user credentials")
+    )
+
+
+async def _abandon(client: NatsClient) -> None:
+    """Close a client that will not be used, whatever state its connection attempt left.
+
+    An attempt cancelled inside nats-py's own clean-up between two tries (refused credentials,
+    the deadline, SIGTERM) leaves it marked closed with its socket open, so `close()` does
+    nothing: the socket is closed here directly.
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        with contextlib.suppress(Exception):
+            await client.close()
+        transport = client._transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()  # type: ignore[no-untyped-call]
+                await transport.wait_closed()  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager

@@ -44,8 +44,13 @@ def build_app(
     registry: CollectorRegistry,
     readiness: Callable[[], dict[str, bool]],
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    health: Callable[[], dict[str, bool]] | None = None,
 ) -> Starlette:
-    """The ASGI app: the sources' `routes` plus the operational endpoints."""
+    """The ASGI app: the sources' `routes` plus the operational endpoints.
+
+    `/healthz` is liveness: 503 when a `health` check fails (the embedded nats-server is down:
+    part of this process, unlike an external server, whose loss only makes `/readyz` 503).
+    """
 
     async def status_page(_: Request) -> Response:
         assert status is not None
@@ -55,7 +60,10 @@ def build_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        checks = health() if health is not None else {}
+        if all(checks.values()):
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy", "checks": checks}, status_code=503)
 
     async def readyz(_: Request) -> Response:
         checks = readiness()
@@ -123,6 +131,7 @@ class Listener:
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self._server: _EmbeddedServer | None = None
+        self._socket: socket.socket | None = None
 
     @property
     def scheme(self) -> str:
@@ -142,8 +151,15 @@ class Listener:
                 f"([http] tls_cert, tls_key): {exc}"
             ) from None
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Bind (StartupError if taken), report started, serve until `stop()`."""
+    def bind(self) -> None:
+        """Load the certificate and take the port now; StartupError if either fails.
+
+        The bus calls this before it starts anything else, so a taken port or a bad
+        certificate stops start-up before an embedded server or a connection exists.
+        Connections arriving before `run()` serves wait in the listen backlog.
+        """
+        if self._socket is not None:
+            return
         self._check_tls()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -159,6 +175,20 @@ class Listener:
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
+        self._socket = sock
+
+    def close(self) -> None:
+        """Release the port of a listener that `bind()` took but that will not serve."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind unless `bind()` did (StartupError if taken), report started, serve until
+        `stop()`."""
+        self.bind()
+        sock = self._socket
+        assert sock is not None
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -176,7 +206,7 @@ class Listener:
         try:
             await self._server.serve(sockets=[sock])
         finally:
-            sock.close()
+            self.close()
 
     def stop(self) -> None:
         """Stop accepting; requests in progress finish (bounded by the graceful timeout)."""

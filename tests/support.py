@@ -44,14 +44,22 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
 class NatsServer:
     """A nats-server child process with JetStream, owned by the tests."""
 
-    def __init__(self, store: Path, *, sync_always: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Path,
+        *,
+        sync_always: bool = False,
+        port: int | None = None,
+        extra_config: str = "",
+    ) -> None:
+        """`extra_config`: more server config lines (authorization, operator, server_name)."""
         self.port = port or free_port()
         self.store = store
         config = store / "nats.conf"
         sync = "\n  sync_interval: always" if sync_always else ""
         config.write_text(
             f'listen: "127.0.0.1:{self.port}"\n'
-            f'jetstream {{\n  store_dir: "{store / "js"}"{sync}\n}}\n'
+            f'jetstream {{\n  store_dir: "{store / "js"}"{sync}\n}}\n{extra_config}\n'
         )
         self.log = store / "nats.log"
         with open(self.log, "ab") as log:

@@ -137,7 +137,7 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
     )
     result = run_cli("reload", str(path))
     assert result.returncode == 0, result.stderr
-    assert "sent SIGHUP" in result.stdout
+    assert f"reload done: added: route:extra{unique}" in result.stdout
 
     def log_says(text: str) -> None:
         deadline = time.monotonic() + 30
@@ -154,4 +154,32 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
     daemon.process.send_signal(signal.SIGHUP)  # bypassing the check: still safe
     log_says("reload rejected, still running the previous config")
     assert daemon.process.poll() is None
+    assert daemon.terminate() == 0
+
+
+def test_busway_reload_reports_a_config_the_daemon_rejects(
+    nats_server: NatsServer,
+    unique: str,
+    tmp_path: Path,
+    daemons: list[Daemon],  # noqa: F811 - the fixture
+) -> None:
+    """`busway check` accepts it, the daemon refuses it: the command says so and exits 2."""
+    path = tmp_path / "busway.toml"
+    path.write_text(config_text(nats_server, unique, route("main", unique, "@")))
+    daemon = Daemon(path)
+    daemons.append(daemon)
+    daemon.wait_ready()
+
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"'))
+    rejected = run_cli("reload", str(path))
+    assert rejected.returncode == 2, (rejected.stdout, rejected.stderr)
+    assert "reload rejected, still running the previous config" in rejected.stderr
+    assert "[http] changed: that needs a restart, not a reload" in rejected.stderr
+
+    path.write_text(
+        config_text(nats_server, unique, route("main", unique, "@") + route("extra", unique, "@"))
+    )
+    applied = run_cli("reload", str(path))
+    assert applied.returncode == 0, applied.stderr
+    assert f"reload done: added: route:extra{unique}" in applied.stdout
     assert daemon.terminate() == 0
