@@ -190,22 +190,7 @@ class HttpSource(Source):
             None if key is None else _Claim(key, key_id(client, key), fingerprint(request, body))
         )
         if kind == Kind.NDJSON:
-            lines = ndjson_items(body, config.max_lines)
-            context.stats.received += len(lines)
-            if claim is not None:
-                await self._claim(claim, "accepted")
-            prefix = claim.message_id if claim else f"{context.name}:{uuid.uuid4().hex}"
-            published = await publish_lines(
-                context,
-                subject,
-                lines,
-                prefix=prefix,
-                retry_after=config.retry_after,
-                keyed=claim is not None,
-            )
-            if claim is not None and not published.anything_stored:
-                await self._release(claim)
-            return published.response
+            return await self._ingest_lines(context, subject, body, claim)
         context.stats.received += 1
         item = single_item(body, content_type, kind, request.headers, events=config.cloudevents)
         if claim is not None:
@@ -218,9 +203,34 @@ class HttpSource(Source):
             if claim is not None:
                 return await self._request_once(context, subject, item, claim)
             return await self._request(context, subject, item, message_id)
-        if claim is not None:
-            await self._claim(claim, "accepted")
-        return await self._publish(context, subject, item, message_id, claim)
+        owned = claim is not None and await self._claim(claim, "accepted") is None
+        return await self._publish(
+            context,
+            subject,
+            item,
+            message_id,
+            keyed=claim is not None,
+            owned=claim if owned else None,
+        )
+
+    async def _ingest_lines(
+        self, context: SourceContext, subject: str, body: bytes, claim: _Claim | None
+    ) -> Response:
+        """NDJSON: every line a message, one answer listing each line's fate."""
+        lines = ndjson_items(body, self.config.max_lines)
+        context.stats.received += len(lines)
+        owned = claim is not None and await self._claim(claim, "accepted") is None
+        published = await publish_lines(
+            context,
+            subject,
+            lines,
+            prefix=claim.message_id if claim else f"{context.name}:{uuid.uuid4().hex}",
+            retry_after=self.config.retry_after,
+            keyed=claim is not None,
+        )
+        if owned and claim is not None and not published.anything_stored:
+            await self._release(claim)  # nothing stored: a corrected retry is welcome
+        return published.response
 
     async def _claim(self, claim: _Claim, state: State) -> Record | None:
         """Record the key for this request (None), or the same request's record; 422/503."""
@@ -289,16 +299,20 @@ class HttpSource(Source):
         subject: str,
         item: Item,
         message_id: str,
-        claim: _Claim | None,
+        *,
+        keyed: bool,
+        owned: _Claim | None,
     ) -> Response:
+        """Publish one message; `owned` is the key this request recorded (None: no key, or
+        an earlier attempt recorded it), released if nothing was stored."""
         stats = context.stats
         headers = {**item.headers, "Nats-Msg-Id": message_id}
         try:
             ack = await context.publisher.publish(subject, item.data, headers=headers)
         except PublishError as exc:
-            if claim is not None and not exc.unconfirmed:
-                await self._release(claim)  # nothing stored: a corrected retry is welcome
-            return self._failed(context, exc, claim is not None, "message")
+            if owned is not None and not exc.unconfirmed:
+                await self._release(owned)  # nothing stored: a corrected retry is welcome
+            return self._failed(context, exc, keyed, "message")
         stats.published += 1
         answer = {
             "id": message_id,
