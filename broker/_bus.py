@@ -384,7 +384,9 @@ class Bus(AsyncContextManagerMixin):
         name = (
             f"busway_dedup_{stream.name}_{source.name}" if stream else f"busway_dedup_{source.name}"
         )
-        return await dedup_store(self._js, name, [s.name for s in streams])
+        return await dedup_store(
+            self._js, name, [s.name for s in streams], timeout=self.config.nats.publish_timeout
+        )
 
     async def _supervise(
         self,

@@ -336,20 +336,26 @@ async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
 
 
 class KeyValueDedupStore:
-    """A `DedupStore`: a key-value bucket whose TTL is a stream's duplicate window."""
+    """A `DedupStore`: a key-value bucket whose TTL is a stream's duplicate window.
 
-    def __init__(self, bucket: KeyValue, ttl: float) -> None:
+    Each operation is bounded by `timeout` (the publish timeout), like a publish: a request
+    waits no longer on its record than on its message.
+    """
+
+    def __init__(self, bucket: KeyValue, ttl: float, *, timeout: float) -> None:
         self._bucket = bucket
         self.ttl = ttl
+        self._timeout = timeout
 
     async def create(self, key: str, value: bytes) -> bytes | None:
         """Store `value` unless `key` is present: None if stored, else the present value."""
         for _ in range(3):  # present, then expired before we could read it: try again
             try:
-                await self._bucket.create(key, value)
+                async with asyncio.timeout(self._timeout):
+                    await self._bucket.create(key, value)
             except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
                 pass
-            except nats.errors.Error as exc:
+            except (nats.errors.Error, TimeoutError) as exc:
                 raise RetryableError(f"cannot record {key!r}: {exc!r}") from exc
             else:
                 return None
@@ -361,28 +367,33 @@ class KeyValueDedupStore:
     async def get(self, key: str) -> bytes | None:
         """The value under `key`, or None if absent, deleted or expired."""
         try:
-            return (await self._bucket.get(key)).value
+            async with asyncio.timeout(self._timeout):
+                return (await self._bucket.get(key)).value
         except nats.js.errors.KeyNotFoundError:
             return None
-        except nats.errors.Error as exc:
+        except (nats.errors.Error, TimeoutError) as exc:
             raise RetryableError(f"cannot read {key!r}: {exc!r}") from exc
 
     async def put(self, key: str, value: bytes) -> None:
         """Store `value` under `key`; RetryableError if JetStream did not confirm."""
         try:
-            await self._bucket.put(key, value)
-        except nats.errors.Error as exc:
+            async with asyncio.timeout(self._timeout):
+                await self._bucket.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
             raise RetryableError(f"cannot store {key!r}: {exc!r}") from exc
 
     async def delete(self, key: str) -> None:
         """Forget `key`."""
         try:
-            await self._bucket.delete(key)
-        except nats.errors.Error as exc:
+            async with asyncio.timeout(self._timeout):
+                await self._bucket.delete(key)
+        except (nats.errors.Error, TimeoutError) as exc:
             raise RetryableError(f"cannot delete {key!r}: {exc!r}") from exc
 
 
-async def dedup_store(js: JetStreamContext, name: str, streams: list[str]) -> KeyValueDedupStore:
+async def dedup_store(
+    js: JetStreamContext, name: str, streams: list[str], *, timeout: float
+) -> KeyValueDedupStore:
     """The bucket `name`, its TTL the longest duplicate window of `streams` (as JetStream has
     them, so `create = false` streams count too), its replicas theirs; created if missing,
     its TTL updated if a window changed."""
@@ -403,4 +414,4 @@ async def dedup_store(js: JetStreamContext, name: str, streams: list[str]) -> Ke
             existing.duplicate_window = min(ttl, 120.0)
             await js.update_stream(existing)
             bucket = await js.key_value(name)
-    return KeyValueDedupStore(bucket, ttl)
+    return KeyValueDedupStore(bucket, ttl, timeout=timeout)
