@@ -14,6 +14,7 @@ The public API. Everything else lives in `busway._*` modules and may change with
 from busway._bus import Bus, ReloadReport
 from busway._components import (
     BuildContext,
+    DedupStore,
     Message,
     PublishAck,
     Publisher,
@@ -79,6 +80,7 @@ __all__ = [
     "DeadLetterConfig",
     "DeadLetterError",
     "DeadLetterFilters",
+    "DedupStore",
     "DeliveryError",
     "Duration",
     "HttpConfig",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import logging
 import os
@@ -37,7 +38,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from busway._circuit import STATE_NAMES
-from busway._components import Sink, Source, SourceContext
+from busway._components import DedupStore, Sink, Source, SourceContext
 from busway._config import (
     Config,
     RouteConfig,
@@ -53,6 +54,7 @@ from busway._jetstream import (
     JetStreamPublisher,
     KeyValueState,
     connect,
+    dedup_store,
     ensure_stream,
     fail_unconfirmed,
     jetstream,
@@ -388,6 +390,7 @@ class Bus(AsyncContextManagerMixin):
             dead_letter_subject=f"{self.config.dead_letter.subject_prefix}.{source_config.name}",
             http_routes=http_routes,
             requester=self._requester,
+            open_dedup_store=functools.partial(self._open_dedup_store, source_config),
         )
 
         async def run(*, task_status: TaskStatus[None]) -> None:
@@ -397,6 +400,19 @@ class Bus(AsyncContextManagerMixin):
             ("source", source_config.name), source_config, stats, run, None, http_routes
         )
         stats.ready = True
+
+    async def _open_dedup_store(self, source: SourceConfig) -> DedupStore:
+        """`source`'s dedup bucket, scoped like JetStream's dedup: by stream and source."""
+        assert self._js is not None
+        pattern = ".".join("*" if "{" in token else token for token in source.subject.split("."))
+        stream = self.config.stream_for(pattern)
+        streams = [stream] if stream is not None else self.config.streams
+        name = (
+            f"busway_dedup_{stream.name}_{source.name}" if stream else f"busway_dedup_{source.name}"
+        )
+        return await dedup_store(
+            self._js, name, [s.name for s in streams], timeout=self.config.nats.publish_timeout
+        )
 
     async def _supervise(
         self,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BuildContext",
+    "DedupStore",
     "Message",
     "PublishAck",
     "Publisher",
@@ -128,6 +129,36 @@ class StateStore(Protocol):
         ...
 
 
+class DedupStore(Protocol):
+    """Records a source keeps about its message ids, for as long as JetStream remembers them.
+
+    A JetStream key-value bucket whose entries expire `ttl` seconds after their last write,
+    `ttl` being the `duplicate_window` of the stream that captures the source's subject; every
+    daemon on the same NATS shares it. The HTTP source keeps an `Idempotency-Key`'s request
+    fingerprint and stored answer here. Keys: letters, digits and `-_=./` only.
+    Each method raises RetryableError when JetStream does not answer.
+    """
+
+    ttl: float
+
+    async def create(self, key: str, value: bytes) -> bytes | None:
+        """Store `value` unless `key` is present (atomic across daemons): None if stored,
+        else the value already there."""
+        ...
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under `key`, or None."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key` (the entry's `ttl` starts again)."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Forget `key`."""
+        ...
+
+
 @dataclass(slots=True, frozen=True)
 class Reply:
     """The answer to `SourceContext.request`."""
@@ -148,6 +179,13 @@ class SourceContext:
     dead_letter_subject: str
     http_routes: list[BaseRoute] | None = field(default=None)
     requester: Requester | None = field(default=None)
+    open_dedup_store: Callable[[], Awaitable[DedupStore]] | None = field(default=None)
+
+    async def dedup_store(self) -> DedupStore:
+        """This source's `DedupStore`; open it at start-up (StartupError if it cannot be)."""
+        if self.open_dedup_store is None:
+            raise RuntimeError("a dedup store needs a running Bus")
+        return await self.open_dedup_store()
 
     async def request(
         self,

@@ -92,7 +92,13 @@ class RetryableError(DeliveryError):
 
 
 class PublishError(RetryableError):
-    """JetStream did not confirm a publish: timed out, no stream for the subject, or refused."""
+    """JetStream did not confirm a publish: timed out, no stream for the subject, or refused.
+
+    `unconfirmed` is True when the message was sent and only its PubAck is missing (timeout,
+    connection lost): it may have been stored. False when it was refused or never sent.
+    """
+
+    unconfirmed: bool = False
 
 
 class PermanentError(DeliveryError):

@@ -40,9 +40,11 @@ from busway._errors import PublishError, RetryableError, StartupError
 
 __all__ = [
     "JetStreamPublisher",
+    "KeyValueDedupStore",
     "KeyValueState",
     "await_pub_ack",
     "connect",
+    "dedup_store",
     "ensure_consumer",
     "ensure_stream",
     "nats_auth",
@@ -328,11 +330,18 @@ async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: f
         await asyncio.wait((future,), timeout=timeout)
         if not future.done():
             future.cancel()
-            raise publish_error(TimeoutError(), subject)
+            error = publish_error(TimeoutError(), subject)
+            error.unconfirmed = True  # sent: it may be stored, only its PubAck is missing
+            raise error
     try:
         return future.result()
     except (nats.errors.Error, asyncio.CancelledError) as exc:
-        raise publish_error(exc, subject) from exc
+        error = publish_error(exc, subject)
+        # JetStream's refusal and "no stream" are answers: nothing was stored. A connection
+        # lost while waiting (or a cancelled wait) leaves the outcome unknown.
+        refused = nats.js.errors.APIError | nats.js.errors.NoStreamResponseError
+        error.unconfirmed = not isinstance(exc, refused)
+        raise error from exc
 
 
 def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
@@ -454,3 +463,85 @@ async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
             return await js.create_key_value(
                 KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
             )
+
+
+class KeyValueDedupStore:
+    """A `DedupStore`: a key-value bucket whose TTL is a stream's duplicate window.
+
+    Each operation is bounded by `timeout` (the publish timeout), like a publish: a request
+    waits no longer on its record than on its message.
+    """
+
+    def __init__(self, bucket: KeyValue, ttl: float, *, timeout: float) -> None:
+        self._bucket = bucket
+        self.ttl = ttl
+        self._timeout = timeout
+
+    async def create(self, key: str, value: bytes) -> bytes | None:
+        """Store `value` unless `key` is present: None if stored, else the present value."""
+        for _ in range(3):  # present, then expired before we could read it: try again
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._bucket.create(key, value)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+                pass
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise RetryableError(f"cannot record {key!r}: {exc!r}") from exc
+            else:
+                return None
+            present = await self.get(key)
+            if present is not None:
+                return present
+        raise RetryableError(f"cannot record {key!r}: it keeps changing")
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under `key`, or None if absent, deleted or expired."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return (await self._bucket.get(key)).value
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise RetryableError(f"cannot read {key!r}: {exc!r}") from exc
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`; RetryableError if JetStream did not confirm."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._bucket.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise RetryableError(f"cannot store {key!r}: {exc!r}") from exc
+
+    async def delete(self, key: str) -> None:
+        """Forget `key`."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._bucket.delete(key)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise RetryableError(f"cannot delete {key!r}: {exc!r}") from exc
+
+
+async def dedup_store(
+    js: JetStreamContext, name: str, streams: list[str], *, timeout: float
+) -> KeyValueDedupStore:
+    """The bucket `name`, its TTL the longest duplicate window of `streams` (as JetStream has
+    them, so `create = false` streams count too), its replicas theirs; created if missing,
+    its TTL updated if a window changed."""
+    with _startup_errors(f"cannot open the dedup bucket {name!r}"):
+        configs = [(await js.stream_info(stream)).config for stream in streams]
+        ttl = max((config.duplicate_window or 120.0 for config in configs), default=120.0)
+        replicas = max((config.num_replicas or 1 for config in configs), default=1)
+        config = KeyValueConfig(
+            bucket=name, history=1, ttl=ttl, replicas=replicas, storage=StorageType.FILE
+        )
+        try:
+            bucket = await js.create_key_value(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # exists with another configuration: a window changed
+                raise
+            existing = (await js.stream_info(f"KV_{name}")).config
+            existing.max_age = ttl
+            existing.duplicate_window = min(ttl, 120.0)
+            await js.update_stream(existing)
+            bucket = await js.key_value(name)
+    return KeyValueDedupStore(bucket, ttl, timeout=timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +28,13 @@ from starlette.routing import Route
 
 from busway import Bus
 from tests.http_support import serving
-from tests.support import NatsServer, decode_test_config, eventually, free_port
+from tests.support import (
+    NatsServer,
+    decode_test_config,
+    eventually,
+    free_port,
+    stream_messages,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -168,7 +175,7 @@ async def test_valid_tokens_are_admitted(setup: Setup, keys: Keys) -> None:
     ("overrides", "expected"),
     [
         ({"exp": -60}, "expired"),
-        ({"aud": "someone-else"}, "Audience doesn't match"),
+        ({"aud": "someone-else"}, "audience does not match"),
         ({"iss": "https://evil.example/"}, "issuer"),
         ({"exp": None}, '"exp"'),
         ({"nbf": 3600}, "not yet valid"),
@@ -201,7 +208,7 @@ async def test_a_bad_signature_is_refused(setup: Setup) -> None:
     token = jwt.encode(claims(), impostor, algorithm="RS256", headers={"kid": "a"})
     response = await post(setup, "/file", token)
     assert response.status_code == 401
-    assert "Signature verification failed" in response.json()["detail"]
+    assert "signature does not verify" in response.json()["detail"]
 
 
 async def test_hs256_signed_with_the_rsa_public_key_is_refused(setup: Setup, keys: Keys) -> None:
@@ -274,3 +281,44 @@ async def test_the_rate_limit_is_per_token_subject(
     assert (await nc.jetstream().stream_info(f"IN_{unique}")).state.messages == 31
     stats = next(s for s in setup.bus.metrics.stats if s.name == "file")
     assert stats.errors == {"rate_limited": 1}
+
+
+async def test_refusals_tell_an_unauthenticated_caller_nothing_internal(
+    setup: Setup, keys: Keys
+) -> None:
+    token = jwt.encode(claims(), keys.a, algorithm="RS256", headers={"kid": "a"})
+    down = await post(setup, "/down", token)
+    malformed = await post(setup, "/file", "not.a.jwt")
+    assert down.status_code == 503
+    assert down.json()["detail"] == (
+        "cannot check tokens now: busway cannot load the JWKS (the issuer's signing keys); "
+        "retry after the Retry-After delay"
+    )
+    assert "127.0.0.1" not in down.text and "http" not in down.text  # no JWKS URL
+    assert malformed.status_code == 401
+    assert malformed.json()["detail"] == (
+        "malformed bearer token: expected a JWS compact token (header.payload.signature)"
+    )
+    assert "padding" not in malformed.text  # PyJWT's own words stay in the log
+
+
+async def test_an_idempotency_key_is_scoped_to_the_token_subject(
+    setup: Setup, keys: Keys, nc: NatsClient, unique: str
+) -> None:
+    alice = jwt.encode(claims(sub="alice"), keys.a, algorithm="RS256", headers={"kid": "a"})
+    bob = jwt.encode(claims(sub="bob"), keys.a, algorithm="RS256", headers={"kid": "a"})
+    answers = [
+        await setup.http.post(
+            "/file",
+            json={"from": name},
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "order-1"},
+        )
+        for name, token in [("alice", alice), ("bob", bob), ("alice", alice)]
+    ]
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert [a.json()["duplicate"] for a in answers] == [False, False, True]
+    ids = [a.json()["id"] for a in answers]
+    assert all(re.fullmatch(r"file:jwt\.[0-9a-f]{32}:order-1", i) for i in ids)
+    assert ids[0] == ids[2] != ids[1]
+    stored = await stream_messages(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data) for m in stored] == [{"from": "alice"}, {"from": "bob"}]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 import orjson
 import pytest
@@ -80,5 +82,88 @@ async def test_no_reply_in_time_is_a_504_and_the_request_is_kept(
             )
         errors = bus.metrics.stats[0].errors
     assert answer.status_code == 504
-    assert answer.json()["detail"].startswith(f"the request api{unique}:k1 was stored")
+    assert answer.json()["detail"].startswith(f"no reply to the request api{unique}:anon:k1 within")
     assert errors == {"reply_timeout": 1}
+
+
+class Gate:
+    """Holds the route's answer until the test opens it; counts the requests it saw."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.seen: list[dict[str, Any]] = []
+
+
+GATES: dict[str, Gate] = {}
+
+
+async def held_until_opened(body: dict[str, Any]) -> dict[str, Any]:
+    """A slow step of the route: waits until the test opens the gate named in the body."""
+    gate = GATES[body["gate"]]
+    gate.seen.append(body)
+    await gate.open.wait()
+    return body
+
+
+async def test_a_retry_after_a_504_gets_the_recorded_answer_from_any_daemon(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    gate = GATES[unique] = Gate()
+    text = f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "RQ_{unique}"
+subjects = ["rq{unique}.>"]
+
+[[sources]]
+name = "api"
+type = "http"
+path = "/quotes"
+subject = "rq{unique}.quotes"
+reply_timeout = "500ms"
+
+[[routes]]
+name = "slow{unique}"
+from = "rq{unique}.quotes"
+stages = [
+  {{ python = "tests.test_http_request_reply:held_until_opened" }},
+  {{ set_headers = {{ "Busway-Http-Status" = "'201'" }} }},
+  {{ reply = "{{sku: sku, total: qty}}" }},
+]
+"""
+    key = {"Idempotency-Key": "quote-1"}
+    body = {"gate": unique, "sku": "s1", "qty": 3}
+    async with (
+        Bus(decode_test_config(text, tmp_path)) as first_bus,
+        Bus(decode_test_config(text, tmp_path)) as second_bus,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{first_bus.http_port}") as first,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{second_bus.http_port}") as second,
+    ):
+        timed_out = await first.post("/quotes", json=body, headers=key)
+        while_processing = await second.post("/quotes", json=body, headers=key)
+        other_body = await second.post("/quotes", json={**body, "qty": 4}, headers=key)
+        gate.open.set()
+
+        async def answered() -> httpx.Response:
+            while True:
+                response = await second.post("/quotes", json=body, headers=key)
+                if response.status_code != 409:
+                    return response
+                await anyio.sleep(0.05)
+
+        with anyio.fail_after(20):
+            replayed = await answered()
+    assert timed_out.status_code == 504
+    assert while_processing.status_code == 409
+    assert while_processing.headers["retry-after"] == "1"
+    assert while_processing.json()["type"] == "urn:busway:problem:request-in-progress"
+    assert other_body.status_code == 422
+    assert (replayed.status_code, replayed.json()) == (201, {"sku": "s1", "total": 3})
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert len(gate.seen) == 1  # processed once, answered twice
+    assert len(await stream_messages(nc, f"RQ_{unique}")) == 1

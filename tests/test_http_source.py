@@ -13,7 +13,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy
 
 from busway import Bus
-from tests.support import NatsServer, decode_test_config, stream_messages
+from tests.support import NatsServer, decode_test_config, eventually, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +75,7 @@ async def test_idempotency_key_stores_a_retried_request_once(
     assert (first.status_code, second.status_code) == (202, 202)
     assert first.json()["duplicate"] is False
     assert second.json()["duplicate"] is True
-    assert second.json()["id"] == "api:order-42"
+    assert second.json()["id"] == "api:anon:order-42"
     assert len(await stream_messages(nc, f"IN_{unique}")) == 1
 
 
@@ -260,7 +260,11 @@ async def test_ndjson_lines_are_published_one_message_each_with_per_line_answers
     assert (answer["accepted"], answer["failed"]) == (2, 1)
     assert [(r["line"], r["status"]) for r in answer["results"]] == [(1, 202), (2, 400), (4, 202)]
     assert answer["results"][1]["field"] == "body.line[2]"
-    assert [r.get("id") for r in answer["results"]] == ["lines:batch-7:1", None, "lines:batch-7:4"]
+    assert [r.get("id") for r in answer["results"]] == [
+        "lines:anon:batch-7:1",
+        None,
+        "lines:anon:batch-7:4",
+    ]
     stored = await stream_messages(nc, f"IN_{unique}")
     assert [orjson.loads(m.data) for m in stored] == [{"n": 1}, {"n": 4}]
 
@@ -383,3 +387,94 @@ async def test_api_keys_and_the_rate_limit_per_key(
         "bad_api_key": 1,
         "rate_limited": 3,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Integers beyond 64 bits
+
+
+async def test_integers_beyond_64_bits_are_refused_and_those_within_arrive_exactly(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    config = decode_test_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[sources]]
+name = "api"
+type = "http"
+path = "/orders"
+subject = "in{unique}.orders"
+
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.orders"
+to = ["in{unique}.out"]
+transform = "{{amount: amount, items: items}}"
+
+[[sinks]]
+name = "out{unique}"
+type = "file"
+from = "in{unique}.out"
+path = "out.jsonl"
+""",
+        tmp_path,
+    )
+    edges = b'{"amount": 18446744073709551615, "items": [{"id": -9223372036854775808}]}'
+    async with (
+        Bus(config) as bus,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}") as http,
+    ):
+        json_type = {"content-type": "application/json"}
+        within = await http.post("/orders", content=edges, headers=json_type)
+        beyond = await http.post(
+            "/orders",
+            content=b'{"amount": 1, "items": [{"id": 1}, {"id": 2}, {"id": 3}, '
+            b'{"id": 18446744073709551616}], "note": "12345678901234567890123"}',
+            headers=json_type,
+        )
+        lines = await http.post(
+            "/orders",
+            content=b'{"amount": 2}\n{"amount": -9223372036854775809}\n',
+            headers={"content-type": "application/x-ndjson"},
+        )
+        event = await http.post(
+            "/orders",
+            content=b'{"specversion": "1.0", "id": "e1", "source": "/s", "type": "t", '
+            b'"data": {"amount": 123456789012345678901234567890}}',
+            headers={"content-type": "application/cloudevents+json"},
+        )
+
+        async def delivered() -> bool:
+            out = tmp_path / "out.jsonl"
+            return out.exists() and len(out.read_bytes().splitlines()) == 2
+
+        await eventually(delivered)
+        errors = next(s.errors for s in bus.metrics.stats if s.name == "api")
+    assert within.status_code == 202
+    assert beyond.status_code == 400
+    problem = beyond.json()
+    assert problem["type"] == "urn:busway:problem:integer-out-of-range"
+    assert problem["field"] == "body/items/3/id"
+    assert problem["detail"].startswith(
+        "the integer 18446744073709551616 at body/items/3/id does not fit 64 bits"
+    )
+    assert lines.status_code == 207
+    refused_line = lines.json()["results"][1]
+    assert (refused_line["status"], refused_line["field"]) == (400, "body.line[2]/amount")
+    assert event.status_code == 400
+    assert event.json()["field"] == "body/data/amount"
+    assert errors == {"integer_out_of_range": 3}
+    written = (tmp_path / "out.jsonl").read_bytes().splitlines()
+    assert written == [
+        b'{"amount":18446744073709551615,"items":[{"id":-9223372036854775808}]}',
+        b'{"amount":2,"items":null}',
+    ]

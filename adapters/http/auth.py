@@ -31,7 +31,18 @@ from typing import Any
 
 import jwt
 import msgspec
-from jwt.exceptions import InvalidTokenError
+from jwt.exceptions import (
+    DecodeError,
+    ExpiredSignatureError,
+    ImmatureSignatureError,
+    InvalidAudienceError,
+    InvalidIssuedAtError,
+    InvalidIssuerError,
+    InvalidSignatureError,
+    InvalidTokenError,
+    MissingRequiredClaimError,
+    PyJWTError,
+)
 
 from busway import BuildContext, Duration
 from busway.adapters.http.client import fetch_bytes
@@ -48,6 +59,17 @@ _ALGORITHMS_BY_KEY_TYPE = {
     "oct": frozenset({"HS256", "HS384", "HS512"}),
 }
 _KNOWN_ALGORITHMS = frozenset().union(*_ALGORITHMS_BY_KEY_TYPE.values())
+_MALFORMED = "malformed bearer token: expected a JWS compact token (header.payload.signature)"
+# Most specific first: InvalidSignatureError is a DecodeError.
+_TOKEN_PROBLEMS: tuple[tuple[type[PyJWTError], str], ...] = (
+    (ExpiredSignatureError, "the token has expired"),
+    (ImmatureSignatureError, "the token is not yet valid (nbf or iat in the future)"),
+    (InvalidAudienceError, "the token's audience does not match this endpoint"),
+    (InvalidIssuerError, "the token's issuer is not accepted here"),
+    (InvalidIssuedAtError, "the token's iat is not a valid time"),
+    (InvalidSignatureError, "the signature does not verify with the key the token names"),
+    (DecodeError, _MALFORMED),
+)
 
 
 class JwtConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -100,9 +122,16 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated caller; `client` keys its rate limit (`key:<id>` or `sub:<subject>`)."""
+    """An authenticated caller.
+
+    `client` keys its rate limit (`key:<id>` or `sub:<subject>`). `principal` scopes its
+    `Idempotency-Key`s: `key.<hash>` (the API key's SHA-256, as configured) or `jwt.<hash>`
+    (of the token's `iss` and `sub`), 128 bits of SHA-256 in hex, so it can neither hold a
+    separator nor be chosen to equal another client's.
+    """
 
     client: str
+    principal: str
     claims: Mapping[str, Any] | None = None
 
 
@@ -191,15 +220,15 @@ class Authenticator:
             matched |= hmac.compare_digest(digest, known)
         if not matched:
             raise AuthFailure("unknown API key", reason="bad_api_key")
-        return Identity(client=f"key:{digest.hex()[:12]}")
+        return Identity(client=f"key:{digest.hex()[:12]}", principal=f"key.{digest.hex()[:32]}")
 
     async def _check_jwt(self, token: str) -> Identity:
         assert self._jwt is not None
         assert self.jwks is not None
         try:
             header = jwt.get_unverified_header(token)
-        except InvalidTokenError as exc:
-            raise AuthFailure(f"malformed bearer token: {exc}", reason="bad_token") from None
+        except InvalidTokenError:
+            raise AuthFailure(_MALFORMED, reason="bad_token") from None
         algorithm = header.get("alg")
         if algorithm not in self._algorithms:
             raise AuthFailure(
@@ -211,12 +240,15 @@ class Authenticator:
         key = await self.jwks.find(kid if isinstance(kid, str) else None)
         if key is None:
             if not self.jwks.loaded:
+                # The reason (with the JWKS URL) is logged by the cache, never told the caller.
                 raise AuthFailure(
-                    f"cannot check tokens now: {self.jwks.last_error}",
+                    "cannot check tokens now: busway cannot load the JWKS (the issuer's "
+                    "signing keys); retry after the Retry-After delay",
                     status=503,
                     reason="jwks_unavailable",
                 )
-            raise AuthFailure(f"token signed with unknown key id {kid!r}", reason="bad_token")
+            shown = kid[:64] if isinstance(kid, str) else kid
+            raise AuthFailure(f"token signed with unknown key id {shown!r}", reason="bad_token")
         _check_algorithm_fits(algorithm, key)
         try:
             claims = jwt.decode(
@@ -228,12 +260,27 @@ class Authenticator:
                 leeway=float(self._jwt.leeway),
                 options={"require": ["exp", "iss", "aud"]},
             )
-        except InvalidTokenError as exc:
-            raise AuthFailure(f"invalid bearer token: {exc}", reason="bad_token") from None
+        except PyJWTError as exc:
+            raise AuthFailure(
+                f"invalid bearer token: {_token_problem(exc)}", reason="bad_token"
+            ) from None
         subject = claims.get("sub")
+        scope = hashlib.sha256(msgspec.json.encode([claims["iss"], subject])).hexdigest()
         return Identity(
-            client=f"sub:{subject}" if subject else f"iss:{claims['iss']}", claims=claims
+            client=f"sub:{subject}" if subject else f"iss:{claims['iss']}",
+            principal=f"jwt.{scope[:32]}",
+            claims=claims,
         )
+
+
+def _token_problem(exc: PyJWTError) -> str:
+    """What is wrong with a token, in our words: PyJWT's own text stays out of answers."""
+    if isinstance(exc, MissingRequiredClaimError):
+        return f'the required claim "{exc.claim}" is missing'
+    for kind, text in _TOKEN_PROBLEMS:
+        if isinstance(exc, kind):
+            return text
+    return _MALFORMED
 
 
 def _check_algorithm_fits(algorithm: str, key: SigningKey) -> None:

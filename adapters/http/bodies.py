@@ -7,14 +7,22 @@
 
 With `cloudevents = true` (the default) a request carrying `ce-specversion` is a binary-mode
 CloudEvent: its `ce-*` headers are kept on the message and its body is the event's data.
+
+JSON integers outside 64 bits ([-2^63, 2^64-1]) are refused with 400, the problem's `field`
+pointing at the first one (`body/amount`, `body.line[3]/items/0/id`): past the source, routes
+and adapters decode JSON with orjson, which turns such an integer into a float (silently
+rounded), and cannot write one back at all. Send big numbers as strings.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import orjson
 
 from busway.adapters.http import cloudevents
@@ -23,6 +31,10 @@ from busway.adapters.http.problems import Problem
 __all__ = ["Item", "Kind", "kind_of", "ndjson_items", "single_item"]
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/ndjson"})
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson decodes, and encodes, as an int
+# Every integer of up to 18 digits fits; only a body with a longer run of digits (in a number
+# or a string) is decoded again, exactly, to look for an integer beyond 64 bits.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 @dataclass(slots=True)
@@ -91,6 +103,7 @@ def single_item(
 ) -> Item:
     """The one message of a JSON, bytes or CloudEvents request; Problem 400 if invalid."""
     if kind == Kind.STRUCTURED_EVENT:
+        _check_integers(body, "body")
         try:
             data, event_headers = cloudevents.structured_message(body)
         except cloudevents.EventError as exc:
@@ -149,8 +162,58 @@ def _check_json(data: bytes, where: str) -> None:
         orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise Problem(
-            400, "invalid-json", "Invalid JSON", f"the {where} is not JSON: {exc}", field=where
+            400,
+            "invalid-json",
+            "Invalid JSON",
+            f"the {where} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            field=where,
         ) from None
+    _check_integers(data, where)
+
+
+def _check_integers(data: bytes, where: str) -> None:
+    """Problem 400 naming the first integer of the JSON `data` that does not fit 64 bits."""
+    if _LONG_DIGITS.search(data) is None:
+        return
+    try:
+        document = msgspec.json.decode(data)  # integers exactly, however long
+    except msgspec.DecodeError:
+        return  # orjson took it; nothing more to say
+    found = _wide_integer(document)
+    if found is None:
+        return
+    pointer, value = found
+    digits = str(value)
+    shown = digits if len(digits) <= 40 else f"{digits[:20]}...({len(digits)} digits)"
+    raise Problem(
+        400,
+        "integer-out-of-range",
+        "Integer Out Of Range",
+        f"the integer {shown} at {where}{pointer} does not fit 64 bits ([-2^63, 2^64-1]); "
+        "it would be rounded on its way through the bus: send it as a string",
+        field=f"{where}{pointer}",
+    )
+
+
+def _wide_integer(document: Any) -> tuple[str, int] | None:
+    """(JSON pointer, value) of the first integer out of range, in document order."""
+    stack: list[tuple[str, Any]] = [("", document)]
+    while stack:
+        pointer, value = stack.pop()
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not _INT_MIN <= value <= _INT_MAX:
+                return pointer, value
+        elif isinstance(value, dict):
+            children = [(f"{pointer}/{_escape(key)}", item) for key, item in value.items()]
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{pointer}/{i}", item) for i, item in enumerate(value)]))
+    return None
+
+
+def _escape(key: str) -> str:
+    """A member name as a JSON pointer token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _event_id(headers: Mapping[str, str]) -> str:

@@ -16,12 +16,15 @@ The status of the whole answer:
   succeed), else 400 (every line is bad; retrying the same body cannot help).
 
 Each line's `Nats-Msg-Id` is `<prefix>:<line number>`, so the numbering of a retried body,
-blank lines included, must stay the same for the stream to deduplicate it.
+blank lines included, must stay the same for the stream to deduplicate it. A line whose
+publish was sent but not confirmed is `"type": "urn:busway:problem:not-confirmed"`: it may
+be stored, and only a retry with the same `Idempotency-Key` is safe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,9 +32,17 @@ from starlette.responses import Response
 
 from busway import PublishAck, PublishError, SourceContext
 from busway.adapters.http.bodies import Item
-from busway.adapters.http.problems import Problem
+from busway.adapters.http.problems import Problem, publish_failed
 
-__all__ = ["publish_lines"]
+__all__ = ["Published", "publish_lines"]
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The answer to an NDJSON request, and whether any line is (or may be) stored."""
+
+    response: Response
+    anything_stored: bool
 
 
 async def publish_lines(
@@ -41,14 +52,17 @@ async def publish_lines(
     *,
     prefix: str,
     retry_after: int,
-) -> Response:
+    keyed: bool,
+) -> Published:
     """Publish the good lines without waiting in between, then await every PubAck."""
     results: dict[int, dict[str, Any]] = {}
     pending: list[tuple[int, str, Awaitable[PublishAck]]] = []
+    first_error: PublishError | None = None
     for number, line in lines:
         if isinstance(line, Problem):
             results[number] = {"line": number, **line.body()}
-            context.stats.count_error("bad_json")
+            reason = "bad_json" if line.slug == "invalid-json" else line.slug.replace("-", "_")
+            context.stats.count_error(reason)
             continue
         message_id = f"{prefix}:{number}"
         headers = {**line.headers, "Nats-Msg-Id": message_id}
@@ -57,16 +71,16 @@ async def publish_lines(
                 subject, line.data, headers=headers
             )
         except PublishError as exc:
-            results[number] = _unavailable(number, exc)
-            context.stats.count_error("publish")
+            first_error = first_error or exc
+            results[number] = _unavailable(context, number, exc, keyed)
             continue
         pending.append((number, message_id, confirmation))
     for number, message_id, confirmation in pending:
         try:
             ack = await confirmation
         except PublishError as exc:
-            results[number] = _unavailable(number, exc)
-            context.stats.count_error("publish")
+            first_error = first_error or exc
+            results[number] = _unavailable(context, number, exc, keyed)
             continue
         context.stats.published += 1
         results[number] = {
@@ -91,18 +105,30 @@ async def publish_lines(
     else:
         status = 400
     if failed:
-        context.logger.info("NDJSON: %d line(s) stored, %d not (%d)", accepted, failed, status)
+        context.logger.info(
+            "NDJSON: %d line(s) stored, %d not (%d)%s",
+            accepted,
+            failed,
+            status,
+            f"; first publish error: {first_error}" if first_error else "",
+        )
     body = {"accepted": accepted, "failed": failed, "results": ordered}
-    return Response(
+    response = Response(
         orjson.dumps(body),
         status_code=status,
         media_type="application/json",
         headers=answer_headers,
     )
+    unconfirmed = any(r["type"] == _NOT_CONFIRMED for r in ordered if r["status"] == 503)
+    return Published(response, anything_stored=accepted > 0 or unconfirmed)
 
 
-def _unavailable(number: int, exc: PublishError) -> dict[str, Any]:
-    problem = Problem(
-        503, "unavailable", "Service Unavailable", f"the line was not stored, retry later: {exc}"
-    )
+_NOT_CONFIRMED = "urn:busway:problem:not-confirmed"
+
+
+def _unavailable(
+    context: SourceContext, number: int, exc: PublishError, keyed: bool
+) -> dict[str, Any]:
+    context.stats.count_error("publish_unconfirmed" if exc.unconfirmed else "publish")
+    problem = publish_failed(unconfirmed=exc.unconfirmed, keyed=keyed, what="line", retry_after=0)
     return {"line": number, **problem.body()}

@@ -1,4 +1,8 @@
-"""Error answers as RFC 9457 problem details: what was wrong, where, and what to do about it."""
+"""Error answers as RFC 9457 problem details: what was wrong, where, and what to do about it.
+
+A detail never carries internal names (URLs, streams, subjects) or a library's exception text:
+the caller may not be authenticated. Those go to the log.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-__all__ = ["Problem", "problem"]
+__all__ = ["Problem", "problem", "publish_failed"]
 
 
 class Problem(Exception):
@@ -68,3 +72,33 @@ def problem(
 ) -> Response:
     """An `application/problem+json` response; `slug` names the problem type for machines."""
     return Problem(status, slug, title, detail, field=field, headers=headers).response()
+
+
+def publish_failed(*, unconfirmed: bool, keyed: bool, what: str, retry_after: int) -> Problem:
+    """503 for a publish JetStream did not confirm, saying whether `what` may be stored.
+
+    `unconfirmed` (sent, PubAck missing): it MAY have been stored, and only a retry with the
+    same `Idempotency-Key` is safe (deduplicated). Otherwise nothing was stored.
+    """
+    headers = {"Retry-After": str(retry_after)}
+    if not unconfirmed:
+        return Problem(
+            503,
+            "unavailable",
+            "Service Unavailable",
+            f"the {what} was not stored; retry later",
+            headers=headers,
+        )
+    retry = (
+        "retry with the same Idempotency-Key: if it was stored, the retry is deduplicated"
+        if keyed
+        else "a retry may store it twice: send requests with an Idempotency-Key to retry safely"
+    )
+    return Problem(
+        503,
+        "not-confirmed",
+        "Service Unavailable",
+        f"the {what} was sent but its storage was not confirmed: it MAY have been accepted; "
+        + retry,
+        headers=headers,
+    )

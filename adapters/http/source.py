@@ -14,14 +14,19 @@ A request goes through, in this order: authentication (`auth`, 401), the client'
   default `sync = "always"`); `duplicate` is true when the `Idempotency-Key` was seen before;
 * NDJSON: one message per line, all published pipelined, then one answer listing every line
   (see `ndjson.py`): 202 all stored, 207 some, 400 or 503 none;
-* 400 bad JSON, bad CloudEvent, bad `Idempotency-Key`, or a path parameter that cannot be a
-  subject token; 413 over `max_body`; 415 a media type this source does not take;
-* 503 with `Retry-After` when JetStream did not confirm (down, stream full, timeout).
+* 400 bad JSON, an integer beyond 64 bits, bad CloudEvent, bad `Idempotency-Key`, or a path
+  parameter that cannot be a subject token; 413 over `max_body`; 415 a media type this source
+  does not take;
+* 422 an `Idempotency-Key` already used for a different request; 409 (request-reply) the
+  request with that key is still being processed;
+* 503 with `Retry-After` when JetStream did not confirm: `unavailable` (nothing stored) or
+  `not-confirmed` (sent, PubAck missing: it may be stored; retry with the same key).
 
-An `Idempotency-Key` header becomes the `Nats-Msg-Id` (prefixed with the source name, and
-suffixed with `:<line>` for NDJSON), so a client retrying after a lost answer does not create a
-second message within the stream's duplicate window. A CloudEvent without one is identified by
-its `source` and `id`.
+An `Idempotency-Key` header becomes the `Nats-Msg-Id`, scoped by the authenticated client
+(`<source>:<principal>:<key>`, suffixed with `:<line>` for NDJSON), so a client retrying after
+a lost answer does not create a second message within the stream's duplicate window, and two
+clients never collide (see `idempotency.py`). A CloudEvent without one is identified by its
+`source` and `id`, also per client.
 """
 
 from __future__ import annotations
@@ -34,22 +39,42 @@ from typing import Literal
 import anyio
 import msgspec
 import orjson
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from busway import BuildContext, Duration, PublishError, Source, SourceConfig, SourceContext
+from busway import (
+    BuildContext,
+    Duration,
+    PublishError,
+    Reply,
+    Source,
+    SourceConfig,
+    SourceContext,
+)
 from busway.adapters.http.auth import AuthConfig, Authenticator, AuthFailure, Identity
 from busway.adapters.http.bodies import Item, Kind, kind_of, ndjson_items, single_item
+from busway.adapters.http.idempotency import (
+    Ledger,
+    Record,
+    State,
+    fingerprint,
+    key_id,
+    replay,
+    scope,
+)
 from busway.adapters.http.ndjson import publish_lines
 from busway.adapters.http.paths import SubjectTemplate, UnsafeToken, path_parameters
-from busway.adapters.http.problems import Problem
+from busway.adapters.http.problems import Problem, publish_failed
 from busway.adapters.http.ratelimit import RateLimitConfig, RateLimiter
 
 __all__ = ["HttpSource", "HttpSourceConfig"]
 
 _MAX_KEY_LENGTH = 200
+# Request-reply with keys: at most this many requests wait at once for an answer to record;
+# beyond, a request waits only `reply_timeout`, and after its 504 retries start it afresh.
+_MAX_WAITING = 10_000
 _METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Metric reasons (busway_errors_total) of the problems whose slug reads differently.
 _REASONS = {
@@ -57,6 +82,8 @@ _REASONS = {
     "too-many-lines": "too_large",
     "invalid-json": "bad_json",
     "invalid-idempotency-key": "bad_idempotency_key",
+    "idempotency-key-reused": "idempotency_key_reused",
+    "request-in-progress": "idempotency_key_in_progress",
     "rate-limited": "rate_limited",
 }
 
@@ -100,10 +127,16 @@ class HttpSource(Source):
         self.auth = Authenticator(config.auth, build) if config.auth is not None else None
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
         self._context: SourceContext | None = None
+        self._ledger: Ledger | None = None
+        self._tasks: TaskGroup | None = None
+        self._waiting = 0
 
     async def run(self, context: SourceContext, *, task_status: TaskStatus[None]) -> None:
         """Mount the endpoint on the shared listener and serve until cancelled."""
         self._context = context
+        self._ledger = Ledger(
+            await context.dedup_store(), context.logger, retry_after=self.config.retry_after
+        )
         if self.auth is not None:
             await self.auth.start()
             if self.auth.jwks is not None and self.auth.jwks.last_error:
@@ -119,8 +152,9 @@ class HttpSource(Source):
             self.config.path,
             self.config.subject,
         )
-        task_status.started()
-        await anyio.sleep_forever()
+        async with anyio.create_task_group() as self._tasks:
+            task_status.started()
+            await anyio.sleep_forever()
 
     async def ingest(self, request: Request) -> Response:
         """Check, publish, and answer only once JetStream confirmed what was accepted."""
@@ -151,16 +185,62 @@ class HttpSource(Source):
                 "NDJSON batches are not accepted in request-reply mode: send one message",
                 field="header.Content-Type",
             )
+        client = scope(context.name, identity)
+        claim = (
+            None if key is None else _Claim(key, key_id(client, key), fingerprint(request, body))
+        )
         if kind == Kind.NDJSON:
-            lines = ndjson_items(body, config.max_lines)
-            context.stats.received += len(lines)
-            prefix = f"{context.name}:{key or uuid.uuid4().hex}"
-            return await publish_lines(
-                context, subject, lines, prefix=prefix, retry_after=config.retry_after
-            )
+            return await self._ingest_lines(context, subject, body, claim)
         context.stats.received += 1
         item = single_item(body, content_type, kind, request.headers, events=config.cloudevents)
-        return await self._publish(context, subject, item, key)
+        if claim is not None:
+            message_id = claim.message_id
+        elif item.natural_id is not None:
+            message_id = f"{client}:{item.natural_id}"
+        else:
+            message_id = f"{context.name}:{uuid.uuid4().hex}"
+        if config.reply_timeout is not None:
+            if claim is not None:
+                return await self._request_once(context, subject, item, claim)
+            return await self._request(context, subject, item, message_id)
+        owned = claim is not None and await self._claim(claim, "accepted") is None
+        return await self._publish(
+            context,
+            subject,
+            item,
+            message_id,
+            keyed=claim is not None,
+            owned=claim if owned else None,
+        )
+
+    async def _ingest_lines(
+        self, context: SourceContext, subject: str, body: bytes, claim: _Claim | None
+    ) -> Response:
+        """NDJSON: every line a message, one answer listing each line's fate."""
+        lines = ndjson_items(body, self.config.max_lines)
+        context.stats.received += len(lines)
+        owned = claim is not None and await self._claim(claim, "accepted") is None
+        published = await publish_lines(
+            context,
+            subject,
+            lines,
+            prefix=claim.message_id if claim else f"{context.name}:{uuid.uuid4().hex}",
+            retry_after=self.config.retry_after,
+            keyed=claim is not None,
+        )
+        if owned and claim is not None and not published.anything_stored:
+            await self._release(claim)  # nothing stored: a corrected retry is welcome
+        return published.response
+
+    async def _claim(self, claim: _Claim, state: State) -> Record | None:
+        """Record the key for this request (None), or the same request's record; 422/503."""
+        assert self._ledger is not None
+        record = Record(claim.fingerprint, state)
+        return await self._ledger.claim(claim.message_id, claim.key, record)
+
+    async def _release(self, claim: _Claim) -> None:
+        assert self._ledger is not None
+        await self._ledger.release(claim.message_id)
 
     async def _admit(self, request: Request) -> Identity | None:
         if self.auth is None:
@@ -214,30 +294,25 @@ class HttpSource(Source):
             ) from None
 
     async def _publish(
-        self, context: SourceContext, subject: str, item: Item, key: str | None
+        self,
+        context: SourceContext,
+        subject: str,
+        item: Item,
+        message_id: str,
+        *,
+        keyed: bool,
+        owned: _Claim | None,
     ) -> Response:
+        """Publish one message; `owned` is the key this request recorded (None: no key, or
+        an earlier attempt recorded it), released if nothing was stored."""
         stats = context.stats
-        if key is not None:
-            message_id = f"{context.name}:{key}"
-        elif item.natural_id is not None:
-            message_id = f"{context.name}:{item.natural_id}"
-        else:
-            message_id = f"{context.name}:{uuid.uuid4().hex}"
-        if self.config.reply_timeout is not None:
-            return await self._request(context, subject, item, message_id)
         headers = {**item.headers, "Nats-Msg-Id": message_id}
         try:
             ack = await context.publisher.publish(subject, item.data, headers=headers)
         except PublishError as exc:
-            context.logger.warning("503 for %s: %s", self.config.path, exc)
-            stats.count_error("publish")
-            return Problem(
-                503,
-                "unavailable",
-                "Service Unavailable",
-                f"the message was not stored, retry later: {exc}",
-                headers={"Retry-After": str(self.config.retry_after)},
-            ).response()
+            if owned is not None and not exc.unconfirmed:
+                await self._release(owned)  # nothing stored: a corrected retry is welcome
+            return self._failed(context, exc, keyed, "message")
         stats.published += 1
         answer = {
             "id": message_id,
@@ -261,14 +336,7 @@ class HttpSource(Source):
                 subject, item.data, message_id=message_id, timeout=timeout, headers=item.headers
             )
         except PublishError as exc:
-            context.stats.count_error("publish")
-            return Problem(
-                503,
-                "unavailable",
-                "Service Unavailable",
-                f"the request was not stored, retry later: {exc}",
-                headers={"Retry-After": str(self.config.retry_after)},
-            ).response()
+            return self._failed(context, exc, False, "request")
         except TimeoutError:
             context.stats.count_error("reply_timeout")
             return Problem(
@@ -276,16 +344,105 @@ class HttpSource(Source):
                 "no-reply",
                 "Gateway Timeout",
                 f"the request {message_id} was stored but no reply came within {timeout:g}s; "
-                "it is still processed (retrying with the same Idempotency-Key will not "
-                "process it twice)",
+                "it is still processed. Send an Idempotency-Key to be able to retry a request "
+                "and get its answer",
             ).response()
         context.stats.published += 1
-        status = reply.headers.get("Busway-Http-Status", "200")
-        return Response(
-            reply.data,
-            status_code=int(status) if status.isdigit() else 200,
-            media_type=reply.headers.get("Content-Type", "application/json"),
-        )
+        return _answer(reply)
+
+    async def _request_once(
+        self, context: SourceContext, subject: str, item: Item, claim: _Claim
+    ) -> Response:
+        """Request-reply with an Idempotency-Key: one request per key, its answer recorded.
+
+        The request is sent from a task of the source, which waits for the answer up to the
+        key's lifetime (the duplicate window) and records it, even after this HTTP request
+        got its 504: the client's retry then gets the answer, or 409 while there is none yet.
+        """
+        assert self._ledger is not None
+        assert self._tasks is not None
+        before = await self._claim(claim, "processing")
+        if before is not None:
+            if before.state == "answered":
+                return replay(before)
+            raise self._ledger.in_progress()
+        timeout = float(self.config.reply_timeout or 0)
+        outcome = _Outcome()
+        keep = max(timeout, self._ledger.store.ttl)
+        if self._waiting >= _MAX_WAITING:
+            keep = timeout
+        self._tasks.start_soon(self._await_reply, context, subject, item, claim, keep, outcome)
+        with anyio.move_on_after(timeout):
+            await outcome.done.wait()
+        if isinstance(outcome.value, Reply):
+            return _answer(outcome.value)
+        if isinstance(outcome.value, PublishError):
+            return self._failed(context, outcome.value, True, "request")
+        context.stats.count_error("reply_timeout")
+        return Problem(
+            504,
+            "no-reply",
+            "Gateway Timeout",
+            f"no reply to the request {claim.message_id} within {timeout:g}s; it is still "
+            "processed: retry with the same Idempotency-Key to get its answer (409 while "
+            "there is none yet)",
+        ).response()
+
+    async def _await_reply(
+        self,
+        context: SourceContext,
+        subject: str,
+        item: Item,
+        claim: _Claim,
+        keep: float,
+        outcome: _Outcome,
+    ) -> None:
+        """Send the request, wait up to `keep` for its answer, record it for retries."""
+        assert self._ledger is not None
+        self._waiting += 1
+        try:
+            try:
+                reply = await context.request(
+                    subject,
+                    item.data,
+                    message_id=claim.message_id,
+                    timeout=keep,
+                    headers=item.headers,
+                )
+            except PublishError as exc:
+                outcome.value = exc
+                await self._release(claim)  # stored or not, a retry must not meet 409s
+                return
+            except TimeoutError:
+                await self._release(claim)
+                return
+            context.stats.published += 1
+            outcome.value = reply
+            answer = _answer(reply)
+            record = Record(
+                claim.fingerprint,
+                "answered",
+                status=answer.status_code,
+                content_type=answer.media_type or "application/json",
+                body=reply.data,
+            )
+            await self._ledger.put(claim.message_id, record)
+        finally:
+            self._waiting -= 1
+            outcome.done.set()
+
+    def _failed(
+        self, context: SourceContext, exc: PublishError, keyed: bool, what: str
+    ) -> Response:
+        """503, saying whether the message may be stored; the reason goes to the log only."""
+        context.logger.warning("503 for %s: %s", self.config.path, exc)
+        context.stats.count_error("publish_unconfirmed" if exc.unconfirmed else "publish")
+        return publish_failed(
+            unconfirmed=exc.unconfirmed,
+            keyed=keyed,
+            what=what,
+            retry_after=self.config.retry_after,
+        ).response()
 
     async def _read_body(self, request: Request) -> bytes:
         """The body; Problem 413 as soon as it exceeds `max_body` (never buffering more)."""
@@ -312,6 +469,37 @@ class HttpSource(Source):
                 400, "client-disconnected", "Client Disconnected", "the body was cut short"
             ) from None
         return bytes(chunks)
+
+
+class _Claim:
+    """An `Idempotency-Key`, the message id it makes, and the request's fingerprint."""
+
+    __slots__ = ("fingerprint", "key", "message_id")
+
+    def __init__(self, key: str, message_id: str, fingerprint: str) -> None:
+        self.key = key
+        self.message_id = message_id
+        self.fingerprint = fingerprint
+
+
+class _Outcome:
+    """What the request task learned while the HTTP request waited: the answer or an error."""
+
+    __slots__ = ("done", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Reply | PublishError | None = None
+
+
+def _answer(reply: Reply) -> Response:
+    """The HTTP response of a route's reply: status from `Busway-Http-Status` (default 200)."""
+    status = reply.headers.get("Busway-Http-Status", "200")
+    return Response(
+        reply.data,
+        status_code=int(status) if status.isdigit() else 200,
+        media_type=reply.headers.get("Content-Type", "application/json"),
+    )
 
 
 def _idempotency_key(request: Request) -> str | None:

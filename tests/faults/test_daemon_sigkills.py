@@ -196,5 +196,5 @@ async def test_twenty_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> Non
             0,
             0,
         ), figures
-    assert sorted(message_id(m) for m in inputs) == sorted(f"ingest:order-{n}" for n in sent)
+    assert sorted(message_id(m) for m in inputs) == sorted(f"ingest:anon:order-{n}" for n in sent)
     assert {orjson.loads(line)["total"] for line in lines} <= set(range(1000))
