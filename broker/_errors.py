@@ -92,7 +92,18 @@ class RetryableError(DeliveryError):
 
 
 class PublishError(RetryableError):
-    """JetStream did not confirm a publish: timed out, no stream for the subject, or refused."""
+    """JetStream did not confirm a publish: timed out, no stream for the subject, or refused.
+
+    `store_full` is True when JetStream refused because a limit is reached (a stream's
+    `max_bytes` / `max_msgs` with discard-new, the account's or the server's storage): writes
+    there keep failing until space is freed, which readiness reports.
+    """
+
+    store_full = False
+    subject: str | None = None
+    """The subject the refused publish was for."""
+    description = ""
+    """JetStream's own words for a refusal (`maximum bytes exceeded`), if it refused."""
 
 
 class PermanentError(DeliveryError):
