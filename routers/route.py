@@ -289,13 +289,15 @@ def compile_route(
     transform: str | None = None,
     stages: Sequence[StageConfig] = (),
     resolve_path: Callable[[str], Path] = Path,
+    ack_wait: float | None = None,
 ) -> Route:
     """Compile a route: `when` first, then `stages` in order, then `transform`.
 
     RouteCompileError names the field that failed. A route needs a per-message context only if
-    a stage reads the subject, headers or metadata; others skip building one.
+    a stage reads the subject, headers or metadata; others skip building one. `ack_wait` (the
+    route's) sets the default timeout of `python` stages.
     """
-    compiler = StageCompiler(name, resolve_path)
+    compiler = StageCompiler(name, resolve_path, ack_wait)
     if not stages:
         try:
             compiled_when = compiler.expression(when, "when") if when is not None else None
