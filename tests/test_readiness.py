@@ -14,6 +14,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from busway import Bus
+from busway._status import format_status
 from tests.support import NatsServer, decode_test_config, eventually, wait_settled
 
 pytestmark = pytest.mark.anyio
@@ -167,3 +168,25 @@ subject = "tiny{unique}.direct"
             return (await readyz(bus)).status_code == 200
 
         await eventually(ready_again)
+
+
+def test_busway_status_says_why_a_component_is_not_ready() -> None:
+    report = {
+        "status": "not ready",
+        "nats": True,
+        "not_ready": {"route:orders": "stalled: all 4 in-flight slot(s) taken"},
+        "components": [
+            {
+                "name": "orders",
+                "kind": "route",
+                "ready": False,
+                "rate_in": 0.0,
+                "rate_out": 0.0,
+                "dead_lettered": 0,
+            }
+        ],
+    }
+    table = format_status(report)
+    assert table.startswith("busway: not ready (nats up)")
+    assert "NOT READY" in table.splitlines()[2]
+    assert "not ready: route:orders: stalled: all 4 in-flight slot(s) taken" in table
