@@ -261,13 +261,15 @@ class ConsumerComponent(abc.ABC):
             self.logger.warning("could not settle %s: %s", reply, exc)
         await self.pull.make_room()
 
-    async def fail_unexpected(self, message: Msg, exc: Exception) -> None:
+    async def fail_unexpected(self, message: Msg, exc: Exception, *, retry: bool = False) -> None:
         """Settle a message whose handling raised an error no handler classified.
 
         Retried with back-off if the error looks transient (I/O, a timeout, a lost connection,
-        a `RetryableError`); dead-lettered at once otherwise (`unexpected`, with the error's
-        own text), since a retry would only fail the same way. `retry.transient` /
-        `retry.permanent` override by reason. A message already settled is left alone.
+        a `RetryableError`) or the caller says so (`retry`: the message may already have been
+        delivered, so a dead letter could be a lie); dead-lettered at once otherwise
+        (`unexpected`, with the error's own text), since a retry would only fail the same way.
+        `retry.transient` / `retry.permanent` override by reason. A message already settled
+        is left alone.
         """
         if message.reply not in self.pull.held:
             self.logger.error(
@@ -278,7 +280,9 @@ class ConsumerComponent(abc.ABC):
         error = _describe(exc)
         self.logger.error("%s seq %s failed unexpectedly: %s", message.subject, sequence, error)
         self.logger.debug("traceback of the unexpected failure", exc_info=exc)
-        transient = isinstance(exc, OSError | TimeoutError | nats.errors.Error | RetryableError)
+        transient = retry or isinstance(
+            exc, OSError | TimeoutError | nats.errors.Error | RetryableError
+        )
         if isinstance(exc, PermanentError):
             transient = False
         try:

@@ -105,7 +105,7 @@ class SinkWorker(ConsumerComponent):
                     # batcher (and with it every later message).
                     for message, _, _ in batch:
                         if message.reply in self.pull.held:
-                            await self.fail_unexpected(message, exc)
+                            await self.fail_unexpected(message, exc, retry=True)
         finally:
             self._queue_in.close()
             self._queue_out.close()
@@ -195,7 +195,9 @@ class SinkWorker(ConsumerComponent):
                 if await self._settle_delivered(entry, failures.get(index), peer_down, now):
                     held.append(entry)
             except Exception as exc:
-                await self.fail_unexpected(entry[0], exc)
+                # After the write: the peer may have it. Retry (at least once), never a dead
+                # letter that would claim it was not delivered.
+                await self.fail_unexpected(entry[0], exc, retry=True)
         return held
 
     async def _settle_delivered(

@@ -6,7 +6,8 @@ component took was settled exactly once, nothing is in flight, and no second set
 
 ack, filtered, reject → dead letter, transient → nak, unexpected exception on the synchronous
 and the asynchronous path, publish failure, dead-letter publish failure, drain nak, and
-max_attempts (on arrival and at the last attempt).
+max_attempts (on arrival and at the last attempt); and for a sink: delivered, refused, an
+unclassified error from the adapter, and a bug while settling a batch.
 
 Where a test needs busway's own code to fail in a way no real input can make it fail today
 (the "unexpected exception" exits), it swaps the route's `process` for one that raises on a
@@ -16,6 +17,7 @@ marked body: fault injection into busway, never a fake server.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,21 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, StreamConfig
 
-from busway import Bus
+from busway import (
+    Adapter,
+    AdapterRegistry,
+    BatchError,
+    BuildContext,
+    Bus,
+    Message,
+    PermanentError,
+    Sink,
+    SinkConfig,
+    decode_config,
+)
 from busway._consumer import ConsumerComponent
 from busway._delivery import ACK, DRAIN_NAK, TERM
+from busway._sink_worker import SinkWorker
 from busway.routers.route import Route
 from tests.support import NatsServer, decode_test_config, eventually, stream_messages, wait_settled
 
@@ -415,3 +429,88 @@ async def _true(value: bool) -> bool:
 
 def _stats(bus: Bus, name: str) -> Any:
     return next(s for s in bus.metrics.stats if s.name == name)
+
+
+class ListSinkConfig(SinkConfig, tag="settle-list", frozen=True, kw_only=True):
+    """A sink kept in memory: it refuses `bad`, and raises an unclassified error on `raise`."""
+
+
+class ListSink(Sink):
+    """Delivers into a list; `bad` is refused for good, `raise` makes the whole write raise."""
+
+    def __init__(self, config: ListSinkConfig, context: BuildContext) -> None:
+        self.delivered: list[str] = []
+
+    async def write(self, batch: Sequence[Message]) -> None:
+        names = [orjson.loads(message.data)["name"] for message in batch]
+        if "raise" in names:
+            raise ValueError("the driver broke")  # not a busway error: unclassified
+        failures = {i: PermanentError("refused") for i, name in enumerate(names) if name == "bad"}
+        self.delivered += [name for name in names if name != "bad"]
+        if failures:
+            raise BatchError(failures)
+
+
+async def test_sink_exits_and_a_bug_while_settling_a_batch(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    settles: Settles,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settle_delivered = SinkWorker._settle_delivered
+
+    async def buggy(self: SinkWorker, entry: Any, *args: Any) -> bool:
+        if b'"bug"' in entry[0].data and entry[1].attempt == 1:
+            raise RuntimeError("injected fault while settling")
+        return await settle_delivered(self, entry, *args)
+
+    monkeypatch.setattr(SinkWorker, "_settle_delivered", buggy)
+    registry = AdapterRegistry(
+        [Adapter(type="settle-list", sink_config=ListSinkConfig, create_sink=ListSink)]
+    )
+    config = decode_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = "127.0.0.1:0"
+
+[[streams]]
+name = "SK_{unique}"
+subjects = ["sk{unique}.>"]
+
+[[sinks]]
+name = "list{unique}"
+type = "settle-list"
+from = "sk{unique}.>"
+batch_size = 1
+retry = {{ max_attempts = 2, backoff = "10ms", max_backoff = "20ms" }}
+circuit = {{ failures = 0 }}
+""",
+        source_types=registry.source_config,
+        sink_types=registry.sink_config,
+    )
+    bus = Bus(config, registry=registry)
+    sink = bus.plan.sinks[0][1]
+    assert isinstance(sink, ListSink)
+    js = nc.jetstream()
+    async with bus:
+        for name in ("a", "bad", "raise", "bug", "b"):
+            await js.publish(f"sk{unique}.x", orjson.dumps({"name": name}))
+        await wait_settled(nc, f"SK_{unique}", f"busway-sink-list{unique}")
+        assert_each_settled_once(bus, settles)
+        # a, b acked; bad dead-lettered; raise naked once, then dead-lettered at max_attempts;
+        # bug delivered, then settling it failed: naked (the peer may have it), delivered again.
+        assert payloads(settles, f"list{unique}") == {"ack": 3, "term": 2, "nak": 2}
+
+    assert sorted(sink.delivered) == ["a", "b", "bug", "bug"]  # at least once, never lost
+    dead = {
+        orjson.loads(m.data)["name"]: (m.headers or {})
+        for m in await dead_letters(nc, f"busway.deadletter.list{unique}")
+    }
+    assert dead["bad"]["Busway-Error-Reason"] == "permanent"
+    assert dead["raise"]["Busway-Error-Reason"] == "max_attempts"
+    assert "the driver broke" in dead["raise"]["Busway-Error"]
+    assert "bug" not in dead
