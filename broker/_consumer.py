@@ -101,7 +101,8 @@ class ConsumerComponent(abc.ABC):
             stream=stream,
             durable=durable,
             capacity=max_in_flight,
-            handler=self._accept,
+            handler=self._receive,
+            on_error=self.fail_unexpected,
             stats=stats,
         )
         self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -166,13 +167,6 @@ class ConsumerComponent(abc.ABC):
     @abc.abstractmethod
     async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
         """Take ownership of `message`: it must end in `settle` (ack, nak or term) exactly once."""
-
-    async def _accept(self, message: Msg) -> None:
-        """The pull's handler: `_receive`, with anything it lets escape settled here."""
-        try:
-            await self._receive(message)
-        except Exception as exc:
-            await self.fail_unexpected(message, exc)
 
     async def _receive(self, message: Msg) -> None:
         self.stats.received += 1

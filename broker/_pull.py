@@ -42,6 +42,7 @@ __all__ = ["ContinuousPull"]
 logger = logging.getLogger("busway.pull")
 
 Handler = Callable[[Msg], Awaitable[None]]
+ErrorHandler = Callable[[Msg, Exception], Awaitable[None]]
 
 
 class ContinuousPull:
@@ -51,8 +52,8 @@ class ContinuousPull:
     per message it has acked, naked or terminated, which frees room for the next request.
     `held` is the slot book: one entry per message taken and not yet settled, so a second
     settle of the same delivery is refused rather than freeing a slot that is still taken. Its
-    size is `stats.in_flight`, the exported gauge. The handler must not raise: it is awaited
-    by the delivery task, which an exception would end.
+    size is `stats.in_flight`, the exported gauge. An exception that escapes the handler goes
+    to `on_error` with its message (which must settle it), never to nats-py.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class ContinuousPull:
         durable: str,
         capacity: int,
         handler: Handler,
+        on_error: ErrorHandler,
         stats: ComponentStats,
         batch: int = 256,
         expires: float = 1.0,
@@ -71,6 +73,7 @@ class ContinuousPull:
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._capacity = capacity
         self._handler = handler
+        self._on_error = on_error
         self._batch = max(1, min(batch, capacity))
         self._low_water = max(1, self._batch // 2)
         self._expires = expires
@@ -217,7 +220,11 @@ class ContinuousPull:
                 wake.clear()
                 await wake.wait()
                 continue
-            await handler(queue.popleft())
+            message = queue.popleft()
+            try:
+                await handler(message)
+            except Exception as exc:
+                await self._on_error(message, exc)
             if self._requested < self._low_water:
                 await self._maybe_request()
 

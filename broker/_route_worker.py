@@ -273,25 +273,30 @@ class RouteWorker(ConsumerComponent):
                 await wake.wait()
                 continue
             message, published, sequence, attempt, received = pending.popleft()
-            if isinstance(published, asyncio.Future):
-                resolved = await published
-                if resolved is None:
-                    continue
-                published = resolved
-            futures, outputs, published_at = published
-            error = await self.await_all(futures, outputs, published_at + timeout)
-            if error is None:
-                stats.published += len(futures)
-                observe(time.monotonic() - received)
-                if attempt > 1:
-                    self.forget_error(sequence)
-                if self.refusals.active:
-                    for output in outputs:
-                        self.refusals.stored(output.subject)
-                await self.settle(message, ACK)
-            else:
-                self.note_publish_failure(error)
-                await self.retry_later(message, sequence, attempt, str(error), reason="publish")
+            try:
+                if isinstance(published, asyncio.Future):
+                    resolved = await published
+                    if resolved is None:
+                        continue
+                    published = resolved
+                futures, outputs, published_at = published
+                error = await self.await_all(futures, outputs, published_at + timeout)
+                if error is None:
+                    stats.published += len(futures)
+                    observe(time.monotonic() - received)
+                    if attempt > 1:
+                        self.forget_error(sequence)
+                    if self.refusals.active:
+                        for output in outputs:
+                            self.refusals.stored(output.subject)
+                    await self.settle(message, ACK)
+                else:
+                    self.note_publish_failure(error)
+                    await self.retry_later(message, sequence, attempt, str(error), reason="publish")
+            except Exception as exc:
+                # A bug here must not end the settler (and every later ack with it). The
+                # outputs may be stored: retry, their message ids make a second pass harmless.
+                await self.fail_unexpected(message, exc, retry=True)
 
     @staticmethod
     async def await_all(
