@@ -218,10 +218,15 @@ class ConsumerComponent(abc.ABC):
 
     def _check_stall(self) -> None:
         """Report the component stalled while all its slots are taken and nothing settled for
-        longer than `ack_wait`; clear it once something settles."""
+        longer than `ack_wait`; clear it once something settles. A component that already
+        says why it is not ready (a sink's open circuit, a drain) is not called stalled."""
         settled, since = self._stall_mark
         now = time.monotonic()
-        if self.pull.released != settled or self.stats.in_flight < self.max_in_flight:
+        if (
+            self.pull.released != settled
+            or self.stats.in_flight < self.max_in_flight
+            or not self.stats.ready
+        ):
             self._stall_mark = (self.pull.released, now)
             if self.stats.problems.pop("stalled", None) is not None:
                 self.logger.info("no longer stalled: messages are settling again")
