@@ -65,6 +65,7 @@ from busway._jetstream import (
 from busway._listener import DeferredApp, Listener, build_app
 from busway._metrics import ComponentStats, MetricsCollector, new_registry
 from busway._plan import Plan, build_plan
+from busway._readiness import WriteRefusals, component_reason
 from busway._registry import AdapterRegistry, default_registry
 from busway._requests import Requester
 from busway._route_services import NatsRouteServices
@@ -110,6 +111,7 @@ class Bus(AsyncContextManagerMixin):
         self._requester: Requester | None = None
         self._publisher: JetStreamPublisher | None = None
         self._state: KeyValue | None = None
+        self._refusals = WriteRefusals()
         self._reload_lock = anyio.Lock()
         self._listener: Listener | None = None
         self._listener_done = anyio.Event()
@@ -149,10 +151,18 @@ class Bus(AsyncContextManagerMixin):
         return {} if self._embedded is None else {"embedded_nats": self._embedded.up}
 
     def readiness(self) -> dict[str, bool]:
-        """Readiness checks by name: the NATS connection and every component."""
-        checks = {"nats": bool(self._client and self._client.is_connected)}
+        """Readiness checks by name: the NATS connection, JetStream taking writes, and every
+        component (started, and neither stalled nor failing; see `busway._readiness`)."""
+        return {name: reason is None for name, reason in self.readiness_reasons().items()}
+
+    def readiness_reasons(self) -> dict[str, str | None]:
+        """Each readiness check and why it fails (None when it passes)."""
+        checks: dict[str, str | None] = {
+            "nats": None if self._client and self._client.is_connected else "not connected",
+            "jetstream": self._refusals.reason(),
+        }
         for stats in self.metrics.stats:
-            checks[f"{stats.kind}:{stats.name}"] = stats.ready
+            checks[f"{stats.kind}:{stats.name}"] = component_reason(stats)
         return checks
 
     @contextlib.asynccontextmanager
@@ -202,7 +212,9 @@ class Bus(AsyncContextManagerMixin):
             self._requester = Requester(
                 client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
             )
-            self._publisher = JetStreamPublisher(js, timeout=config.nats.publish_timeout)
+            self._publisher = JetStreamPublisher(
+                js, timeout=config.nats.publish_timeout, refusals=self._refusals
+            )
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._sample_rates)
@@ -244,7 +256,7 @@ class Bus(AsyncContextManagerMixin):
             entry: dict[str, Any] = {
                 "kind": kind,
                 "name": name,
-                "ready": stats.ready,
+                "ready": component_reason(stats) is None,
                 "received": stats.received,
                 "published": stats.published,
                 "filtered": stats.filtered,
@@ -270,10 +282,11 @@ class Bus(AsyncContextManagerMixin):
                     entry["ack_pending"] = info.num_ack_pending
                     entry["redelivered"] = info.num_redelivered
             components.append(entry)
-        checks = self.readiness()
+        reasons = self.readiness_reasons()
         return {
-            "status": "ready" if all(checks.values()) else "not ready",
-            "nats": checks["nats"],
+            "status": "ready" if not any(reasons.values()) else "not ready",
+            "nats": reasons["nats"] is None,
+            "not_ready": {name: reason for name, reason in reasons.items() if reason},
             "components": components,
         }
 
@@ -466,7 +479,7 @@ class Bus(AsyncContextManagerMixin):
         self.app = build_app(
             routes,
             registry=self.metrics_registry,
-            readiness=self.readiness,
+            readiness=self.readiness_reasons,
             status=self.status,
             health=self.health,
         )
@@ -498,6 +511,7 @@ class Bus(AsyncContextManagerMixin):
             "ack_wait": float(component.ack_wait),
             "retry": component.retry,
             "dead_letter_subject": self.config.dead_letter_subject(component),
+            "refusals": self._refusals,
         }
 
     def _bind_listener(self) -> Listener:

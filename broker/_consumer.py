@@ -11,6 +11,18 @@ Every component that reads JetStream follows one contract:
 Shutdown drains: no new pull requests, messages that still arrive are naked at once (so another
 daemon or the next start takes them without waiting for `ack_wait`), and the component waits
 until every message it holds is settled.
+
+Whatever happens, a message is settled and its slot freed exactly once:
+
+* per-message work runs in tasks of the component's own task group (the pull's delivery task,
+  and tasks subclasses start with `task_group`), never in nats-py's subscription task;
+* an exception no handler classified is caught where the message was taken and settled by
+  `fail_unexpected`: retried if it looks transient, dead-lettered with its own text if not;
+* `settle` is idempotent per delivery: a second settle of the same delivery sends nothing,
+  frees nothing, and is counted (`settled_twice`) and logged as the bug it is;
+* every held message is kept alive with `+WPI` (a slow sink, an open circuit, a throttle, a
+  waiting stage), and a component whose slots are all taken with nothing settled for longer
+  than `ack_wait` reports itself stalled (not ready) instead of hiding behind `/readyz` 200.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from collections.abc import Mapping
 
 import anyio
 import nats.errors
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -41,9 +53,11 @@ from busway._delivery import (
     nak_payload,
     retry_delay,
 )
+from busway._errors import PermanentError, PublishError, RetryableError
 from busway._jetstream import await_pub_ack, ensure_consumer, publish_error
 from busway._metrics import ComponentStats
 from busway._pull import ContinuousPull
+from busway._readiness import WriteRefusals
 
 __all__ = ["ConsumerComponent"]
 
@@ -67,6 +81,7 @@ class ConsumerComponent(abc.ABC):
         retry: RetryPolicy,
         dead_letter_subject: str,
         publish_timeout: float,
+        refusals: WriteRefusals | None = None,
     ) -> None:
         self.client = client
         self.js = js
@@ -79,6 +94,8 @@ class ConsumerComponent(abc.ABC):
         self.retry = retry
         self.dead_letter_subject = dead_letter_subject
         self.publish_timeout = publish_timeout
+        self.refusals = refusals if refusals is not None else WriteRefusals()
+        """Where refused writes (JetStream full) are reported, for `/readyz`."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
         self.pull = ContinuousPull(
@@ -87,13 +104,22 @@ class ConsumerComponent(abc.ABC):
             durable=durable,
             capacity=max_in_flight,
             handler=self._receive,
+            on_error=self.fail_unexpected,
             stats=stats,
         )
         self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
         """Stream sequence → (last error, time of the first failure), for dead letters."""
-        self._held: dict[str, tuple[Msg, float]] = {}
         self._replay_address = f"{stats.kind}:{stats.name}"
         """What `Busway-Replay-For` says on a replayed dead letter meant for this component."""
+        self._task_group: TaskGroup | None = None
+        self._stall_mark = (0, time.monotonic())
+        """(settled count, when it last moved) for the stall check."""
+
+    @property
+    def task_group(self) -> TaskGroup:
+        """The component's task group: per-message tasks run here (and end with it)."""
+        assert self._task_group is not None, "the component is not running"
+        return self._task_group
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Declare the consumer, start pulling and settling; runs until cancelled."""
@@ -106,7 +132,9 @@ class ConsumerComponent(abc.ABC):
             max_ack_pending=self.max_in_flight,
         )
         async with anyio.create_task_group() as tg:
+            self._task_group = tg
             await self.start_workers(tg)
+            tg.start_soon(self.keep_alive)
             await tg.start(self.pull.run)
             self.stats.ready = True
             self.logger.info(
@@ -176,40 +204,123 @@ class ConsumerComponent(abc.ABC):
         self.stats.count("replay_skipped")
         await self.settle(message, ACK)
 
-    def hold(self, message: Msg, received: float) -> None:
-        """Keep `message` alive with `+WPI` until it is settled (see `keep_alive`)."""
-        self._held[message.reply] = (message, received)
-
     async def keep_alive(self) -> None:
-        """Tell JetStream that held messages are still being worked on (`+WPI`).
+        """Tell JetStream that held messages are still being worked on (`+WPI`); watch for
+        a stall.
 
-        A sink may hold messages longer than `ack_wait` (a slow peer, a circuit breaker), and
-        an aggregating route holds its inputs until their group completes: without this
-        JetStream would redeliver them while busway still holds them, and a peer would receive
-        them twice. Subclasses that hold messages start it in `start_workers`.
+        Any message may be held longer than `ack_wait`: a slow sink or an open circuit, a
+        `throttle` queue, a waiting stage, an aggregate group. Without this JetStream would
+        redeliver it while busway still holds it, the copy would burn an attempt, and a peer
+        might receive it twice. Every held message is refreshed, so no stage has to opt in.
         """
-        # A message is refreshed at most two intervals after it arrived (or was last
-        # refreshed): half of ack_wait, leaving the other half as margin on a loaded machine.
+        # The pull stamps each message with the tick it arrived in; a message is refreshed
+        # at the second tick after that (or after its last refresh): at most two intervals,
+        # half of ack_wait, leaving the other half as margin on a loaded machine.
         interval = max(0.05, self.ack_wait / 4)
+        pull = self.pull
+        held = pull.held
         while True:
             await anyio.sleep(interval)
-            cutoff = time.monotonic() - interval
-            for message, received in list(self._held.values()):
-                if received < cutoff:
-                    with contextlib.suppress(nats.errors.Error):
-                        await self.client.publish(message.reply, b"+WPI")
+            pull.tick += 1
+            stale = pull.tick - 2
+            due = [reply for reply, tick in held.items() if tick <= stale]
+            for reply in due:
+                held[reply] = pull.tick
+            for reply in due:
+                if reply in held:  # not settled meanwhile: a late +WPI would undo a nak delay
+                    with contextlib.suppress(Exception):
+                        await self.client.publish(reply, b"+WPI")
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        """Report the component stalled while all its slots are taken and nothing settled for
+        longer than `ack_wait`; clear it once something settles. A component that already
+        says why it is not ready (a sink's open circuit, a drain) is not called stalled."""
+        settled, since = self._stall_mark
+        now = time.monotonic()
+        if (
+            self.pull.released != settled
+            or self.stats.in_flight < self.max_in_flight
+            or not self.stats.ready
+        ):
+            self._stall_mark = (self.pull.released, now)
+            if self.stats.problems.pop("stalled", None) is not None:
+                self.logger.info("no longer stalled: messages are settling again")
+            return
+        if now - since > self.ack_wait and "stalled" not in self.stats.problems:
+            reason = (
+                f"stalled: all {self.max_in_flight} in-flight slot(s) taken and none settled "
+                f"for {now - since:.0f}s (ack_wait {self.ack_wait:g}s)"
+            )
+            self.stats.problems["stalled"] = reason
+            self.logger.error("%s %s", self.stats.kind, reason)
 
     async def settle(self, message: Msg, payload: bytes) -> None:
-        """Send the ack (`b""`), nak or term `payload` for `message` and free its slot."""
-        if self._held:
-            self._held.pop(message.reply, None)
+        """Send the ack (`b""`), nak or term `payload` for `message` and free its slot.
+
+        Idempotent per delivery: settling a delivery that is no longer held sends nothing and
+        frees nothing; it is counted (`settled_twice`) and logged, because it is a bug.
+        """
+        reply = message.reply
+        if not self.pull.forget(reply):
+            self.stats.count_error("settled_twice")
+            self.logger.error(
+                "bug: %s was settled twice (the second, %r, is ignored)", reply, payload[:5]
+            )
+            return
         try:
-            await self.client.publish(message.reply, payload)
-        except nats.errors.Error as exc:
+            await self.client.publish(reply, payload)
+        except Exception as exc:
             # The ack is lost with the connection; JetStream redelivers after ack_wait and
             # the outputs' message ids make the second pass harmless.
-            self.logger.warning("could not settle %s: %s", message.reply, exc)
-        await self.pull.release()
+            self.logger.warning("could not settle %s: %s", reply, exc)
+        await self.pull.make_room()
+
+    async def fail_unexpected(self, message: Msg, exc: Exception, *, retry: bool = False) -> None:
+        """Settle a message whose handling raised an error no handler classified.
+
+        Retried with back-off if the error looks transient (I/O, a timeout, a lost connection,
+        a `RetryableError`) or the caller says so (`retry`: the message may already have been
+        delivered, so a dead letter could be a lie); dead-lettered at once otherwise
+        (`unexpected`, with the error's own text), since a retry would only fail the same way.
+        `retry.transient` / `retry.permanent` override by reason. A message already settled
+        is left alone.
+        """
+        if message.reply not in self.pull.held:
+            self.logger.error(
+                "bug: an error escaped after %s was settled: %s", message.reply, _describe(exc)
+            )
+            return
+        sequence, attempt = delivery_of(message.reply)
+        error = _describe(exc)
+        self.logger.error("%s seq %s failed unexpectedly: %s", message.subject, sequence, error)
+        self.logger.debug("traceback of the unexpected failure", exc_info=exc)
+        transient = retry or isinstance(
+            exc, OSError | TimeoutError | nats.errors.Error | RetryableError
+        )
+        if isinstance(exc, PermanentError):
+            transient = False
+        try:
+            if self.retry.is_transient("unexpected", default=transient):
+                await self.retry_later(message, sequence, attempt, error, reason="unexpected")
+            else:
+                await self.dead_letter(message, sequence, attempt, reason="unexpected", error=error)
+        except Exception as again:
+            # Settling failed too (a bug in the failure path itself): nak, so the slot is
+            # freed and JetStream redelivers; never leave the message hanging.
+            self.logger.error("could not settle %s after a failure: %s", sequence, again)
+            if message.reply in self.pull.held:
+                await self.settle(message, nak_payload(float(self.retry.backoff)))
+
+    def note_publish_failure(self, error: BaseException) -> None:
+        """Report a refused write (JetStream full) so `/readyz` tells; others pass."""
+        if isinstance(error, PublishError) and error.store_full and error.subject:
+            self.refusals.refused(error.subject, error.description)
+
+    def note_stored(self, subject: str) -> None:
+        """A write to `subject` succeeded: end a refusal reported for it, if any."""
+        if self.refusals.active:
+            self.refusals.stored(subject)
 
     async def retry_later(
         self,
@@ -289,7 +400,9 @@ class ConsumerComponent(abc.ABC):
             )
             await await_pub_ack(future, self.dead_letter_subject, self.publish_timeout)
         except Exception as exc:
-            failure = publish_error(exc, self.dead_letter_subject)
+            subject = self.dead_letter_subject
+            failure = exc if isinstance(exc, PublishError) else publish_error(exc, subject)
+            self.note_publish_failure(failure)
             await self.retry_later(
                 message,
                 sequence,
@@ -298,6 +411,7 @@ class ConsumerComponent(abc.ABC):
                 reason="dead_letter_publish",
             )
             return
+        self.note_stored(self.dead_letter_subject)
         self.stats.dead_lettered += 1
         self.logger.error(
             "dead-lettered %s seq %s to %s (%s): %s",
@@ -321,6 +435,12 @@ class ConsumerComponent(abc.ABC):
         """Drop the remembered error of a message that finally succeeded."""
         if self._last_errors:
             self._last_errors.pop(sequence, None)
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` of an exception, for logs and dead letters (never a traceback)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _iso(timestamp: float) -> str:

@@ -96,9 +96,18 @@ class PublishError(RetryableError):
 
     `unconfirmed` is True when the message was sent and only its PubAck is missing (timeout,
     connection lost): it may have been stored. False when it was refused or never sent.
+
+    `store_full` is True when JetStream refused because a limit is reached (a stream's
+    `max_bytes` / `max_msgs` with discard-new, the account's or the server's storage): writes
+    there keep failing until space is freed, which readiness reports.
     """
 
     unconfirmed: bool = False
+    store_full = False
+    subject: str | None = None
+    """The subject the refused publish was for."""
+    description = ""
+    """JetStream's own words for a refusal (`maximum bytes exceeded`), if it refused."""
 
 
 class PermanentError(DeliveryError):

@@ -37,6 +37,7 @@ from nats.js.kv import KeyValue
 from busway._components import PublishAck
 from busway._config import NatsConfig, StreamConfig
 from busway._errors import PublishError, RetryableError, StartupError
+from busway._readiness import WriteRefusals
 
 __all__ = [
     "JetStreamPublisher",
@@ -54,6 +55,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("busway.nats")
+
+# JetStream's error codes for "no room": account resources (10002), insufficient resources
+# (10023), memory or storage resources exceeded (10028, 10047), a stream limit with
+# discard-new (10077: maximum messages / bytes / messages per subject exceeded).
+_STORE_FULL_CODES = frozenset({10002, 10023, 10028, 10047, 10077})
 
 
 async def connect(
@@ -310,9 +316,13 @@ def publish_error(exc: BaseException, subject: str) -> PublishError:
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return PublishError(f"no stream captures subject {subject!r} (or JetStream is down)")
     if isinstance(exc, nats.js.errors.APIError):
-        return PublishError(
+        refused = PublishError(
             f"JetStream refused {subject!r}: {exc.description} (code {exc.err_code})"
         )
+        refused.store_full = exc.err_code in _STORE_FULL_CODES
+        refused.subject = subject
+        refused.description = f"{exc.description} (code {exc.err_code})"
+        return refused
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return PublishError(f"no PubAck for {subject!r} in time: JetStream slow or unreachable")
     if isinstance(exc, asyncio.CancelledError):
@@ -386,11 +396,18 @@ def fail_unconfirmed(js: JetStreamContext) -> int:
 
 
 class JetStreamPublisher:
-    """A `Publisher` for sources: publishes and waits for the PubAck, with a deadline."""
+    """A `Publisher` for sources: publishes and waits for the PubAck, with a deadline.
 
-    def __init__(self, js: JetStreamContext, *, timeout: float) -> None:
+    Refusals for lack of room (and the successes that end them) go to `refusals`, which
+    `/readyz` reads.
+    """
+
+    def __init__(
+        self, js: JetStreamContext, *, timeout: float, refusals: WriteRefusals | None = None
+    ) -> None:
         self._js = js
         self._timeout = timeout
+        self._refusals = refusals if refusals is not None else WriteRefusals()
 
     async def publish(
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
@@ -414,12 +431,23 @@ class JetStreamPublisher:
                 wait_stall=self._timeout if window_full else None,
             )
         except (nats.errors.Error, TimeoutError) as exc:
-            raise publish_error(exc, subject) from exc
+            raise self._noted(publish_error(exc, subject)) from exc
         return self._confirm(future, subject)
 
     async def _confirm(self, future: asyncio.Future[PubAck], subject: str) -> PublishAck:
-        ack = await await_pub_ack(future, subject, self._timeout)
+        try:
+            ack = await await_pub_ack(future, subject, self._timeout)
+        except PublishError as exc:
+            self._noted(exc)
+            raise
+        if self._refusals.active:
+            self._refusals.stored(subject)
         return PublishAck(stream=ack.stream, sequence=ack.seq or 0, duplicate=bool(ack.duplicate))
+
+    def _noted(self, error: PublishError) -> PublishError:
+        if error.store_full and error.subject:
+            self._refusals.refused(error.subject, error.description)
+        return error
 
 
 class KeyValueState:

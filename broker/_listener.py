@@ -42,7 +42,7 @@ def build_app(
     routes: Sequence[BaseRoute],
     *,
     registry: CollectorRegistry,
-    readiness: Callable[[], dict[str, bool]],
+    readiness: Callable[[], dict[str, str | None]],
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     health: Callable[[], dict[str, bool]] | None = None,
 ) -> Starlette:
@@ -50,6 +50,9 @@ def build_app(
 
     `/healthz` is liveness: 503 when a `health` check fails (the embedded nats-server is down:
     part of this process, unlike an external server, whose loss only makes `/readyz` 503).
+
+    `readiness` gives each check's name and why it fails (None when it passes): `/readyz`
+    answers 503 with those reasons while any fails.
     """
 
     async def status_page(_: Request) -> Response:
@@ -66,12 +69,15 @@ def build_app(
         return JSONResponse({"status": "unhealthy", "checks": checks}, status_code=503)
 
     async def readyz(_: Request) -> Response:
-        checks = readiness()
-        ready = all(checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
+        reasons = readiness()
+        failing = {name: reason for name, reason in reasons.items() if reason is not None}
+        body: dict[str, Any] = {
+            "status": "not ready" if failing else "ready",
+            "checks": {name: reason is None for name, reason in reasons.items()},
+        }
+        if failing:
+            body["reasons"] = failing
+        return JSONResponse(body, status_code=503 if failing else 200)
 
     operational = [
         Route("/metrics", metrics, methods=["GET"]),

@@ -77,6 +77,7 @@ class ComponentStats:
         "max_in_flight",
         "name",
         "pending",
+        "problems",
         "published",
         "rate_in",
         "rate_out",
@@ -97,6 +98,9 @@ class ComponentStats:
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
         self.ready = False
+        self.problems: dict[str, str] = {}
+        """What keeps a started component from being ready (`stalled` ...), by kind: see
+        `busway._readiness`."""
         self.circuit = 0
         """Sinks: 0 closed, 1 open, 2 half-open (see `busway._circuit`)."""
         self.events: dict[str, int] = {}
@@ -202,7 +206,7 @@ class MetricsCollector(Collector):
             for event, count in sorted(stats.events.items()):
                 events.add_metric([*key, event], count)
             in_flight.add_metric(key, stats.in_flight)
-            ready.add_metric(key, 1 if stats.ready else 0)
+            ready.add_metric(key, 1 if stats.ready and not stats.problems else 0)
             if stats.kind != "source":
                 pending.add_metric(key, stats.pending)
                 limit.add_metric(key, stats.max_in_flight)

@@ -42,6 +42,7 @@ def build_plan(config: Config, registry: AdapterRegistry, *, file: str | None = 
                 transform=route.transform,
                 stages=route.stages,
                 resolve_path=context.resolve_path,
+                ack_wait=float(route.ack_wait),
             )
         except RouteCompileError as exc:
             raise ConfigError(

@@ -5,10 +5,13 @@ The hot path is two tasks. The pull callback runs the route and hands each outpu
 settler walks inputs in arrival order, waits for each one's PubAcks and acks it. JetStream
 answers PubAcks in order, so waiting in order costs nothing and keeps the code simple.
 
-Routes with stages that wait (enrich, dedupe, throttle, async Python) run each message in its
-own task, up to `max_in_flight` at once; the settler still acks in arrival order. Routes with
-an `aggregate` stage hand their inputs to an `Aggregator`, which holds them until their group
-is published.
+Routes with stages that wait (enrich, dedupe, throttle, Python) run each message in its own
+task of the component's task group, up to `max_in_flight` at once; the settler still acks in
+arrival order. Routes with an `aggregate` stage hand their inputs to an `Aggregator`, which
+holds them until their group is published.
+
+Every path settles its message: a `RoutingError` is retried or dead-lettered by its kind, and
+anything else that escapes the route (a bug, a foreign error) goes to `fail_unexpected`.
 
 Every output carries `Nats-Msg-Id = <stream>:<sequence>:<route>:<index>`: a redelivered input
 republishes the same ids, and the output stream drops the copies (within its duplicate window).
@@ -21,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import Any
 
 import anyio
 import nats.errors
@@ -41,7 +44,6 @@ from busway.routers.route import Route
 
 __all__ = ["RouteWorker"]
 
-_T = TypeVar("_T")
 _Futures = list[asyncio.Future[PubAck]]
 
 # What an input waits for: the PubAck futures of its OUT outputs, the outputs (OUT ones
@@ -49,10 +51,10 @@ _Futures = list[asyncio.Future[PubAck]]
 _Published = tuple[_Futures, list[Output], float]
 
 # An input waiting for its outputs' PubAcks: (message, published, sequence, attempt, received).
-# `published` is a task for routes that process messages concurrently: it yields the futures,
-# or None when it settled the message itself (filtered, retried, dead-lettered).
-# A plain tuple: one is built per message, and a tuple is the cheapest record to build.
-_Pending = tuple[Msg, "_Published | asyncio.Task[_Published | None]", str, int, float]
+# `published` is a future for routes that process messages concurrently: the message's task
+# resolves it with the futures, or None when it settled the message itself (filtered, retried,
+# dead-lettered). A plain tuple: one is built per message, and a tuple is the cheapest record.
+_Pending = tuple[Msg, "_Published | asyncio.Future[_Published | None]", str, int, float]
 
 
 class RouteWorker(ConsumerComponent):
@@ -70,17 +72,15 @@ class RouteWorker(ConsumerComponent):
         self._indexes = [str(index) for index in range(64)]
         self._pending: collections.deque[_Pending] = collections.deque()
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.aggregator: Aggregator | None = None
 
     async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start the in-order settler (and the aggregator with its keep-alive, if any)."""
+        """Start the in-order settler (and the aggregator, if any)."""
         tg.start_soon(self._settle_in_order)
         if self.route.aggregation is not None:
             self.aggregator = Aggregator(self, self.route, self.services)
             await self.aggregator.open()
             tg.start_soon(self.aggregator.expire_groups)
-            tg.start_soon(self.keep_alive)
 
     async def drain(self, timeout: float) -> bool:
         """Stop pulling; hand back the inputs of incomplete groups; wait for the rest."""
@@ -104,10 +104,13 @@ class RouteWorker(ConsumerComponent):
             return
         try:
             outputs = route.process(message.data, self.context_of(message, sequence, attempt))
+            futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
         except RoutingError as exc:
             await self.reject(message, sequence, attempt, exc)
             return
-        futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
+        except Exception as exc:
+            await self.fail_unexpected(message, exc)
+            return
         if futures is None:
             await self._settle_without_outputs(message, outputs)
             return
@@ -115,28 +118,63 @@ class RouteWorker(ConsumerComponent):
         self._pending.append((message, (futures, outputs, received), sequence, attempt, received))
         self._wake.set()
 
-    def spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """Run `work` in a task that is kept referenced until it finishes."""
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run `work` (not tied to one message) in the component's task group; an error it
+        raises is logged, never allowed to end the component."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:
+                self.logger.error("background task failed: %s: %s", type(exc).__name__, exc)
+
+        self.task_group.start_soon(guarded)
 
     def _spawn(self, message: Msg, sequence: str, attempt: int, received: float) -> None:
         context = self.context_of(message, sequence, attempt)
         if self.aggregator is not None:
-            self.hold(message, received)
-            self.spawn(self.aggregator.add(message, sequence, attempt, context))
+            self.task_group.start_soon(self._aggregate, message, sequence, attempt, context)
             return
-        task = self.spawn(self._process_async(message, sequence, attempt, context))
-        self._pending.append((message, task, sequence, attempt, received))
+        published: asyncio.Future[_Published | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((message, published, sequence, attempt, received))
         self._wake.set()
+        self.task_group.start_soon(
+            self._process_async, message, sequence, attempt, context, published
+        )
+
+    async def _aggregate(
+        self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
+    ) -> None:
+        assert self.aggregator is not None
+        try:
+            await self.aggregator.add(message, sequence, attempt, context)
+        except Exception as exc:
+            await self.fail_unexpected(message, exc)
 
     async def _process_async(
+        self,
+        message: Msg,
+        sequence: str,
+        attempt: int,
+        context: MessageContext | None,
+        published: asyncio.Future[_Published | None],
+    ) -> None:
+        result: _Published | None = None
+        try:
+            result = await self._run_async(message, sequence, attempt, context)
+        except Exception as exc:
+            await self.fail_unexpected(message, exc)
+        finally:
+            # Whatever happened, the settler must not wait for this message forever.
+            if not published.done():
+                published.set_result(result)
+
+    async def _run_async(
         self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
     ) -> _Published | None:
         try:
             outputs = await self.route.process_async(message.data, context, self.services)
+            futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
         except RoutingError as exc:
             await self.reject(message, sequence, attempt, exc)
             return None
@@ -145,11 +183,6 @@ class RouteWorker(ConsumerComponent):
                 message, sequence, attempt, str(exc), reason="route", retry_after=exc.retry_after
             )
             return None
-        except Exception as exc:
-            self.logger.exception("route %s failed on seq %s", self.route.name, sequence)
-            await self.retry_later(message, sequence, attempt, repr(exc), reason="route")
-            return None
-        futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
         if futures is None:
             await self._settle_without_outputs(message, outputs)
             return None
@@ -240,21 +273,30 @@ class RouteWorker(ConsumerComponent):
                 await wake.wait()
                 continue
             message, published, sequence, attempt, received = pending.popleft()
-            if isinstance(published, asyncio.Task):
-                resolved = await published
-                if resolved is None:
-                    continue
-                published = resolved
-            futures, outputs, published_at = published
-            error = await self.await_all(futures, outputs, published_at + timeout)
-            if error is None:
-                stats.published += len(futures)
-                observe(time.monotonic() - received)
-                if attempt > 1:
-                    self.forget_error(sequence)
-                await self.settle(message, ACK)
-            else:
-                await self.retry_later(message, sequence, attempt, str(error), reason="publish")
+            try:
+                if isinstance(published, asyncio.Future):
+                    resolved = await published
+                    if resolved is None:
+                        continue
+                    published = resolved
+                futures, outputs, published_at = published
+                error = await self.await_all(futures, outputs, published_at + timeout)
+                if error is None:
+                    stats.published += len(futures)
+                    observe(time.monotonic() - received)
+                    if attempt > 1:
+                        self.forget_error(sequence)
+                    if self.refusals.active:
+                        for output in outputs:
+                            self.refusals.stored(output.subject)
+                    await self.settle(message, ACK)
+                else:
+                    self.note_publish_failure(error)
+                    await self.retry_later(message, sequence, attempt, str(error), reason="publish")
+            except Exception as exc:
+                # A bug here must not end the settler (and every later ack with it). The
+                # outputs may be stored: retry, their message ids make a second pass harmless.
+                await self.fail_unexpected(message, exc, retry=True)
 
     @staticmethod
     async def await_all(

@@ -21,7 +21,8 @@ _COLUMNS = (
 
 
 def format_status(report: dict[str, Any]) -> str:
-    """The /status JSON as aligned columns, then the last error of each component that has one."""
+    """The /status JSON as aligned columns, then why anything is not ready, then the last
+    error of each component that has one."""
     rows = [[title for title, _ in _COLUMNS]]
     rows += [[cell(component) for _, cell in _COLUMNS] for component in report["components"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
@@ -30,6 +31,10 @@ def format_status(report: dict[str, Any]) -> str:
         "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+    not_ready = report.get("not_ready") or {}
+    if not_ready:
+        lines.append("")
+        lines += [f"not ready: {name}: {reason}" for name, reason in not_ready.items()]
     errors = [c for c in report["components"] if c.get("last_error")]
     if errors:
         lines.append("")

@@ -38,6 +38,7 @@ __all__ = [
     "RouteCompileError",
     "RoutingError",
     "compile_route",
+    "encode_error",
 ]
 
 
@@ -230,6 +231,8 @@ class Route:
                 data = orjson.dumps(transform(document, context))
             except ExpressionRuntimeError as exc:
                 raise expression_error(exc, transform.source, "transform") from None
+            except orjson.JSONEncodeError as exc:
+                raise encode_error(exc) from None
         return [Output(OUT, subject, data, None) for subject in self.to]
 
     def _begin(self, document: Any, context: MessageContext | None) -> list[Item]:
@@ -257,11 +260,25 @@ class Route:
         for item in items:
             targets = item.targets if item.targets is not None else self.to
             if targets:
-                body = orjson.dumps(item.document)
+                try:
+                    body = orjson.dumps(item.document)
+                except orjson.JSONEncodeError as exc:
+                    raise encode_error(exc) from None
                 outputs.extend(Output(OUT, subject, body, item.headers) for subject in targets)
         if side:
             outputs.extend(side)
         return outputs
+
+
+def encode_error(exc: Exception) -> RoutingError:
+    """The RoutingError for a result that cannot be written as JSON: nested deeper than 255
+    levels, or holding a value JSON has no form for (a `set` returned by a `python` stage).
+    Permanent: the same body fails the same way every time."""
+    return RoutingError(
+        "encode",
+        f"the message after the route's stages cannot be written as JSON: {exc} "
+        "(at most 255 levels of nesting; objects, arrays, strings, numbers, booleans, null)",
+    )
 
 
 def compile_route(
@@ -272,13 +289,15 @@ def compile_route(
     transform: str | None = None,
     stages: Sequence[StageConfig] = (),
     resolve_path: Callable[[str], Path] = Path,
+    ack_wait: float | None = None,
 ) -> Route:
     """Compile a route: `when` first, then `stages` in order, then `transform`.
 
     RouteCompileError names the field that failed. A route needs a per-message context only if
-    a stage reads the subject, headers or metadata; others skip building one.
+    a stage reads the subject, headers or metadata; others skip building one. `ack_wait` (the
+    route's) sets the default timeout of `python` stages.
     """
-    compiler = StageCompiler(name, resolve_path)
+    compiler = StageCompiler(name, resolve_path, ack_wait)
     if not stages:
         try:
             compiled_when = compiler.expression(when, "when") if when is not None else None

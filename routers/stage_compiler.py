@@ -35,14 +35,22 @@ from busway.routers.pipeline import (
     Step,
     expression_error,
 )
-from busway.routers.stages import StageConfig
+from busway.routers.stages import PythonStage, StageConfig
 from busway.routers.throttle import TokenBuckets
-from busway.routers.user_code import load_object
+from busway.routers.user_code import ThreadedCall, load_object
 from busway.routers.validation import Validator, schema_validator, type_validator
 
-__all__ = ["StageCompileError", "StageCompiler", "header_value"]
+__all__ = ["StageCompileError", "StageCompiler", "header_value", "python_timeout"]
 
 _PURE_FUNCTIONS = CONTEXT_FUNCTIONS[len(MESSAGE_FUNCTIONS) :]
+
+#: A `python` stage's default timeout: this, or a third of the route's `ack_wait` if less.
+PYTHON_TIMEOUT = 10.0
+
+
+def python_timeout(ack_wait: float | None) -> float:
+    """The default timeout of a `python` stage on a route with this `ack_wait`."""
+    return PYTHON_TIMEOUT if ack_wait is None else min(PYTHON_TIMEOUT, ack_wait / 3)
 
 
 class StageCompileError(Exception):
@@ -65,9 +73,15 @@ def _evaluation_error(exc: ExpressionRuntimeError, expr: Expression, stage: str)
 class StageCompiler:
     """Compiles the stages of one route; remembers whether any needs the message context."""
 
-    def __init__(self, route: str, resolve_path: Callable[[str], Path] = Path) -> None:
+    def __init__(
+        self,
+        route: str,
+        resolve_path: Callable[[str], Path] = Path,
+        ack_wait: float | None = None,
+    ) -> None:
         self.route = route
         self.resolve_path = resolve_path
+        self.ack_wait = ack_wait
         self.needs_context = False
 
     def expression(self, source: str, field: str) -> Expression:
@@ -348,7 +362,13 @@ class StageCompiler:
 
         return reply_step, False
 
-    def _python(self, reference: str, field: str) -> Step:
+    def _python(self, spec: str | PythonStage, field: str) -> Step:
+        """Your function, always run as a waiting stage: an `async` one under a timeout, a
+        blocking one in a worker thread under a timeout (so it never blocks the loop)."""
+        if isinstance(spec, str):
+            spec = PythonStage(function=spec)
+        reference = spec.function
+        timeout = float(spec.timeout) if spec.timeout is not None else python_timeout(self.ack_wait)
         try:
             function = load_object(reference)
         except ValueError as exc:
@@ -367,6 +387,13 @@ class StageCompiler:
                 return RoutingError(
                     "rejected", f"{reference} rejected the message: {exc}", stage=field
                 )
+            if isinstance(exc, TimeoutError):
+                return RoutingError(
+                    "timeout",
+                    f"{field}: {reference} did not return within {timeout:g}s",
+                    stage=field,
+                    transient=True,
+                )
             return RoutingError(
                 "python",
                 f"{reference} raised {type(exc).__name__}: {exc}",
@@ -374,50 +401,37 @@ class StageCompiler:
                 transient=True,
             )
 
-        def keep(items: list[Item], results: list[Any]) -> list[Item]:
+        if inspect.iscoroutinefunction(function):
+
+            async def call(document: Any, ctx: MessageContext | None) -> Any:
+                with anyio.fail_after(timeout):
+                    if takes_context:
+                        return await function(document, ctx)
+                    return await function(document)
+
+        else:
+            threaded = ThreadedCall(function, timeout=timeout, threads=spec.threads)
+
+            async def call(document: Any, ctx: MessageContext | None) -> Any:
+                if takes_context:
+                    return await threaded(document, ctx)
+                return await threaded(document)
+
+        async def python_step(
+            items: list[Item], ctx: MessageContext | None, _: list[Output], _s: RouteServices
+        ) -> list[Item]:
             kept = []
-            for item, result in zip(items, results, strict=True):
+            for item in items:
+                try:
+                    result = await call(item.document, ctx)
+                except Exception as exc:
+                    raise failure(exc) from exc
                 if result is not None:
                     item.document = result
                     kept.append(item)
             return kept
 
-        if inspect.iscoroutinefunction(function):
-
-            async def python_async_step(
-                items: list[Item],
-                ctx: MessageContext | None,
-                _: list[Output],
-                _s: RouteServices,
-            ) -> list[Item]:
-                try:
-                    results = [
-                        await (
-                            function(item.document, ctx)
-                            if takes_context
-                            else function(item.document)
-                        )
-                        for item in items
-                    ]
-                except Exception as exc:
-                    raise failure(exc) from exc
-                return keep(items, results)
-
-            return python_async_step, True
-
-        def python_step(
-            items: list[Item], ctx: MessageContext | None, _: list[Output]
-        ) -> list[Item]:
-            try:
-                results = [
-                    function(item.document, ctx) if takes_context else function(item.document)
-                    for item in items
-                ]
-            except Exception as exc:
-                raise failure(exc) from exc
-            return keep(items, results)
-
-        return python_step, False
+        return python_step, True
 
     # -- stages that wait on the outside world ------------------------------------------------
 

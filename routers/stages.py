@@ -27,6 +27,7 @@ __all__ = [
     "AggregateStage",
     "DedupeStage",
     "EnrichStage",
+    "PythonStage",
     "SplitStage",
     "StageConfig",
     "SwitchCase",
@@ -108,6 +109,31 @@ class DedupeStage(_Table, frozen=True, kw_only=True):
     window: Duration = Duration(600.0)
 
 
+class PythonStage(_Table, frozen=True, kw_only=True):
+    """Your function with its limits: `{ python = { function = "pkg.rules:f", timeout = "5s" } }`.
+
+    A call that overruns `timeout` is retried like any transient error (naked with back-off,
+    dead-lettered after `max_attempts`); its result, should it still come, is discarded.
+    """
+
+    function: str
+    """`module:function`, sync or `async`: `f(body)` or `f(body, context)`."""
+    timeout: Duration | None = None
+    """Longest one call may take; default the smaller of 10 s and a third of the route's
+    `ack_wait`. The message is kept alive meanwhile, so a longer timeout is allowed."""
+    threads: int = 8
+    """A synchronous function runs in worker threads, at most this many at once. A call past
+    its `timeout` keeps its thread until it returns (Python cannot stop a thread), so a
+    function that hangs for good ends up holding all of them: the route then waits, and
+    reports itself stalled, rather than start threads without end."""
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("python `timeout` must be a positive duration")
+        if self.threads < 1:
+            raise ValueError("python `threads` must be at least 1")
+
+
 class ThrottleStage(_Table, frozen=True, kw_only=True):
     """At most `rate` messages per `per` (per `key` value if given); excess waits, never drops."""
 
@@ -141,7 +167,8 @@ class StageConfig(_Table, frozen=True, kw_only=True):
     set: dict[str, str] | None = None
     remove: list[str] | None = None
     rename: dict[str, str] | None = None
-    python: str | None = None
+    python: str | PythonStage | None = None
+    """Your function: `"module:function"`, or a table with `function`, `timeout`, `threads`."""
     split: str | SplitStage | None = None
     switch: SwitchStage | None = None
     aggregate: AggregateStage | None = None

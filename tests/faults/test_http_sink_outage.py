@@ -134,3 +134,74 @@ circuit = {{ failures = 5, cool_down = "2s" }}
     assert 1 in circuit_states  # the circuit opened while the partner was down...
     assert final_circuit == 0  # ...and closed again once it was back
     assert False in ready_while_down  # /readyz told the operator
+
+
+SHORT_DOWN_SECONDS = float(os.environ.get("BUSWAY_FAULT_HTTP_SHORT_DOWN", "6"))
+
+
+async def test_an_outage_longer_than_the_retry_budget_dead_letters_nothing(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """`max_attempts = 4` with 200 ms back-off gives up within a second of real failures; the
+    partner is down for 6 s. The circuit opens after 2 failed deliveries and from then on the
+    held messages wait without burning attempts (probes included): on recovery every message
+    is delivered once, and nothing was dead-lettered."""
+    port = free_port()
+    receiver = Receiver()
+    subject = f"hshort{unique}.orders"
+    config = decode_test_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[[streams]]
+name = "HSHORT_{unique}"
+subjects = ["hshort{unique}.>"]
+
+[[sinks]]
+name = "partner{unique}"
+type = "http"
+from = "{subject}"
+url = "http://127.0.0.1:{port}/orders"
+timeout = {{ connect = "1s", read = "2s", total = "3s" }}
+retry = {{ max_attempts = 4, backoff = "50ms", max_backoff = "200ms" }}
+circuit = {{ failures = 2, cool_down = "200ms" }}
+""",
+        tmp_path,
+    )
+    total = 20
+    circuit_states: set[int] = set()
+    async with Bus(config) as bus:
+        stats = bus.metrics.stats[0]
+        down_since = time.monotonic()
+        await publish(nc, subject, range(total // 2))
+        published_more = False
+        while time.monotonic() - down_since < SHORT_DOWN_SECONDS:
+            circuit_states.add(stats.circuit)
+            if not published_more and time.monotonic() - down_since > SHORT_DOWN_SECONDS / 2:
+                await publish(nc, subject, range(total // 2, total))  # more arrive meanwhile
+                published_more = True
+            await anyio.sleep(0.05)
+        async with serving(receiver.app(), port):
+            await wait_settled(nc, f"HSHORT_{unique}", f"busway-sink-partner{unique}", timeout=60)
+        dead_lettered, retried = stats.dead_lettered, stats.retried
+
+    dead = [
+        m
+        for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
+        if m.subject == f"busway.deadletter.partner{unique}"
+    ]
+    keys = [f"order-{n}" for n in range(total)]
+    Figures.of(
+        "http-sink-down-past-max-attempts",
+        keys,
+        [key for key, count in receiver.handled.items() for _ in range(count)],
+        down_s=SHORT_DOWN_SECONDS,
+        retried=retried,
+        dead_lettered=dead_lettered,
+    ).report()
+
+    assert 1 in circuit_states  # the circuit opened
+    assert receiver.handled == dict.fromkeys(keys, 1)  # everything, once
+    assert dead_lettered == 0 and dead == []
+    assert retried <= total  # at most one counted attempt each before the circuit opened

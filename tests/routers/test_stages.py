@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import orjson
 import pytest
@@ -14,8 +16,11 @@ from busway.routers.context import MessageContext
 from busway.routers.durations import decode_hook
 from busway.routers.pipeline import OUT, REPLY, TAP, Output
 from busway.routers.route import Route, RouteCompileError, RoutingError, compile_route
+from busway.routers.stage_compiler import python_timeout
 from busway.routers.stages import StageConfig
 from busway.routers.throttle import TokenBuckets
+from busway.routers.user_code import ThreadedCall
+from tests.support import eventually
 
 CONTEXT = MessageContext(
     subject="orders.in",
@@ -228,31 +233,135 @@ def reject_all(body: Any) -> Any:
     raise Reject("not for us")
 
 
-def test_python_stage_sync_with_and_without_context() -> None:
+@pytest.mark.anyio
+async def test_python_stage_sync_with_and_without_context() -> None:
     r = route(
         {"python": "tests.routers.test_stages:double"},
         {"python": "tests.routers.test_stages:tier"},
     )
     assert r.needs_context
-    assert bodies(r.process(b'{"n": 2}', CONTEXT)) == [("out", {"n": 4, "tier": "gold"})]
-    assert r.process(b'{"n": 2, "drop": true}', CONTEXT) == []
+    assert r.is_async  # a blocking function runs in a worker thread: the route waits for it
+    services = FakeServices()
+    outputs = await r.process_async(b'{"n": 2}', CONTEXT, services)
+    assert bodies(outputs) == [("out", {"n": 4, "tier": "gold"})]
+    assert await r.process_async(b'{"n": 2, "drop": true}', CONTEXT, services) == []
 
 
-def test_python_errors_name_the_function_transient_unless_rejected() -> None:
+@pytest.mark.anyio
+async def test_python_errors_name_the_function_transient_unless_rejected() -> None:
     r = route({"python": "tests.routers.test_stages:double"})
     with pytest.raises(
         RoutingError, match=r"tests\.routers\.test_stages:double raised KeyError"
     ) as e:
-        r.process(b'{"n": 1, "boom": true}')
+        await r.process_async(b'{"n": 1, "boom": true}', None, FakeServices())
     assert e.value.transient
     r = route({"python": "tests.routers.test_stages:reject_all"})
     with pytest.raises(RoutingError, match="rejected the message: not for us") as e:
-        r.process(b"{}")
+        await r.process_async(b"{}", None, FakeServices())
     assert not e.value.transient
     with pytest.raises(RouteCompileError, match="cannot import module 'no_such_module'"):
         route({"python": "no_such_module:f"})
     with pytest.raises(RouteCompileError, match="expected 'module:name'"):
         route({"python": "just_a_name"})
+    with pytest.raises(msgspec.ValidationError, match="positive duration"):
+        msgspec.convert(
+            {"python": {"function": "m:f", "timeout": 0}}, StageConfig, dec_hook=decode_hook
+        )
+
+
+_gate = threading.Event()
+"""Released by the tests once they no longer need `blocks` to hang (never by a sleep)."""
+_calls: list[int] = []
+
+
+def blocks(body: dict[str, Any]) -> dict[str, Any]:
+    """A blocking stage that hangs until `_gate` is set (as a stuck driver call would)."""
+    _calls.append(body["n"])
+    _gate.wait(60)
+    return body
+
+
+async def hangs(body: dict[str, Any]) -> dict[str, Any]:
+    """An async stage that never returns by itself."""
+    await anyio.sleep_forever()
+    return body
+
+
+@pytest.mark.anyio
+async def test_a_hung_async_stage_times_out_as_a_transient_error() -> None:
+    r = route({"python": {"function": "tests.routers.test_stages:hangs", "timeout": "50ms"}})
+    with pytest.raises(RoutingError, match=r"hangs did not return within 0\.05s") as caught:
+        await r.process_async(b"{}", None, FakeServices())
+    assert caught.value.kind == "timeout" and caught.value.transient
+
+
+@pytest.mark.anyio
+async def test_a_blocking_stage_runs_off_the_loop_and_keeps_its_thread_when_it_overruns() -> None:
+    _gate.clear()
+    _calls.clear()
+    r = route(
+        {
+            "python": {
+                "function": "tests.routers.test_stages:blocks",
+                "timeout": "50ms",
+                "threads": 1,
+            }
+        }
+    )
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        with pytest.raises(RoutingError, match="did not return within") as caught:
+            await r.process_async(b'{"n": 1}', None, FakeServices())
+        assert caught.value.kind == "timeout" and caught.value.transient
+        assert ticks > 0  # the loop ran while the function blocked its thread
+        # Its one thread is still taken: a second call waits instead of starting another.
+        second: list[Any] = []
+        done = anyio.Event()
+
+        async def call_again() -> None:
+            second.extend(await r.process_async(b'{"n": 2}', None, FakeServices()))
+            done.set()
+
+        tg.start_soon(call_again)
+        await anyio.wait_all_tasks_blocked()
+        assert _calls == [1]
+        _gate.set()  # the stuck call returns, gives its thread back, and the second one runs
+        with anyio.fail_after(30):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    assert _calls == [1, 2]
+    assert bodies(second) == [("out", {"n": 2})]
+
+
+@pytest.mark.anyio
+async def test_threaded_calls_count_the_stuck_ones_until_they_return() -> None:
+    release = threading.Event()
+    call = ThreadedCall(lambda: release.wait(60), timeout=0.05, threads=2)
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            await call()
+    assert call.stuck == 2
+    release.set()
+
+    async def none_stuck() -> bool:  # each returning thread frees its place via the loop
+        return call.stuck == 0
+
+    await eventually(none_stuck)
+    assert await call() is True
+
+
+def test_the_python_timeout_defaults_to_a_third_of_ack_wait_at_most_10s() -> None:
+    assert python_timeout(None) == 10.0
+    assert python_timeout(6.0) == 2.0
+    assert python_timeout(300.0) == 10.0
 
 
 def test_expression_errors_name_stage_and_source() -> None:
