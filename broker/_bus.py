@@ -46,6 +46,7 @@ from busway._config import (
 from busway._consumer import ConsumerComponent
 from busway._embedded import EmbeddedNatsServer
 from busway._errors import BuswayError, ConfigError
+from busway._isolation import AttemptLedger, IsolationGate
 from busway._jetstream import (
     JetStreamPublisher,
     KeyValueState,
@@ -103,6 +104,8 @@ class Bus(AsyncContextManagerMixin):
         self._requester: Requester | None = None
         self._publisher: JetStreamPublisher | None = None
         self._state: KeyValue | None = None
+        self._gate: IsolationGate | None = None
+        self._ledger: AttemptLedger | None = None
         self._reload_lock = anyio.Lock()
         self._listener: Listener | None = None
         self._listener_done = anyio.Event()
@@ -179,9 +182,15 @@ class Bus(AsyncContextManagerMixin):
                 client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
             )
             self._publisher = JetStreamPublisher(js, timeout=config.nats.publish_timeout)
+            # A crash kills every component at once: one gate for the whole process.
+            self._gate = IsolationGate()
+            self._ledger = AttemptLedger(
+                js, config.state_bucket, timeout=float(config.nats.publish_timeout)
+            )
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._sample_rates)
+                tg.start_soon(self._ledger.run)
                 await self._start_components(self.plan)
                 self._serve_app()
                 if self.serve_http and config.http.listen:
@@ -441,9 +450,13 @@ class Bus(AsyncContextManagerMixin):
             stream = captured.name
         assert self._client is not None
         assert self._js is not None
+        assert self._gate is not None
+        assert self._ledger is not None
         return {
             "client": self._client,
             "js": self._js,
+            "gate": self._gate,
+            "ledger": self._ledger,
             "publish_timeout": self.config.nats.publish_timeout,
             "stream": stream,
             "filter_subject": component.from_,

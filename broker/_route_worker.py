@@ -76,11 +76,11 @@ class RouteWorker(ConsumerComponent):
     async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the in-order settler (and the aggregator with its keep-alive, if any)."""
         tg.start_soon(self._settle_in_order)
+        tg.start_soon(self.keep_alive)  # held: aggregated inputs, suspects waiting their turn
         if self.route.aggregation is not None:
             self.aggregator = Aggregator(self, self.route, self.services)
             await self.aggregator.open()
             tg.start_soon(self.aggregator.expire_groups)
-            tg.start_soon(self.keep_alive)
 
     async def drain(self, timeout: float) -> bool:
         """Stop pulling; hand back the inputs of incomplete groups; wait for the rest."""
@@ -99,9 +99,13 @@ class RouteWorker(ConsumerComponent):
         """Run the route and publish its outputs; the settler acks once they are stored."""
         received = time.monotonic()
         route = self.route
-        if route.is_async or route.aggregation is not None:
+        # [isolation] While suspects wait, this route's messages go through the guarded path.
+        if route.is_async or route.aggregation is not None or self.suspects:
             self._spawn(message, sequence, attempt, received)
             return
+        if not self.gate.open:  # [isolation] a suspect is processed alone: wait for it
+            self.hold(message, received)
+            await self.gate.wait_open()
         try:
             outputs = route.process(message.data, self.context_of(message, sequence, attempt))
         except RoutingError as exc:
@@ -126,7 +130,10 @@ class RouteWorker(ConsumerComponent):
         context = self.context_of(message, sequence, attempt)
         if self.aggregator is not None:
             self.hold(message, received)
-            self.spawn(self.aggregator.add(message, sequence, attempt, context))
+            add = self.isolation.guard(
+                message.reply, self.aggregator.add, message, sequence, attempt, context
+            )
+            self.spawn(add)
             return
         task = self.spawn(self._process_async(message, sequence, attempt, context))
         self._pending.append((message, task, sequence, attempt, received))
@@ -135,8 +142,8 @@ class RouteWorker(ConsumerComponent):
     async def _process_async(
         self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
     ) -> _Published | None:
-        try:
-            outputs = await self.route.process_async(message.data, context, self.services)
+        try:  # [isolation] guarded: alone if a suspect
+            outputs = await self.isolation.guard(message.reply, self._outputs_of, message, context)
         except RoutingError as exc:
             await self.reject(message, sequence, attempt, exc)
             return None
@@ -154,6 +161,11 @@ class RouteWorker(ConsumerComponent):
             await self._settle_without_outputs(message, outputs)
             return None
         return futures, outputs, time.monotonic()
+
+    async def _outputs_of(self, message: Msg, context: MessageContext | None) -> list[Output]:
+        if self.route.is_async:
+            return await self.route.process_async(message.data, context, self.services)
+        return self.route.process(message.data, context)  # a synchronous route's suspect
 
     async def _settle_without_outputs(self, message: Msg, outputs: list[Output]) -> None:
         if not outputs:

@@ -79,7 +79,9 @@ class SinkWorker(ConsumerComponent):
                         while len(batch) < self.batch_size:
                             batch.append(await self._queue_out.receive())
                             self._fill(batch)
-                await self._deliver_through_breaker(batch)
+                # [isolation] a suspect is written alone, in a batch of its own
+                for part in self.isolation.split(batch, _reply_of):
+                    await self._deliver_through_breaker(part)
         finally:
             self._queue_in.close()
             self._queue_out.close()
@@ -128,8 +130,10 @@ class SinkWorker(ConsumerComponent):
         self.stats.ready = self.sink.ready() and breaker.state != OPEN
 
     async def _deliver(self, batch: list[tuple[Msg, Message, float]]) -> None:
-        try:
-            await self.sink.write([delivery for _, delivery, _ in batch])
+        try:  # [isolation] guarded: alone if a suspect
+            await self.isolation.guard(
+                batch[0][0].reply, self.sink.write, [delivery for _, delivery, _ in batch]
+            )
         except BatchError as exc:
             failures: dict[int, BaseException] = dict(exc.failures)
         except Exception as exc:
@@ -172,6 +176,10 @@ class SinkWorker(ConsumerComponent):
                     reason=reason,
                     retry_after=retry_after,
                 )
+
+
+def _reply_of(item: tuple[Msg, Message, float]) -> str:
+    return item[0].reply
 
 
 def _reason(failure: BaseException) -> str:
