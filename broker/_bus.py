@@ -210,6 +210,7 @@ class Bus(AsyncContextManagerMixin):
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._drain()
+                        await self._ledger.close(timeout=2.0)
                     self.asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
 

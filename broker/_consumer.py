@@ -255,6 +255,7 @@ class ConsumerComponent(abc.ABC):
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         """Publish `message` to the dead-letter subject, then `term` it; nak if that fails."""
+        attempt = min(attempt, self.isolation.attempt_of(message))  # [isolation] real attempts
         self.stats.count_error(reason)
         self.stats.note_error(f"{reason}: {error}")
         now = time.time()

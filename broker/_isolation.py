@@ -86,6 +86,8 @@ class IsolationGate:
         self._turn = anyio.Lock()
         self._idle: anyio.Event | None = None
         self._reopened = anyio.Event()
+        self._closed_at = 0.0
+        self._alone_count = 0
 
     @property
     def working(self) -> int:
@@ -113,6 +115,8 @@ class IsolationGate:
         if not self._suspects:
             self.open = False
             self._reopened = anyio.Event()
+            self._closed_at = time.monotonic()
+            self._alone_count = 0
         self._suspects += 1
         try:
             async with self._turn:
@@ -121,6 +125,7 @@ class IsolationGate:
                     await self._idle.wait()
                 self._idle = None
                 self.isolating = key
+                self._alone_count += 1
                 try:
                     yield
                 finally:
@@ -130,6 +135,13 @@ class IsolationGate:
             if not self._suspects:
                 self.open = True
                 self._reopened.set()
+                logger.log(
+                    logging.INFO if self._alone_count >= 10 else logging.DEBUG,
+                    "processed %d suspect redelivery(ies) one at a time in %.1fs; "
+                    "normal processing resumes",
+                    self._alone_count,
+                    time.monotonic() - self._closed_at,
+                )
 
 
 class _Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -170,6 +182,7 @@ class AttemptLedger:
         self._forget_in: MemoryObjectSendStream[str]
         self._forget_out: MemoryObjectReceiveStream[str]
         self._forget_in, self._forget_out = anyio.create_memory_object_stream(_REMEMBERED)
+        self._finished = anyio.Event()
 
     async def read(self, key: str, body: str) -> _Entry | None:
         """The entry of `key`, or None (none, unreadable, or about another body)."""
@@ -200,14 +213,25 @@ class AttemptLedger:
             self._forget_in.send_nowait(key)
         except anyio.WouldBlock:
             logger.warning("isolation ledger deletions far behind: leaving %r", key)
+        except anyio.ClosedResourceError:
+            logger.debug("stopping: leaving isolation entry %r", key)
 
     async def run(self) -> None:
-        """Delete the entries of settled messages; runs until cancelled."""
-        async for key in self._forget_out:
-            try:
-                await self.delete(key)
-            except RetryableError as exc:
-                logger.warning("%s (a stale entry only costs a few bytes)", exc)
+        """Delete the entries of settled messages; runs until cancelled or `close`d."""
+        try:
+            async for key in self._forget_out:
+                try:
+                    await self.delete(key)
+                except RetryableError as exc:
+                    logger.warning("%s (a stale entry only costs a few bytes)", exc)
+        finally:
+            self._finished.set()
+
+    async def close(self, timeout: float) -> None:
+        """At shutdown: finish the deletions already asked for, for at most `timeout`."""
+        self._forget_in.close()
+        with anyio.move_on_after(timeout):
+            await self._finished.wait()
 
     async def _store(self) -> KeyValueState:
         if self._state is None:

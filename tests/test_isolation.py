@@ -1,15 +1,31 @@
-"""The isolation gate: a suspect runs alone in the process, and normal work never starves it.
+"""Suspects processed alone: the gate, and real attempts counted across daemons.
 
-Each test drives the gate with tasks that block on events the test controls, and waits with
+The gate tests drive it with tasks that block on events the test controls, and wait with
 `wait_all_tasks_blocked` (every task is parked) before checking what has or has not started.
+The crash scenarios themselves are in tests/faults/test_poison_crash.py (they need `busway run`
+subprocesses to kill).
 """
 
 from __future__ import annotations
 
-import anyio
-import pytest
+from pathlib import Path
+from typing import Any
 
+import anyio
+import nats.js.errors
+import orjson
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from busway import Bus
 from busway._isolation import IsolationGate
+from tests.support import (
+    NatsServer,
+    decode_test_config,
+    eventually,
+    stream_messages,
+    wait_settled,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +132,75 @@ async def test_a_cancelled_suspect_reopens_the_gate() -> None:
 async def _cancel_soon(scope: anyio.CancelScope) -> None:
     await anyio.wait_all_tasks_blocked()
     scope.cancel()
+
+
+calls: list[int] = []
+
+
+def always_busy(body: dict[str, Any]) -> dict[str, Any]:
+    """A stage whose partner is never free: every attempt fails with a transient error."""
+    calls.append(body["id"])
+    raise ConnectionError(f"partner busy for order {body['id']}")
+
+
+async def test_attempts_survive_a_restart_and_a_second_daemon_counts_on(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """A failure naked by one daemon counts for the next one on the same config: the message
+    is tried `max_attempts` times in all, not `max_attempts` more after each restart."""
+    calls.clear()
+    config = decode_test_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[http]
+listen = ""
+
+[[streams]]
+name = "ISO_{unique}"
+subjects = ["iso{unique}.>"]
+
+[[routes]]
+name = "busy{unique}"
+from = "iso{unique}.in"
+to = ["iso{unique}.out"]
+retry = {{ max_attempts = 4, backoff = "300ms", max_backoff = "300ms" }}
+stages = [{{ python = "tests.test_isolation:always_busy" }}]
+""",
+        tmp_path,
+    )
+    durable = f"busway-route-busy{unique}"
+    async with Bus(config):
+        await nc.jetstream().publish(f"iso{unique}.in", orjson.dumps({"id": 7}))
+
+        async def tried_once() -> bool:
+            return len(calls) == 1
+
+        await eventually(tried_once)
+    # The first daemon stopped during the back-off; the next one (a new process as far as
+    # the ledger knows) receives the redelivery as a suspect, with nothing in memory.
+    async with Bus(config):
+        await wait_settled(nc, f"ISO_{unique}", durable)
+    dead = [
+        m
+        for m in await stream_messages(nc, "BUSWAY_DEADLETTER")
+        if m.subject == f"busway.deadletter.busy{unique}"
+    ]
+    assert calls == [7, 7, 7, 7]
+    assert len(dead) == 1
+    headers = dead[0].headers or {}
+    assert headers["Busway-Error-Reason"] == "max_attempts"
+    assert headers["Busway-Attempts"] == "4"
+    assert "gave up after 4 attempt(s)" in headers["Busway-Error"]
+    # The ledger entry is gone once the message is dead-lettered.
+    bucket = await nc.jetstream().key_value(config.state_bucket)
+
+    async def entry_deleted() -> bool:
+        try:
+            await bucket.get(f"isolation.{durable}.1")
+        except nats.js.errors.KeyNotFoundError:
+            return True
+        return False
+
+    await eventually(entry_deleted)
