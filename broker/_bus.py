@@ -184,8 +184,9 @@ class Bus(AsyncContextManagerMixin):
             self._publisher = JetStreamPublisher(js, timeout=config.nats.publish_timeout)
             # A crash kills every component at once: one gate for the whole process.
             self._gate = IsolationGate()
+            # A short deadline: a failing message's nak waits for its ledger entry.
             self._ledger = AttemptLedger(
-                js, config.state_bucket, timeout=float(config.nats.publish_timeout)
+                js, config.state_bucket, timeout=min(2.0, float(config.nats.publish_timeout))
             )
             async with anyio.create_task_group() as tg:
                 self._tg = tg
