@@ -50,6 +50,7 @@ from busway._config import (
 from busway._consumer import ConsumerComponent
 from busway._embedded import EmbeddedNatsServer
 from busway._errors import BuswayError, ConfigError, StartupError
+from busway._isolation import AttemptLedger, IsolationGate
 from busway._jetstream import (
     JetStreamPublisher,
     KeyValueState,
@@ -112,6 +113,8 @@ class Bus(AsyncContextManagerMixin):
         self._publisher: JetStreamPublisher | None = None
         self._state: KeyValue | None = None
         self._refusals = WriteRefusals()
+        self._gate: IsolationGate | None = None
+        self._ledger: AttemptLedger | None = None
         self._reload_lock = anyio.Lock()
         self._listener: Listener | None = None
         self._listener_done = anyio.Event()
@@ -215,11 +218,18 @@ class Bus(AsyncContextManagerMixin):
             self._publisher = JetStreamPublisher(
                 js, timeout=config.nats.publish_timeout, refusals=self._refusals
             )
+            # A crash kills every component at once: one gate for the whole process.
+            self._gate = IsolationGate()
+            # A short deadline: a failing message's nak waits for its ledger entry.
+            self._ledger = AttemptLedger(
+                js, config.state_bucket, timeout=min(2.0, float(config.nats.publish_timeout))
+            )
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._sample_rates)
                 if embedded is not None:
                     tg.start_soon(self._watch_embedded, embedded)
+                tg.start_soon(self._ledger.run)
                 await self._start_components(self.plan)
                 self._serve_app()
                 if self.serve_http and config.http.listen:
@@ -239,6 +249,7 @@ class Bus(AsyncContextManagerMixin):
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._drain()
+                        await self._ledger.close(timeout=2.0)
                     self.asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
             if self._failure is not None:
@@ -500,9 +511,13 @@ class Bus(AsyncContextManagerMixin):
             stream = captured.name
         assert self._client is not None
         assert self._js is not None
+        assert self._gate is not None
+        assert self._ledger is not None
         return {
             "client": self._client,
             "js": self._js,
+            "gate": self._gate,
+            "ledger": self._ledger,
             "publish_timeout": self.config.nats.publish_timeout,
             "stream": stream,
             "filter_subject": component.from_,

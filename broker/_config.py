@@ -64,8 +64,9 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
     """
 
     max_attempts: int = 10
-    """Attempts before a message is dead-lettered (checked before handling, from JetStream's
-    delivery count).
+    """Attempts before a message is dead-lettered: failures busway retried, and crashes of the
+    daemon while the message was processed alone; not JetStream's redeliveries (README,
+    Operations).
     """
     backoff: Duration = Duration(0.5)
     """First retry delay; doubles per attempt (±20 % jitter) up to `max_backoff`."""
@@ -288,7 +289,8 @@ class Config(_Strict, frozen=True, kw_only=True):
     shutdown_timeout: Duration = Duration(15.0)
     """How long a graceful stop (or a reload) waits for in-flight messages."""
     state_bucket: str = "busway_state"
-    """JetStream key-value bucket where sources keep watermarks and cursors."""
+    """JetStream key-value bucket where sources keep watermarks and cursors, and routes and
+    sinks count the attempts of redelivered messages (`isolation.*` keys)."""
     pid_file: str = "var/busway.pid"
     """Where `busway run` writes its pid, for `busway reload` (relative to the config file)."""
     streams: list[StreamConfig] = []

@@ -5,8 +5,10 @@ Every component that reads JetStream follows one contract:
 * ack an input only after everything it produced is stored (routes) or delivered (sinks);
 * zero outputs (filtered) = ack at once;
 * transient failure = `nak` with the back-off of its attempt number;
-* permanent failure, or more than `retry.max_attempts` attempts = publish a dead letter, and
-  `term` the input once the dead letter is stored.
+* permanent failure, or `retry.max_attempts` real attempts = publish a dead letter, and
+  `term` the input once the dead letter is stored. Real attempts are failures and crashes
+  of the process while the message was processed alone, not JetStream's deliveries: a
+  redelivery that may follow a crash is processed alone first (see `busway._isolation`).
 
 Shutdown drains: no new pull requests, messages that still arrive are naked at once (so another
 daemon or the next start takes them without waiting for `ack_wait`), and the component waits
@@ -54,6 +56,7 @@ from busway._delivery import (
     retry_delay,
 )
 from busway._errors import PermanentError, PublishError, RetryableError
+from busway._isolation import AttemptLedger, Isolation, IsolationGate
 from busway._jetstream import await_pub_ack, ensure_consumer, publish_error
 from busway._metrics import ComponentStats
 from busway._pull import ContinuousPull
@@ -82,6 +85,8 @@ class ConsumerComponent(abc.ABC):
         dead_letter_subject: str,
         publish_timeout: float,
         refusals: WriteRefusals | None = None,
+        gate: IsolationGate,
+        ledger: AttemptLedger,
     ) -> None:
         self.client = client
         self.js = js
@@ -114,6 +119,11 @@ class ConsumerComponent(abc.ABC):
         self._task_group: TaskGroup | None = None
         self._stall_mark = (0, time.monotonic())
         """(settled count, when it last moved) for the stall check."""
+        # [isolation] Crash culprits and the messages beside them: see busway._isolation.
+        self.isolation = Isolation(self, gate, ledger)
+        self.gate = gate
+        self.suspects = self.isolation.suspects
+        """Suspects waiting to be processed alone, by reply subject (empty on the hot path)."""
 
     @property
     def task_group(self) -> TaskGroup:
@@ -184,17 +194,8 @@ class ConsumerComponent(abc.ABC):
         if self.stopping:
             await self.settle(message, DRAIN_NAK)
             return
-        if attempt > self.retry.max_attempts:
-            last, _ = self._last_errors.get(
-                sequence, ("unknown (failed in an earlier process)", 0.0)
-            )
-            await self.dead_letter(
-                message,
-                sequence,
-                attempt,
-                reason="max_attempts",
-                error=f"gave up after {attempt - 1} attempt(s); last error: {last}",
-            )
+        # [isolation] A redelivery is trusted, processed alone, or dead-lettered on arrival.
+        if attempt > 1 and not await self.isolation.admit(message, sequence, attempt):
             return
         await self.handle(message, sequence, attempt)
 
@@ -268,6 +269,8 @@ class ConsumerComponent(abc.ABC):
                 "bug: %s was settled twice (the second, %r, is ignored)", reply, payload[:5]
             )
             return
+        if self.isolation.tracks and payload in (ACK, TERM):  # [isolation]
+            self.isolation.settled(message)
         try:
             await self.client.publish(reply, payload)
         except Exception as exc:
@@ -338,6 +341,7 @@ class ConsumerComponent(abc.ABC):
         dead-lettered on arrival costs a round trip and reads as one attempt more.
         """
         self._remember_error(sequence, error)
+        attempt = self.isolation.attempt_of(message)  # [isolation] real attempts, not deliveries
         if attempt >= self.retry.max_attempts and reason != "dead_letter_publish":
             self.stats.count_error(reason)
             await self.dead_letter(
@@ -361,6 +365,9 @@ class ConsumerComponent(abc.ABC):
             self.retry.max_attempts,
             error,
         )
+        await self.isolation.failed(  # [isolation]
+            message, sequence, error, counted=reason != "dead_letter_publish"
+        )
         await self.settle(message, nak_payload(delay))
 
     async def dead_letter(
@@ -374,6 +381,7 @@ class ConsumerComponent(abc.ABC):
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         """Publish `message` to the dead-letter subject, then `term` it; nak if that fails."""
+        attempt = min(attempt, self.isolation.attempt_of(message))  # [isolation] real attempts
         self.stats.count_error(reason)
         self.stats.note_error(f"{reason}: {error}")
         now = time.time()
@@ -430,6 +438,10 @@ class ConsumerComponent(abc.ABC):
         errors.move_to_end(sequence)
         if len(errors) > _REMEMBERED_ERRORS:
             errors.popitem(last=False)
+
+    def last_error(self, sequence: str) -> str:
+        """The last error this process recorded for `sequence` ("" if none)."""
+        return self._last_errors.get(sequence, ("", 0.0))[0]
 
     def forget_error(self, sequence: str) -> None:
         """Drop the remembered error of a message that finally succeeded."""

@@ -99,9 +99,12 @@ class RouteWorker(ConsumerComponent):
         """Run the route and publish its outputs; the settler acks once they are stored."""
         received = time.monotonic()
         route = self.route
-        if route.is_async or route.aggregation is not None:
+        # [isolation] While suspects wait, this route's messages go through the guarded path.
+        if route.is_async or route.aggregation is not None or self.suspects:
             self._spawn(message, sequence, attempt, received)
             return
+        if not self.gate.open:  # [isolation] a suspect is processed alone: wait for it
+            await self.gate.wait_open()
         try:
             outputs = route.process(message.data, self.context_of(message, sequence, attempt))
             futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
@@ -146,8 +149,10 @@ class RouteWorker(ConsumerComponent):
         self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
     ) -> None:
         assert self.aggregator is not None
-        try:
-            await self.aggregator.add(message, sequence, attempt, context)
+        try:  # [isolation] guarded: alone if a suspect
+            await self.isolation.guard(
+                message.reply, self.aggregator.add, message, sequence, attempt, context
+            )
         except Exception as exc:
             await self.fail_unexpected(message, exc)
 
@@ -172,8 +177,8 @@ class RouteWorker(ConsumerComponent):
     async def _run_async(
         self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
     ) -> _Published | None:
-        try:
-            outputs = await self.route.process_async(message.data, context, self.services)
+        try:  # [isolation] guarded: alone if a suspect
+            outputs = await self.isolation.guard(message.reply, self._outputs_of, message, context)
             futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
         except RoutingError as exc:
             await self.reject(message, sequence, attempt, exc)
@@ -187,6 +192,11 @@ class RouteWorker(ConsumerComponent):
             await self._settle_without_outputs(message, outputs)
             return None
         return futures, outputs, time.monotonic()
+
+    async def _outputs_of(self, message: Msg, context: MessageContext | None) -> list[Output]:
+        if self.route.is_async:
+            return await self.route.process_async(message.data, context, self.services)
+        return self.route.process(message.data, context)  # a synchronous route's suspect
 
     async def _settle_without_outputs(self, message: Msg, outputs: list[Output]) -> None:
         if not outputs:

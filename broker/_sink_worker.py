@@ -102,7 +102,9 @@ class SinkWorker(ConsumerComponent):
                             batch.append(await self._queue_out.receive())
                             self._fill(batch)
                 try:
-                    await self._deliver_through_breaker(batch)
+                    # [isolation] a suspect is written alone, in a batch of its own
+                    for part in self.isolation.split(batch, _reply_of):
+                        await self._deliver_through_breaker(part)
                 except Exception as exc:
                     # A bug on the way: settle what is still held rather than lose the
                     # batcher (and with it every later message).
@@ -175,8 +177,10 @@ class SinkWorker(ConsumerComponent):
 
     async def _deliver(self, batch: list[_Entry]) -> list[_Entry]:
         """Write `batch` and settle each message; returns those an outage holds back."""
-        try:
-            await self.sink.write([delivery for _, delivery, _ in batch])
+        try:  # [isolation] guarded: alone if a suspect
+            await self.isolation.guard(
+                batch[0][0].reply, self.sink.write, [delivery for _, delivery, _ in batch]
+            )
         except BatchError as exc:
             failures: dict[int, BaseException] = dict(exc.failures)
         except Exception as exc:
@@ -242,6 +246,10 @@ class SinkWorker(ConsumerComponent):
             retry_after=retry_after,
         )
         return False
+
+
+def _reply_of(item: _Entry) -> str:
+    return item[0].reply
 
 
 def _reason(failure: BaseException) -> str:
