@@ -219,12 +219,14 @@ class AttemptLedger:
     async def run(self) -> None:
         """Delete the entries of settled messages; runs until cancelled or `close`d."""
         try:
-            async for key in self._forget_out:
-                try:
-                    await self.delete(key)
-                except RetryableError as exc:
-                    logger.warning("%s (a stale entry only costs a few bytes)", exc)
+            async with self._forget_out:
+                async for key in self._forget_out:
+                    try:
+                        await self.delete(key)
+                    except RetryableError as exc:
+                        logger.warning("%s (a stale entry only costs a few bytes)", exc)
         finally:
+            self._forget_in.close()  # cancelled before `close`: later deletions are dropped
             self._finished.set()
 
     async def close(self, timeout: float) -> None:
