@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 
-KILLS = int(os.environ.get("AGG_KILLS", "10"))
+KILLS = 10
 GROUP = 10
 LINES = 3 * GROUP  # lines per order
 OPEN_ORDERS = 6  # orders whose lines are interleaved at any time
