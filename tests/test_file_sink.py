@@ -13,8 +13,9 @@ import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from busway import BuildContext, Bus, Message, RetryableError
+from busway import BuildContext, Bus, ConfigError, Message, RetryableError
 from busway.adapters.file import FileSink, FileSinkConfig
+from busway.adapters.file._index import intent_line
 from tests.files_support import append, tree
 from tests.support import (
     NatsServer,
@@ -210,7 +211,12 @@ async def test_a_redelivered_batch_is_not_appended_twice_and_a_torn_tail_is_drop
     out = tmp_path / "out.jsonl"
     assert lines_of(out) == [1, 2, 3]
 
-    # A crash after the data reached the file but before its index line: a torn tail.
+    # A crash while a batch's bytes were being written: its intent (range, CRC, ids) is in
+    # the index, its bytes are cut short.
+    size = out.stat().st_size
+    append(
+        out.with_name("out.jsonl.ids"), intent_line(size, b'{"n": 4}\n{"n": 5}\n', ["S:4", "S:5"])
+    )
     append(out, b'{"n": 4}\n{"n": 5')
     restarted = FileSink(config, BuildContext(base_dir=tmp_path))
     await restarted.open()
@@ -223,7 +229,7 @@ async def test_a_redelivered_batch_is_not_appended_twice_and_a_torn_tail_is_drop
 async def test_disk_full_leaves_no_partial_line_is_retryable_and_recovers(tmp_path: Path) -> None:
     # A real short write: the file-size limit (RLIMIT_FSIZE) makes write() stop part-way and
     # then fail with EFBIG, as a disk filling up does with ENOSPC.
-    config = FileSinkConfig(name="f", from_="x", path="out.jsonl", index_size=10)
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl", index_size=10, max_in_flight=10)
     sink = FileSink(config, BuildContext(base_dir=tmp_path))
     await sink.open()
     await sink.write([message(1)])
@@ -335,3 +341,25 @@ async def test_per_message_unwritable_directory_is_retried_until_it_works(
         assert bus.readiness()[f"sink:file{unique}"] is True
         assert stats.dead_lettered == 0
     assert (tmp_path / "out" / "1.json").read_bytes() == b'{"n": 1}'
+
+
+def test_an_index_smaller_than_max_in_flight_is_refused(tmp_path: Path) -> None:
+    # After a crash every un-acked message can come again: an index that cannot hold them all
+    # would let some through twice.
+    text = """
+[[streams]]
+name = "OUT"
+subjects = ["out.>"]
+
+[[sinks]]
+name = "file"
+type = "file"
+from = "out.>"
+path = "out.jsonl"
+max_in_flight = 500
+index_size = 100
+"""
+    with pytest.raises(ConfigError) as raised:
+        decode_test_config(text, tmp_path)
+    assert raised.value.path == "$.sinks[0]"
+    assert "index_size (100) must be at least max_in_flight (500)" in str(raised.value)

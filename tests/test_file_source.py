@@ -130,6 +130,34 @@ async def test_marker_mode_waits_for_the_done_file_and_ignores_others(
     assert sorted(orjson.loads(m.data)["n"] for m in messages) == [1, 2, 3, 10, 11]
 
 
+async def test_a_marker_is_seen_by_its_watch_event_not_at_the_next_rescan(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    options = 'ready = "marker"\npatterns = ["*.jsonl"]'
+    text = source_config(nats_server, unique, inbox, options=options)
+    config = decode_test_config(text.replace('rescan = "1s"', 'rescan = "60s"'), tmp_path)
+    (inbox / "early.jsonl.done").touch()
+    drop(inbox / "early.jsonl", jsonl(1, start=10))
+    async with Bus(config):
+        await wait_for_files(inbox / "done", ["early.jsonl"])  # the start-up scan is over
+        (inbox / "order.jsonl").write_bytes(jsonl(2))
+        # A file whose marker is there first is taken when its own event comes (the next
+        # scan is a minute away): then the earlier events of `order.jsonl` were handled too.
+        (inbox / "probe.jsonl.done").touch()
+        drop(inbox / "probe.jsonl", jsonl(1, start=20))
+        await wait_for_files(inbox / "done", ["early.jsonl", "probe.jsonl"], timeout=20)
+        assert names(inbox) == ["order.jsonl"]
+        (inbox / "order.jsonl.done").touch()
+        # Only the marker's own event can find `order.jsonl` before the next scan.
+        await wait_for_files(
+            inbox / "done", ["early.jsonl", "order.jsonl", "probe.jsonl"], timeout=20
+        )
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert sorted(orjson.loads(m.data)["n"] for m in messages) == [1, 2, 10, 20]
+
+
 async def test_two_daemons_on_one_directory_process_each_file_exactly_once(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:

@@ -6,13 +6,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from busway import Bus
-from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
+from busway._jetstream import ensure_consumer, state_bucket
+from tests.support import (
+    NatsServer,
+    decode_test_config,
+    eventually,
+    stream_messages,
+    wait_settled,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -301,3 +309,81 @@ stages = [{{ aggregate = {{ by = "order", count = 3 }} }}]
     body = orjson.loads(aggregate.data)
     assert body["key"] == "x"
     assert sorted(m["n"] for m in body["messages"]) == [1, 2, 3]
+
+
+def aggregate_route(unique: str) -> str:
+    return f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.lines"
+to = ["out{unique}.orders"]
+ack_wait = "2s"
+stages = [{{ aggregate = {{ by = "order", count = 3, into = "{{order: key, n: messages[].n}}" }} }}]
+"""
+
+
+async def held_by_a_dead_process(nc: NatsClient, unique: str, count: int) -> None:
+    """Take `count` inputs on the route's consumer and never ack them, as a killed daemon."""
+    js = nc.jetstream()
+    await ensure_consumer(
+        js,
+        stream=f"IN_{unique}",
+        durable=f"busway-route-r{unique}",
+        filter_subject=f"in{unique}.lines",
+        ack_wait=2.0,
+        max_ack_pending=1024,
+    )
+    subscription = await js.pull_subscribe_bind(f"busway-route-r{unique}", f"IN_{unique}")
+    assert len(await subscription.fetch(count, timeout=5)) == count
+    await subscription.unsubscribe()
+
+
+async def test_aggregate_after_a_crash_re_forms_the_groups_the_inputs_were_in(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    # Lines 1 and 2 were held in a group by a daemon that was killed; 3 to 6 came after. The
+    # new lines reach the restarted daemon at once, 1 and 2 only after ack_wait: grouped in
+    # arrival order they would give [3, 4, 5] and [6, 1, 2].
+    config = decode_test_config(config_text(nats_server, unique, aggregate_route(unique)), tmp_path)
+    js = nc.jetstream()
+    await js.add_stream(name=f"IN_{unique}", subjects=[f"in{unique}.>"])
+    await publish_all(nc, f"in{unique}.lines", [{"order": "x", "n": n} for n in (1, 2)])
+    await held_by_a_dead_process(nc, unique, 2)
+    await publish_all(nc, f"in{unique}.lines", [{"order": "x", "n": n} for n in (3, 4, 5, 6)])
+    async with Bus(config):
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+    groups = sorted(orjson.loads(m.data)["n"] for m in await outputs_of(nc, unique))
+    assert groups == [[1, 2, 3], [4, 5, 6]]
+
+
+async def test_inputs_of_a_group_published_before_a_crash_are_acked_not_grouped_again(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    # The daemon stored the aggregate of lines 1-3 and its record, then died before the acks
+    # of lines 2 and 3 left it: they come back, and must not start a second group.
+    config = decode_test_config(config_text(nats_server, unique, aggregate_route(unique)), tmp_path)
+    js = nc.jetstream()
+    await js.add_stream(name=f"IN_{unique}", subjects=[f"in{unique}.>"])
+    await publish_all(nc, f"in{unique}.lines", [{"order": "x", "n": n} for n in (1, 2, 3)])
+    await held_by_a_dead_process(nc, unique, 3)
+    bucket = await state_bucket(js, config.state_bucket)
+    record = f"aggregate.r{unique}.done.x.1"
+    await bucket.put(record, orjson.dumps({"key": "x", "members": [1, 2, 3]}))
+    subscription = await js.pull_subscribe_bind(f"busway-route-r{unique}", f"IN_{unique}")
+    [first] = await subscription.fetch(1, timeout=10)  # line 1 is redelivered ...
+    await first.ack_sync()  # ... and its ack arrives this time
+    await subscription.unsubscribe()
+    async with Bus(config) as bus:
+        await publish_all(nc, f"in{unique}.lines", [{"order": "x", "n": n} for n in (4, 5, 6)])
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        assert bus.metrics.stats[0].events["aggregate_inputs_acked_again"] == 2
+
+        async def record_cleared() -> bool:
+            try:
+                await bucket.get(record)
+            except nats.js.errors.KeyNotFoundError:
+                return True
+            return False
+
+        await eventually(record_cleared)  # the ack floor passed lines 1-3
+    assert [orjson.loads(m.data)["n"] for m in await outputs_of(nc, unique)] == [[4, 5, 6]]

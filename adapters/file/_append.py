@@ -1,39 +1,58 @@
 """The append writer: JSON lines into one live file, rotated by size or time, never doubled.
 
-Beside the live file `orders.jsonl` lives its index `orders.jsonl.ids`: one JSON line per
-written batch, `{"end": <size of the live file after the batch>, "ids": [...]}`, after a
-header line `{"start": <epoch seconds the segment began>}`. A batch is committed when its
-index line is on disk, and only then does the sink return (and the engine ack):
+Beside the live file `orders.jsonl` lives its index `orders.jsonl.ids` (format in `_index`).
+A batch is written as: its intent (range, CRC-32, ids) appended to the index, its bytes
+written to the live file, one fsync of the live file; then the sink returns and the engine
+acks. One fsync per batch: the live file's is the commit point, the index rides on it.
 
-* a crash after the data but before the index line leaves an uncommitted tail; opening the
-  file again truncates it away, and the redelivered messages are written once;
-* a crash after the index line but before the ack redelivers messages whose ids the index
-  holds: they are skipped, not written twice.
+* A crash (SIGKILL) before the batch's bytes are all written leaves an intent whose bytes are
+  short or differ: opening the file again truncates them away and forgets the intent's ids, so
+  the redelivered messages are written once.
+* A crash after the bytes, before the ack, redelivers messages whose ids the index holds:
+  they are skipped, not written twice.
 
-The ids are `<stream>:<sequence>`, which a redelivery keeps. The index holds the ids of the
-current segment (and, in memory, the previous one), at most `index_size` of them; when its file
-grows past twice that it is rewritten with the newest.
+The ids are `<stream>:<sequence>`, which a redelivery keeps. The index remembers the newest
+`index_size` of them whatever file they went to (a redelivery after a crash concerns at most
+`max_in_flight` messages); when its file grows past twice that it is compacted.
 
 Rotation renames the live file to `rotated_path`, a template relative to the live file's
 directory with `{stem}`, `{suffix}`, `{name}` and the segment's `{start}` / `{end}` as UTC
 datetimes (`{start:%Y%m%d}`), so a rotated file appears complete, at once, under its final
-name. An existing name is never replaced (`.1`, `.2`... are appended).
+name. An existing name is never replaced (`.1`, `.2`... are appended). The rename comes
+first; the index then starts a new segment that carries the ids over, and only then is the
+new live file created. A crash at any step leaves either the old live file with its index,
+or no live file and an index whose ids are all still valid: opening starts the new segment
+from there, so the messages of the rotated file are recognised when they come back.
+
+After a power loss (not a process crash) the index may lack its newest intents while the
+live file, fsynced, has their lines: those complete lines are kept (they may have been
+acked), so such a loss can at worst duplicate the last batch, never lose an acked line.
 
 Every method blocks: run them in a worker thread.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import orjson
+from busway.adapters.file._index import (
+    VERSION,
+    IndexState,
+    carry_line,
+    header_line,
+    intent_holds,
+    intent_line,
+    read_index,
+)
 
 __all__ = ["AppendWriter", "Segment"]
+
+logger = logging.getLogger("busway.adapters.file")
 
 
 class Segment:
@@ -68,7 +87,6 @@ class AppendWriter:
         self._end = 0
         self._start = 0.0
         self._ids: dict[str, None] = {}
-        self._previous: set[str] = set()
         self._index_entries = 0
 
     # -- opening and recovery ------------------------------------------------------------
@@ -78,53 +96,85 @@ class AppendWriter:
         if self._fd is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.index_path)  # left by a rotation interrupted by a crash
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        state = read_index(self.index_path)
         try:
-            size = os.fstat(fd).st_size
-            start, end, ids = self._read_index(size)
-            if size > end:
-                os.ftruncate(fd, end)  # an uncommitted batch: its messages were not acked
-                self._sync(fd)
-            self._fd, self._end, self._start = fd, min(end, size), start
-            self._ids = dict.fromkeys(ids[-self.index_size :])
+            if not self.path.exists():
+                # A first start, or a rotation cut after its rename: a new, empty segment.
+                # The ids carry over (a pending intent's bytes went to the rotated file: a
+                # rotation starts only after the last batch was written whole).
+                if state is not None:
+                    state.commit_pending()
+                self._begin_segment(state.ids if state is not None else [], time.time())
+                return
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = fd
+            self._start, self._end = self._recover(fd, state)
+            self._keep_ids(state.ids if state is not None else [])
             self._rewrite_index()
         except BaseException:
-            self._fd = None
-            os.close(fd)
+            self.close()
             raise
 
-    def _read_index(self, size: int) -> tuple[float, int, list[str]]:
-        """(segment start, committed end, ids) from the index file; a torn last line is ignored."""
-        try:
-            raw = self.index_path.read_bytes()
-        except FileNotFoundError:
+    def _begin_segment(self, ids: Iterable[str], start: float) -> None:
+        """Start an empty live file: its header (ids carried over) first, then the file.
+
+        In that order, a crash between the two leaves no live file and an index whose ids
+        are all valid, which `open` takes up; never a new live file beside an index that
+        still describes the old one.
+        """
+        self._start, self._end = start, 0
+        self._keep_ids(ids)
+        self._rewrite_index()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._sync_directory()  # the new name is durable before a batch is committed in it
+
+    def _keep_ids(self, ids: Iterable[str]) -> None:
+        self._ids = dict.fromkeys(list(ids)[-self.index_size :])
+
+    def _recover(self, fd: int, state: IndexState | None) -> tuple[float, int]:
+        """(segment start, committed end) of an existing live file; cuts an unfinished tail."""
+        size = os.fstat(fd).st_size
+        if state is None:
             # A file written before indexes existed (or whose index was deleted): all of it
             # counts as committed, with no ids known.
-            return time.time(), size, []
-        start, end, ids = time.time(), 0, []
-        for line in raw.splitlines():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                break
-            if "start" in entry:
-                start = float(entry["start"])
-                end = int(entry.get("end", end))
+            return time.time(), size
+        start = state.start if state.start is not None else time.time()
+        cut = False
+        if state.pending is not None:
+            if intent_holds(fd, state.pending, size):
+                state.commit_pending()
             else:
-                end = int(entry["end"])
-                ids.extend(entry["ids"])
-        return start, end, ids
+                state.pending = None  # cut by a crash: its messages were not acked
+                cut = True
+        end = state.end
+        if size > end and state.version >= VERSION and not cut:
+            # Complete lines past the last intent: the index lost its newest lines (a power
+            # loss after the live file's fsync). Keep them; drop a torn last line.
+            end = self._last_line_end(fd, end, size)
+            if end > state.end:
+                logger.warning(
+                    "%s: %d bytes of complete lines past its index (kept; a power loss may "
+                    "have lost the index's newest lines, so their messages may come twice)",
+                    self.path,
+                    end - state.end,
+                )
+        if size > end:
+            os.ftruncate(fd, end)  # an unfinished batch: its messages were not acked
+            self._sync(fd)
+        return start, min(end, size)
+
+    @staticmethod
+    def _last_line_end(fd: int, end: int, size: int) -> int:
+        """The offset just past the last newline in [end, size), or `end` if there is none."""
+        tail = os.pread(fd, size - end, end)
+        newline = tail.rfind(b"\n")
+        return end if newline < 0 else end + newline + 1
 
     def _rewrite_index(self) -> None:
         """Replace the index with a compact one: header, committed end, newest ids."""
         temporary = self.index_path.with_name(f".{self.index_path.name}.tmp")
-        header = orjson.dumps({"start": self._start, "end": self._end})
-        body = orjson.dumps({"end": self._end, "ids": list(self._ids)})
         with open(temporary, "wb") as file:
-            file.write(header + b"\n" + body + b"\n")
+            file.write(header_line(self._start, self._end) + carry_line(self._ids))
             file.flush()
             self._sync(file.fileno())
         os.replace(temporary, self.index_path)
@@ -139,16 +189,15 @@ class AppendWriter:
     def write(self, entries: Sequence[tuple[str, bytes]]) -> int:
         """Append the lines whose ids are not written yet; returns how many were written.
 
-        On OSError nothing of the batch remains: the live file and the index are truncated
-        back to where the batch began.
+        On OSError nothing of the batch remains: the live file and the index are cut back to
+        where the batch began (or, if even that fails, at the next open).
         """
         self.open()
-        assert self._fd is not None
-        assert self._index_fd is not None
+        ids = self._ids
         fresh: dict[str, None] = {}
         data = bytearray()
         for key, line in entries:
-            if key in self._ids or key in self._previous or key in fresh:
+            if key in ids or key in fresh:
                 continue
             fresh[key] = None
             data += line
@@ -157,22 +206,25 @@ class AppendWriter:
         if self._should_rotate(len(data)):
             self.rotate()
         fd, index_fd = self._fd, self._index_fd
+        assert fd is not None
+        assert index_fd is not None
         start = self._end
         index_start = os.fstat(index_fd).st_size
+        payload = bytes(data)
         try:
-            _write_all(fd, bytes(data), start)
+            _write_all(index_fd, intent_line(start, payload, fresh), None)
+            _write_all(fd, payload, start)
             self._sync(fd)
-            entry = orjson.dumps({"end": start + len(data), "ids": list(fresh)}) + b"\n"
-            _write_all(index_fd, entry, None)
-            self._sync(index_fd)
         except OSError:
-            with contextlib.suppress(OSError):
+            try:
                 os.ftruncate(fd, start)
-            with contextlib.suppress(OSError):
                 os.ftruncate(index_fd, index_start)
+            except OSError:
+                pass  # the next open cuts what the intent says is unfinished
+            self.close()
             raise
-        self._end = start + len(data)
-        ids = self._ids
+        self._end = start + len(payload)
+        ids = self._ids  # a rotation above started a new dict
         for key in fresh:
             ids[key] = None
         while len(ids) > self.index_size:
@@ -197,21 +249,21 @@ class AppendWriter:
         return False
 
     def rotate(self) -> Segment:
-        """Close the live file under its rotated name and start an empty one."""
+        """Close the live file under its rotated name and start an empty one.
+
+        The rename first, made durable; then the new segment, as `open` starts one when it
+        finds no live file after a crash at this point.
+        """
         self.open()
-        end = time.time()
-        target = self._rotated_target(end)
+        now = time.time()
+        target = self._rotated_target(now)
         target.parent.mkdir(parents=True, exist_ok=True)
         self.close()
         os.rename(self.path, target)
-        self._sync_directory()
         if self.fsync and target.parent != self.path.parent:
             sync_directory(target.parent)
-        os.unlink(self.index_path)
-        self._previous = set(self._ids)
-        self._ids = {}
-        self._end, self._start = 0, end
-        self.open()
+        self._sync_directory()  # the rename is durable before the index forgets the old end
+        self._begin_segment(self._ids, now)
         return Segment(target)
 
     def _rotated_target(self, end: float) -> Path:

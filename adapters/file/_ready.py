@@ -5,7 +5,8 @@ Three conventions, as producers differ:
 * `stable`: the size and modification time have not changed for `stable_for`. A file seen
   for the first time whose mtime is already older than that counts as stable at once (it sat
   there while busway was down).
-* `marker`: the producer writes `<name><marker_suffix>` (default `.done`) after the file.
+* `marker`: the producer writes `<name><marker_suffix>` (default `.done`) after the file;
+  the marker's own watch event makes its file ready at once.
 * `rename`: the producer writes under another name (`.tmp`, a dot-file) and renames the file
   into place, so any file matching the patterns is complete.
 
@@ -68,7 +69,7 @@ class ReadyTracker:
         """Of `names` and the candidates already pending, those ready now, oldest first."""
         ready: list[tuple[int, str]] = []
         now, wall_ns = time.monotonic(), time.time_ns()
-        for name in {*names, *self._pending}:
+        for name in {*self._with_marked(names), *self._pending}:
             if not self.matches(name):
                 continue
             try:
@@ -82,6 +83,18 @@ class ReadyTracker:
                 self._pending.pop(name, None)
                 ready.append((info.st_mtime_ns, name))
         return [name for _, name in sorted(ready)]
+
+    def _with_marked(self, names: Iterable[str]) -> set[str]:
+        """`names`, and for each marker among them the file it marks.
+
+        A marker's own event is what says its file is complete: without this, the file would
+        wait for the next full rescan.
+        """
+        found = set(names)
+        if self.mode == "marker":
+            suffix = self.marker_suffix
+            found.update([name[: -len(suffix)] for name in found if name.endswith(suffix)])
+        return found
 
     def next_check(self) -> float | None:
         """Seconds until a pending candidate may become stable, or None if none is pending."""

@@ -67,12 +67,21 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     """Where and how to write (relative paths start at the config file's directory)."""
 
     path: str
+    """`append`: the live file; `per-message`: a template naming each message's file."""
     mode: Literal["append", "per-message"] = "append"
+    """`append`: JSON lines into one file; `per-message`: one file per message."""
     fsync: bool = True
+    """fsync before the ack (once per batch in `append`): lines survive a power loss."""
     rotate_bytes: int | None = None
+    """`append`: rotate before the live file grows past this many bytes."""
     rotate_every: Duration | None = None
+    """`append`: rotate at the first write of each window of this length (clock-aligned)."""
     rotated_path: str = "{stem}-{start:%Y%m%dT%H%M%SZ}{suffix}"
+    """`append`: where a rotated file goes, relative to the live file's directory."""
     index_size: int = 100_000
+    """`append`: ids remembered against redelivery duplicates, across rotations (at least
+    `max_in_flight`).
+    """
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,8 +93,12 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
             raise ValueError("rotate_bytes must be at least 1")
         if self.rotate_every is not None and float(self.rotate_every) <= 0:
             raise ValueError("rotate_every must be positive")
-        if self.index_size < 1:
-            raise ValueError("index_size must be at least 1")
+        if self.mode == "append" and self.index_size < self.max_in_flight:
+            raise ValueError(
+                f"index_size ({self.index_size}) must be at least max_in_flight "
+                f"({self.max_in_flight}): after a crash every un-acked message can come "
+                "again, and the index must recognise each one that was already written"
+            )
         try:
             self.rotated_path.format(stem="", suffix="", name="", start=_EPOCH, end=_EPOCH)
         except (KeyError, IndexError, ValueError) as exc:
