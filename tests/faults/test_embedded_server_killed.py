@@ -215,7 +215,7 @@ async def test_embedded_server_sigkills_lose_and_duplicate_nothing(tmp_path: Pat
     assert len(killed) == KILLS
     for each in figures:
         assert (each.delivered, each.lost, each.duplicated) == (TOTAL, 0, 0), each
-    assert sorted(message_id(m) for m in inputs) == sorted(f"ingest:order-{n}" for n in sent)
+    assert sorted(message_id(m) for m in inputs) == sorted(f"ingest:anon:order-{n}" for n in sent)
     assert dead == []
     # 200 at first, then 503 while each killed server was down and 200 once it was back.
     assert health.changes[: 1 + 2 * KILLS] == [200, *[503, 200] * KILLS], health.changes
