@@ -6,7 +6,8 @@ it form *the same* group, published once (see `_aggregate_state` for the KV reco
 
 * After a restart, inputs held by the previous process come back only after `ack_wait`, while
   new inputs arrive at once. Grouping waits until every input the consumer reported un-acked
-  at start-up is back (at most `2 * ack_wait + 2s`), then takes the backlog in stream order:
+  at start-up is back (at most `2 * ack_wait + 2s` after start-up or after the last one that
+  came back), then takes the backlog in stream order:
   old inputs rejoin the groups they were in, new ones follow, as if nothing had happened.
 * A group's start time is kept in KV, so a restart does not restart its `timeout`; an input
   arriving after a group's deadline starts the next group rather than joining a late one.
@@ -63,6 +64,8 @@ class _Restart:
     snapshot: Snapshot
     deadline: float
     """Monotonic time after which grouping resumes without the inputs still missing."""
+    grace: float
+    """How long to wait for the next missing input (from start-up, then from each return)."""
     backlog: list[tuple[int, int, _Input]] = field(default_factory=list)
     """A heap of (stream sequence, arrival number, input)."""
     old: set[str] = field(default_factory=set)
@@ -100,7 +103,9 @@ class Aggregator:
         self._old_up_to = snapshot.delivered
         if snapshot.pending:
             grace = 2 * worker.ack_wait + 2.0
-            self._restart = _Restart(snapshot=snapshot, deadline=time.monotonic() + grace)
+            self._restart = _Restart(
+                snapshot=snapshot, deadline=time.monotonic() + grace, grace=grace
+            )
             worker.logger.info(
                 "aggregate: %d input(s) held by the previous run come back within ack_wait; "
                 "grouping waits for them (at most %.0fs) to re-form the same groups",
@@ -123,6 +128,10 @@ class Aggregator:
         heapq.heappush(restart.backlog, (int(sequence), restart.arrivals, held))
         if int(sequence) <= restart.snapshot.delivered:
             restart.old.add(sequence)
+            # Held inputs are still coming back (suspects pass the isolation gate one at a
+            # time, which can take longer than the grace on a loaded machine): keep waiting
+            # while they do; the bound counts from the last one.
+            restart.deadline = max(restart.deadline, time.monotonic() + restart.grace)
         if len(restart.old) >= restart.snapshot.pending:
             await self._resume()
 
