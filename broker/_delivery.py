@@ -21,6 +21,7 @@ __all__ = [
     "NAK",
     "REPLAY_FOR_HEADER",
     "REPLAY_MSG_ID_HEADER",
+    "REPLAY_ORIGIN_HEADER",
     "TERM",
     "dead_letter_headers",
     "delivery_of",
@@ -46,10 +47,17 @@ REPLAY_MSG_ID_HEADER = "Busway-Replay-Msg-Id"
 """On a replayed dead letter: the original message's identity, which a sink keeps using as its
 idempotency key (`Message.id`), so a partner sees the same key as for the first attempt."""
 
+REPLAY_ORIGIN_HEADER = "Busway-Replay-Origin"
+"""On a replayed dead letter: `<stream>:<sequence>` of the input a route first failed on; the
+route derives its output ids from it instead of the copy's own place, so outputs it had already
+stored before giving up keep their ids and the output stream drops them as duplicates."""
+
 # Headers an output never inherits: NATS' own status ones (the `Nats-*` family is dropped by
 # prefix) and the replay addressing, which belongs to the replayed input alone (an output
 # carrying it would be skipped by its consumers, or share the input's idempotency key).
-_NOT_INHERITED = frozenset({"Status", "Description", REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER})
+_NOT_INHERITED = frozenset(
+    {"Status", "Description", REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER, REPLAY_ORIGIN_HEADER}
+)
 
 
 def delivery_of(reply: str) -> tuple[str, int]:
@@ -115,7 +123,8 @@ def dead_letter_headers(
     """Headers of a dead letter: what failed (`Busway-Error`), where, and the original's place.
 
     The id is deterministic so a dead letter re-sent after a crash is deduplicated.
-    `Busway-Original-Msg-Id` is the first message's id even when a replayed copy failed again.
+    `Busway-Original-Msg-Id` (and `Busway-Replay-Origin`) name the first message even when a
+    replayed copy failed again.
     """
     result = passthrough_headers(headers)
     result.update(
@@ -135,6 +144,9 @@ def dead_letter_headers(
         original = headers.get(REPLAY_MSG_ID_HEADER) or headers.get("Nats-Msg-Id")
         if original:
             result["Busway-Original-Msg-Id"] = original
+        origin = headers.get(REPLAY_ORIGIN_HEADER)
+        if origin:  # a replayed copy failed again: its next replay keeps the first place
+            result[REPLAY_ORIGIN_HEADER] = origin
     if extra:
         result.update(extra)
     return result

@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
 from busway._config import Config
-from busway._delivery import REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER
+from busway._delivery import REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER, REPLAY_ORIGIN_HEADER
 from busway._errors import BuswayError
 from busway.routers.subject import covers, is_valid_subject
 
@@ -81,7 +81,7 @@ writes them afresh). Everything else, e.g. `Busway-Reply-To` or a correlation id
 # Header families that describe a failure too, so headers added later (first/last failure
 # time...) are dropped on replay without a change here.
 _FAILURE_PREFIXES = ("Busway-Error-", "Busway-Original-", "Busway-First-", "Busway-Last-")
-_REPLAY_ADDRESSING = frozenset({REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER})
+_REPLAY_ADDRESSING = frozenset({REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER, REPLAY_ORIGIN_HEADER})
 _CONSUMER_KINDS = frozenset({"route", "sink"})
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NO_MESSAGE = 10037  # JetStream's "no message found" error code (STREAM.MSG.GET)
@@ -150,8 +150,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
         `Nats-Msg-Id` is fresh but deterministic, so replaying the same dead letter twice (a
         crash between the PubAck and the delete, two replays at once) stores it once.
         `Busway-Replay-Msg-Id` carries the original identity, which sinks keep as their
-        idempotency key. `addressed` (a replay to the original subject) adds
-        `Busway-Replay-For`, so only the component that failed processes the copy.
+        idempotency key; `Busway-Replay-Origin` the original place, from which a route derives
+        the same output ids as on the first attempt. `addressed` (a replay to the original
+        subject) adds `Busway-Replay-For`, so only the component that failed processes the copy.
         """
         headers = {
             key: value
@@ -167,6 +168,13 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
         original = self.original_id
         if original is not None:
             headers[REPLAY_MSG_ID_HEADER] = original
+        origin = self.headers.get(REPLAY_ORIGIN_HEADER) or (
+            f"{self.original_stream}:{self.original_seq}"
+            if self.original_stream and self.original_seq is not None
+            else None
+        )
+        if origin is not None:
+            headers[REPLAY_ORIGIN_HEADER] = origin
         addressee = self.addressee
         if addressed and addressee is not None:
             headers[REPLAY_FOR_HEADER] = addressee

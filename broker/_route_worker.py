@@ -34,7 +34,7 @@ from nats.js.api import PubAck
 
 from busway._aggregator import Aggregator
 from busway._consumer import ConsumerComponent
-from busway._delivery import ACK, passthrough_headers
+from busway._delivery import ACK, REPLAY_ORIGIN_HEADER, passthrough_headers
 from busway._errors import RetryableError
 from busway._fast_publish import publish_with_id
 from busway._jetstream import await_pub_ack, publish_error
@@ -107,7 +107,7 @@ class RouteWorker(ConsumerComponent):
             await self.gate.wait_open()
         try:
             outputs = route.process(message.data, self.context_of(message, sequence, attempt))
-            futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
+            futures = await self.publish_outputs(outputs, message, self._id_base(message, sequence))
         except RoutingError as exc:
             await self.reject(message, sequence, attempt, exc)
             return
@@ -179,7 +179,7 @@ class RouteWorker(ConsumerComponent):
     ) -> _Published | None:
         try:  # [isolation] guarded: alone if a suspect
             outputs = await self.isolation.guard(message.reply, self._outputs_of, message, context)
-            futures = await self.publish_outputs(outputs, message, self._id_prefix + sequence)
+            futures = await self.publish_outputs(outputs, message, self._id_base(message, sequence))
         except RoutingError as exc:
             await self.reject(message, sequence, attempt, exc)
             return None
@@ -197,6 +197,16 @@ class RouteWorker(ConsumerComponent):
         if self.route.is_async:
             return await self.route.process_async(message.data, context, self.services)
         return self.route.process(message.data, context)  # a synchronous route's suspect
+
+    def _id_base(self, message: Msg, sequence: str) -> str:
+        """`<stream>:<sequence>` of the input, which names its outputs; for a replayed dead
+        letter, the place of the input the route first failed on (the same ids again)."""
+        headers = message.headers
+        if headers:
+            origin = headers.get(REPLAY_ORIGIN_HEADER)
+            if origin:
+                return origin
+        return self._id_prefix + sequence
 
     async def _settle_without_outputs(self, message: Msg, outputs: list[Output]) -> None:
         if not outputs:

@@ -254,3 +254,72 @@ async def test_a_replay_for_a_component_no_longer_configured_is_skipped(
     ]
     assert gone.replayed == elsewhere.replayed == []
     assert await list_dead_letters(js, config) == [letter]
+
+
+def split_output_config(server: NatsServer, unique: str) -> str:
+    """`both` writes each input to `ok<u>.x` (a stream with room) and `mid<u>.x` (the test's)."""
+    return f"""
+[nats]
+servers = ["{server.url}"]
+publish_timeout = "1s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[dead_letter]
+stream = "DL_{unique}"
+subject_prefix = "dl{unique}"
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[streams]]
+name = "OK_{unique}"
+subjects = ["ok{unique}.>"]
+
+[[streams]]
+name = "MID_{unique}"
+subjects = ["mid{unique}.>"]
+create = false
+
+[[routes]]
+name = "both{unique}"
+from = "in{unique}.x"
+to = ["ok{unique}.x", "mid{unique}.x"]
+retry = {{ max_attempts = 2, backoff = "50ms", max_backoff = "100ms" }}
+"""
+
+
+async def test_a_replayed_route_republishes_the_outputs_it_had_stored_under_the_same_ids(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """A route that stored one output and gave up on the other: its replay publishes both
+    again, under the ids of the first attempt, so the stored one is not stored twice."""
+    js = nc.jetstream()
+    mid = f"MID_{unique}"
+    await js.add_stream(
+        StreamConfig(name=mid, subjects=[f"mid{unique}.>"], max_msgs=1, discard=DiscardPolicy.NEW)
+    )
+    await js.publish(f"mid{unique}.filler", b"takes the only place")  # the second output fails
+    config = decode_test_config(split_output_config(nats_server, unique), tmp_path)
+    async with Bus(config):
+        await js.publish(f"in{unique}.x", b'{"n": 8}')
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-both{unique}")
+        [letter] = await list_dead_letters(js, config)
+        assert (letter.kind, letter.reason) == ("route", "max_attempts")
+
+        await js.purge_stream(mid)
+        await js.update_stream(StreamConfig(name=mid, subjects=[f"mid{unique}.>"]))
+        report = await replay_dead_letters(js, config)
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-both{unique}")
+
+    assert [o.seq for o in report.replayed] == [letter.seq]
+    [kept] = await stream_messages(nc, f"OK_{unique}")  # stored on the first attempt, once
+    [late] = await stream_messages(nc, mid)
+    assert kept.data == late.data == b'{"n": 8}'
+    assert kept.headers is not None and late.headers is not None
+    first_place = f"IN_{unique}:{letter.original_seq}:both{unique}"
+    assert kept.headers["Nats-Msg-Id"] == f"{first_place}:0"
+    assert late.headers["Nats-Msg-Id"] == f"{first_place}:1"
+    assert "Busway-Replay-Origin" not in kept.headers | late.headers
