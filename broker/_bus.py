@@ -8,7 +8,8 @@ NATS key files), then downstream first: the embedded server, the connection, eve
 sinks, routes and finally sources and the listener, each through `task_group.start()`, so a bad
 port or a refused stream raises here instead of leaving a half-started bus. An embedded server
 that dies later is restarted on its store (`EmbeddedNatsServer.watch`); if it cannot be, the
-bus stops and leaving the block raises why.
+bus stops and leaving the block raises why. A source that crashes after it started is
+restarted with back-off (`busway._source_runner`), the rest of the bus untouched.
 
 Leaving the block shuts down gracefully: the listener stops taking requests and finishes those
 in progress, sources stop, and meanwhile routes and sinks stop pulling and settle what they
@@ -72,6 +73,7 @@ from busway._requests import Requester
 from busway._route_services import NatsRouteServices
 from busway._route_worker import RouteWorker
 from busway._sink_worker import SinkWorker
+from busway._source_runner import run_source
 from busway.routers.route import Route
 
 __all__ = ["Bus", "ReloadReport"]
@@ -418,7 +420,7 @@ class Bus(AsyncContextManagerMixin):
         )
 
         async def run(*, task_status: TaskStatus[None]) -> None:
-            await source.run(context, task_status=task_status)
+            await run_source(source, context, task_status=task_status, on_restarted=self._serve_app)
 
         await self._supervise(
             ("source", source_config.name), source_config, stats, run, None, http_routes

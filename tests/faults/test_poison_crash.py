@@ -16,7 +16,6 @@ JetStream's delivery count raised; busway must still find the culprit and spare 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,9 @@ def price(body: dict[str, Any]) -> dict[str, Any]:
     return {"id": body["id"], "price": body["id"] * 2}
 
 
-def daemon_config(nats_url: str, component: str) -> str:
+def daemon_config(nats_url: str, component: str, *, http: bool = True) -> str:
+    """`http = False` leaves the listener off, so several daemons can share the config."""
+    listen = f"127.0.0.1:{free_port()}" if http else ""
     return f"""
 shutdown_timeout = "5s"
 
@@ -60,7 +61,7 @@ shutdown_timeout = "5s"
 servers = ["{nats_url}"]
 
 [http]
-listen = "127.0.0.1:{free_port()}"
+listen = "{listen}"
 
 [[streams]]
 name = "CRASH_IN"
@@ -113,22 +114,35 @@ async def publish_orders(url: str) -> None:
 async def supervise(daemon: Daemon, url: str, durable: str) -> int:
     """Run the daemon, restarting it after each crash, until its consumer has settled every
     message; the number of crashes."""
+    return await supervise_all([daemon], url, durable)
+
+
+async def supervise_all(
+    daemons: list[Daemon], url: str, durable: str, *, max_crashes: int = MAX_CRASHES
+) -> int:
+    """Run every daemon, restarting each one after it crashes (as systemd would), until their
+    shared consumer has settled every message with all of them running; the crashes in all."""
     crashes = 0
-    daemon.start()
-    while True:
-        process = daemon.process
-        assert process is not None
-
-        async def crashed_or_settled(process: subprocess.Popen[bytes] = process) -> bool:
-            return process.poll() is not None or await consumer_settled(url, "CRASH_IN", durable)
-
-        await eventually(crashed_or_settled, timeout=120)
-        if process.poll() is None:
-            return crashes
-        assert process.returncode == 1, daemon.output()
-        crashes += 1
-        assert crashes <= MAX_CRASHES, f"still crashing after {crashes} restarts"
+    for daemon in daemons:
         daemon.start()
+
+    def exited() -> list[Daemon]:
+        return [d for d in daemons if d.process is not None and d.process.poll() is not None]
+
+    async def crashed_or_settled() -> bool:
+        return bool(exited()) or await consumer_settled(url, "CRASH_IN", durable)
+
+    while True:
+        await eventually(crashed_or_settled, timeout=120)
+        dead = exited()
+        if not dead:
+            return crashes
+        for daemon in dead:
+            assert daemon.process is not None
+            assert daemon.process.returncode == 1, daemon.output()
+            crashes += 1
+            assert crashes <= max_crashes, f"still crashing after {crashes} restarts"
+            daemon.start()
 
 
 def dead_letters_of(messages: list[Msg], component: str) -> list[Msg]:
