@@ -27,7 +27,13 @@ import anyio
 
 from busway import __version__
 from busway._bus import Bus
-from busway._cli_support import EXIT_CONFIG, EXIT_FAILURE, load_or_report, plan_or_report
+from busway._cli_support import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    load_or_report,
+    one_line,
+    plan_or_report,
+)
 from busway._config import load_config, locate_in_file, split_listen
 from busway._dlq_cli import add_dlq_parser, run_dlq
 from busway._errors import BuswayError, ConfigError, StartupError
@@ -102,7 +108,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> int:
-    plan = plan_or_report(args.config)
+    """`busway check`: exit 0 and a summary, or exit 2 and one line saying what is wrong.
+
+    Never a traceback: an unforeseen exception is a bug in busway or an adapter, reported as
+    such on one line (and still exit 2: the config could not be checked).
+    """
+    try:
+        plan = plan_or_report(args.config)
+    except Exception as exc:
+        print(
+            f"busway: {args.config}: internal error while checking the config "
+            f"({type(exc).__name__}: {one_line(str(exc))}); please report it as a bug",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if plan is None:
         return EXIT_CONFIG
     print(

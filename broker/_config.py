@@ -12,12 +12,15 @@ Decoding runs in three steps, each reporting errors as `ConfigError(file, $.key.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -42,14 +45,48 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""The largest config file read: a real one is kilobytes; `busway check /dev/zero` must end."""
+MAX_REFERENCED_BYTES = 1024 * 1024
+"""The largest file a `${file:...}` reference may read (a secret, a token, a certificate)."""
+MAX_DEPTH = 32
+"""How deep tables and arrays may nest; busway's own settings need fewer than 10 levels."""
 _T = TypeVar("_T")
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.%A-Za-z]+\]|[A-Za-z0-9_.\-]+)$")
+
+
 def split_listen(listen: str) -> tuple[str, int]:
+    """`(host, port)` of a `host:port` listen address; ValueError saying what is expected."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {listen!r}")
+    if (
+        not sep
+        or not _HOST.match(host)
+        or not port.isascii()
+        or not port.isdigit()
+        or not 0 <= int(port) <= 65535
+    ):
+        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {_short(listen)!r}")
     return host.strip("[]"), int(port)
+
+
+def _check_server_url(url: str) -> None:
+    """A `[nats] servers` entry as nats-py reads it: `[scheme://][user@]host[:port]`."""
+    parsed = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parsed = parsed._replace(netloc="")
+    if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+        raise ValueError(
+            f"servers: expected a URL such as 'nats://127.0.0.1:4222', got {_short(url)!r}"
+        )
+
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+"""A positive count with a sanity ceiling (in-flight messages, batch sizes, attempts)."""
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -63,7 +100,7 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
     burst of failures does not come back as a burst.
     """
 
-    max_attempts: int = 10
+    max_attempts: Count = 10
     """Attempts before a message is dead-lettered (checked before handling, from JetStream's
     delivery count).
     """
@@ -87,10 +124,6 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
         if reason in self.transient:
             return True
         return default
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
 
 
 class NatsConfig(_Strict, frozen=True, kw_only=True):
@@ -120,15 +153,38 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     """How long the first connection may take before start-up fails."""
     publish_timeout: Duration = Duration(10.0)
     """How long to wait for a PubAck before a publish counts as failed."""
-    publish_window: int = 1024
+    publish_window: Count = 1024
     """PubAcks in flight per connection (the pipelining bound)."""
 
     def __post_init__(self) -> None:
+        if self.servers is not None:
+            if not self.servers:
+                raise ValueError("servers is empty: list NATS URLs, or remove it to embed one")
+            for url in self.servers:
+                _check_server_url(url)
         if self.sync != "always":
-            parse_duration(self.sync)
-        if self.publish_window < 1:
-            raise ValueError("publish_window must be at least 1")
+            _check_sync(self.sync)
+        if not self.publish_timeout > 0:
+            raise ValueError("publish_timeout must be more than 0s")
+        if _UNSAFE_IN_SERVER_CONFIG.search(self.data_dir):
+            raise ValueError(
+                f"data_dir {_short(self.data_dir)!r}: quotes, backslashes and control "
+                "characters cannot go into the embedded server's config file"
+            )
         split_listen(self.listen)
+
+
+# Characters that would break out of a quoted string in nats-server's config file.
+_UNSAFE_IN_SERVER_CONFIG = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def _check_sync(sync: str) -> None:
+    """`[nats] sync`: a duration nats-server understands too (it has no `d` unit), over 0."""
+    seconds = parse_duration(sync)
+    if sync.strip().endswith("d") or not seconds > 0:
+        raise ValueError(
+            f'sync must be "always" or a duration in ms, s, m or h over 0, got {_short(sync)!r}'
+        )
 
 
 class HttpConfig(_Strict, frozen=True, kw_only=True):
@@ -149,6 +205,9 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
             raise ValueError("TLS needs both `tls_cert` and `tls_key`")
 
 
+_DUPLICATE_WINDOW = Duration(300.0)
+
+
 class StreamConfig(_Strict, frozen=True, kw_only=True):
     """A JetStream stream busway creates (or, with `create = false`, expects to exist).
 
@@ -161,20 +220,29 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """Stream name (letters, digits, `-`, `_`)."""
     subjects: list[str]
     """Subjects the stream captures (wildcards allowed); streams may not overlap."""
-    duplicate_window: Duration = Duration(300.0)
+    duplicate_window: Duration = _DUPLICATE_WINDOW
     """How long `Nats-Msg-Id`s are remembered to drop copies: cover a restart plus `ack_wait`."""
     storage: Literal["file", "memory"] = "file"
     """File (durable) or memory."""
-    replicas: int = 1
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     """Copies in a NATS cluster (1, 3 or 5)."""
     max_age: Duration | None = None
     """Discard messages older than this (default: keep)."""
-    max_bytes: int | None = None
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
     """Discard the oldest messages beyond this size (default: unlimited)."""
-    max_msgs: int | None = None
+    max_msgs: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
     """Discard the oldest messages beyond this count (default: unlimited)."""
     create: bool = True
     """`false`: the stream is managed elsewhere; busway only checks it exists."""
+
+    def __post_init__(self) -> None:
+        if not self.duplicate_window > 0:
+            raise ValueError("duplicate_window must be more than 0s")
+        if self.max_age and self.duplicate_window > self.max_age:
+            raise ValueError(
+                f"duplicate_window ({float(self.duplicate_window):g}s) is longer than max_age "
+                f"({float(self.max_age):g}s): JetStream refuses that; shorten duplicate_window"
+            )
 
 
 class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
@@ -199,7 +267,7 @@ class _Consumer(_Strict, frozen=True, kw_only=True):
     """Stream to consume from (default: the stream capturing `from`)."""
     dead_letter: str | None = None
     """Dead-letter subject (default `<subject_prefix>.<name>`)."""
-    max_in_flight: int = 1024
+    max_in_flight: Count = 1024
     """Messages held un-acked at once (the consumer's `max_ack_pending`)."""
     ack_wait: Duration = Duration(30.0)
     """Redelivery delay of a message whose holder died."""
@@ -207,8 +275,8 @@ class _Consumer(_Strict, frozen=True, kw_only=True):
     """Back-off of transient failures, then dead letter."""
 
     def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if not self.ack_wait > 0:
+            raise ValueError("ack_wait must be more than 0s")
 
 
 class RouteConfig(_Consumer, frozen=True, kw_only=True):
@@ -245,14 +313,10 @@ class CircuitConfig(_Strict, frozen=True, kw_only=True):
     = 0` disables it.
     """
 
-    failures: int = 5
+    failures: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 5
     """Consecutive failed deliveries that open the circuit (0 = never)."""
     cool_down: Duration = Duration(30.0)
     """How long an open circuit pauses before probing with one message."""
-
-    def __post_init__(self) -> None:
-        if self.failures < 0:
-            raise ValueError("circuit failures must be 0 (disabled) or more")
 
 
 class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
@@ -265,7 +329,7 @@ class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
     load.
     """
 
-    batch_size: int = 256
+    batch_size: Count = 256
     """Most messages handed to the adapter at once."""
     batch_wait: Duration = Duration(0.005)
     """Longest wait to fill a batch once its first message is there."""
@@ -308,10 +372,14 @@ class Config(_Strict, frozen=True, kw_only=True):
     @property
     def dead_letter_stream(self) -> StreamConfig:
         """The stream busway creates for dead letters of every route and sink."""
+        max_age = self.dead_letter.max_age
+        window = _DUPLICATE_WINDOW
         return StreamConfig(
             name=self.dead_letter.stream,
             subjects=[f"{self.dead_letter.subject_prefix}.>"],
-            max_age=self.dead_letter.max_age,
+            max_age=max_age,
+            # JetStream refuses a duplicate window longer than max_age.
+            duplicate_window=Duration(min(window, max_age)) if max_age else window,
         )
 
     def dead_letter_subject(self, component: _Consumer) -> str:
@@ -337,9 +405,19 @@ def load_config(
     """Read and decode the TOML file at `path`; see `decode_config`."""
     file = os.fspath(path)
     try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file: {exc.strerror}", file=file) from None
+        data = _read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
+    except ConfigError as error:
+        raise ConfigError(error.detail, file=file) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): "
+            "save it as UTF-8",
+            file=file,
+            line=line,
+        ) from None
     return decode_config(
         text,
         file=file,
@@ -348,6 +426,34 @@ def load_config(
         sink_types=sink_types,
         environ=environ,
     )
+
+
+def _read_bounded(path: Path, limit: int, *, what: str, path_in_config: str | None = None) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them; ConfigError otherwise.
+
+    Bounded and regular-only because the path comes from a config (`${file:/dev/zero}`, a
+    directory, a FIFO nobody writes to): each must be an error, not a hang or an OOM.
+    """
+    try:
+        with path.open("rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigError(
+                    f"cannot read {what}: {str(path)!r} is not a regular file",
+                    path=path_in_config,
+                )
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {what}: {exc.strerror or exc}", path=path_in_config
+        ) from None
+    except ValueError as exc:  # a path with a NUL character
+        raise ConfigError(f"cannot read {what}: {exc}", path=path_in_config) from None
+    if len(data) > limit:
+        raise ConfigError(
+            f"{what} is larger than {limit // 1024} KiB: is it the right file?",
+            path=path_in_config,
+        )
+    return data
 
 
 def decode_config(
@@ -362,20 +468,19 @@ def decode_config(
     """Decode TOML `text` into a checked `Config`.
 
     `source_types` / `sink_types` map a `type = "..."` name to its adapter's config struct (the
-    adapter registry provides them). Raises ConfigError naming file, key path and line.
+    adapter registry provides them). Raises ConfigError naming file, key path and line; never
+    anything else, whatever `text` holds.
     """
 
     def located(error: ConfigError) -> ConfigError:
-        return error.located(file=file, line=_line_of(text, error.path or "$"))
+        if error.path is None:
+            return ConfigError(error.detail, file=file, line=error.line)
+        line = error.line if error.line is not None else _line_of(text, error.path)
+        return error.located(file=file, line=line)
 
     try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML: {exc}", file=file) from None
-    try:
+        document = _check_values(_parse_toml(text))
         document = _interpolate(document, "$", os.environ if environ is None else environ)
-        if not isinstance(document, dict):  # pragma: no cover - tomllib always yields a table
-            raise ConfigError("the config must be a TOML table", path="$")
         sources = _pop_list(document, "sources")
         sinks = _pop_list(document, "sinks")
         document["base_dir"] = base_dir
@@ -397,6 +502,79 @@ def decode_config(
     return config
 
 
+def _parse_toml(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        raise ConfigError(
+            f"invalid TOML: {exc}", line=int(found.group(1)) if found else None
+        ) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(
+            f"arrays or inline tables are nested more than {MAX_DEPTH} levels deep",
+            line=_deep_nesting_line(text),
+        ) from None
+
+
+def _check_values(document: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what no busway setting can hold: deep nesting and NUL characters.
+
+    Also turns TOML date-times into RFC 3339 strings (`start = 2025-01-01T00:00:00Z` works
+    quoted or not). Iterative, so no input can exhaust the stack.
+    """
+    stack: list[tuple[Any, str, int]] = [(document, "$", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                f"tables or arrays are nested more than {MAX_DEPTH} levels deep", path=path
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\0" in key:
+                    raise ConfigError(f"NUL character in the key {key!r}", path=path)
+                if isinstance(item, datetime.datetime):
+                    value[key] = item.isoformat()
+                stack.append((value[key], f"{path}.{key}", depth + 1))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, datetime.datetime):
+                    value[index] = item.isoformat()
+                stack.append((value[index], f"{path}[{index}]", depth + 1))
+        elif isinstance(value, str) and "\0" in value:
+            raise ConfigError("NUL character in a string: no setting can hold one", path=path)
+    return document
+
+
+def _deep_nesting_line(text: str) -> int | None:
+    """The line where `[` / `{` nesting first exceeds MAX_DEPTH (strings skipped roughly)."""
+    depth = 0
+    quote = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        escaped = False
+        for char in line:
+            if quote:
+                if escaped:
+                    escaped = False
+                elif char == "\\" and quote == '"':
+                    escaped = True
+                elif char == quote:
+                    quote = ""
+            elif char in "\"'":
+                quote = char
+            elif char == "#":
+                break
+            elif char in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return number
+            elif char in "]}":
+                depth = max(0, depth - 1)
+        quote = ""  # multi-line strings are rare where nesting goes wrong
+    return None
+
+
 def _pop_list(document: dict[str, Any], key: str) -> list[Any]:
     value = document.pop(key, [])
     if not isinstance(value, list):
@@ -414,6 +592,8 @@ def _convert(raw: object, kind: type[_T], path: str) -> _T:
         if not detail:
             detail, where = str(exc), "$`"
         raise ConfigError(_explain(detail), path=path + where[1:-1]) from None
+    except Exception as exc:  # an adapter's check that raised something other than ValueError
+        raise ConfigError(f"invalid settings ({type(exc).__name__}: {exc})", path=path) from None
 
 
 def _convert_tagged(
@@ -473,17 +653,11 @@ def _resolve_references(text: str, path: str, environ: os._Environ[str] | dict[s
             return "${"
         reference = found.group(1).strip()
         if reference.startswith("file:"):
-            file = reference[5:]
-            try:
-                return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read ${{file:{file}}}: {exc.strerror}", path=path
-                ) from None
+            return _read_reference(reference[5:], path)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", reference):
             raise ConfigError(
-                f"invalid reference ${{{reference}}}: expected ${{ENV_VAR}} or ${{file:/path}} "
-                "(write $${ for a literal ${)",
+                f"invalid reference ${{{_short(reference)}}}: expected ${{ENV_VAR}} or "
+                "${file:/path} (write $${ for a literal ${)",
                 path=path,
             )
         if reference not in environ:
@@ -496,11 +670,32 @@ def _resolve_references(text: str, path: str, environ: os._Environ[str] | dict[s
     return _REFERENCE.sub(replace, text)
 
 
+def _read_reference(file: str, path: str) -> str:
+    """The text of `${file:<file>}`: a regular UTF-8 file of at most 1 MiB, without NULs."""
+    what = f"${{file:{_short(file)}}}"
+    if not file:
+        raise ConfigError(f"{what} names no file: write ${{file:/path/to/secret}}", path=path)
+    data = _read_bounded(Path(file), MAX_REFERENCED_BYTES, what=what, path_in_config=path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text", path=path) from None
+    if "\0" in text:
+        raise ConfigError(f"{what} holds a NUL character: no setting can hold one", path=path)
+    return text.rstrip("\r\n")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters for an error message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole-config checks
 
 
 def _check_topology(config: Config) -> None:
+    _check_busway_assets(config)
     stream_names: set[str] = set()
     for i, stream in enumerate(config.streams):
         path = f"$.streams[{i}]"
@@ -516,6 +711,13 @@ def _check_topology(config: Config) -> None:
             raise ConfigError("a stream needs at least one subject", path=f"{path}.subjects")
         for j, subject in enumerate(stream.subjects):
             _check_subject(subject, f"{path}.subjects[{j}]", wildcards=True)
+            for theirs, whose in _reserved_subjects(config):
+                if overlaps(subject, theirs):
+                    raise ConfigError(
+                        f"subject {subject!r} overlaps {theirs!r}, where {whose}: JetStream "
+                        "refuses overlapping streams; narrow the subject",
+                        path=f"{path}.subjects[{j}]",
+                    )
             for k, other in enumerate(config.streams[:i]):
                 if any(overlaps(subject, theirs) for theirs in other.subjects):
                     raise ConfigError(
@@ -574,6 +776,37 @@ def _check_topology(config: Config) -> None:
             _check_captured(config, ".".join(tokens), f"{path}.subject")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BUCKET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_busway_assets(config: Config) -> None:
+    """busway's own dead-letter stream and state bucket: names JetStream accepts."""
+    if not _NAME.match(config.dead_letter.stream):
+        raise ConfigError(
+            f"stream name {_short(config.dead_letter.stream)!r} must be 1-64 letters, digits, "
+            "'-' or '_'",
+            path="$.dead_letter.stream",
+        )
+    _check_subject(
+        config.dead_letter.subject_prefix, "$.dead_letter.subject_prefix", wildcards=False
+    )
+    if not _BUCKET.match(config.state_bucket):
+        raise ConfigError(
+            f"state_bucket {_short(config.state_bucket)!r} must be 1-64 letters, digits, "
+            "'-' or '_'",
+            path="$.state_bucket",
+        )
+
+
+def _reserved_subjects(config: Config) -> list[tuple[str, str]]:
+    """Subjects busway's own streams capture, which a declared stream must not overlap."""
+    return [
+        (f"{config.dead_letter.subject_prefix}.>", "dead letters go"),
+        (f"$KV.{config.state_bucket}.>", "the state bucket lives"),
+    ]
+
+
 def _route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
     """Every subject a route may publish to (stored in JetStream), with its config path."""
     targets = [(target, f"{path}.to[{j}]") for j, target in enumerate(route.to)]
@@ -624,13 +857,13 @@ def _check_consumer(config: Config, component: _Consumer, path: str) -> None:
 
 
 def _check_subject(subject: str, path: str, *, wildcards: bool) -> None:
-    if not is_valid_subject(subject, wildcards=wildcards):
+    if not is_valid_subject(subject, wildcards=wildcards) or _CONTROL.search(subject):
         expected = (
             "dot-separated tokens; `*` for one token, `>` for the rest"
             if wildcards
             else "dot-separated tokens without wildcards"
         )
-        raise ConfigError(f"invalid subject {subject!r}: expected {expected}", path=path)
+        raise ConfigError(f"invalid subject {_short(subject)!r}: expected {expected}", path=path)
 
 
 def _check_captured(config: Config, subject: str, path: str) -> None:
@@ -648,11 +881,14 @@ def _check_captured(config: Config, subject: str, path: str) -> None:
 
 def locate_in_file(error: ConfigError, file: str | os.PathLike[str]) -> ConfigError:
     """`error` (found after decoding, e.g. by compiling an expression) placed in `file`."""
+    if error.path is None:
+        return ConfigError(error.detail, file=os.fspath(file), line=error.line)
     try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError:
+        data = _read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
+    except ConfigError:
         return error
-    return error.located(file=os.fspath(file), line=_line_of(text, error.path or "$"))
+    text = data.decode("utf-8", errors="replace")
+    return error.located(file=os.fspath(file), line=_line_of(text, error.path))
 
 
 _HEADER = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]?\]\s*(#.*)?$")
