@@ -124,6 +124,8 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if plan is None:
         return EXIT_CONFIG
+    for note in plan.cycles.notes:
+        print(f"{args.config}: note: {note}")
     print(
         f"{args.config}: ok ({len(plan.config.streams)} stream(s), {len(plan.sources)} source(s), "
         f"{len(plan.routes)} route(s), {len(plan.sinks)} sink(s))"

@@ -292,6 +292,9 @@ class RouteConfig(_Consumer, frozen=True, kw_only=True):
     """JMESPath mapping run last; its result is the new body."""
     stages: list[StageConfig] = []
     """Run in order after `when` and before `transform`; see the README's stage reference."""
+    hop_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
+    """Route hops a message may make before this route dead-letters it (reason `hop_limit`);
+    only enforced on routes a cycle can pass through (see "Route cycles")."""
 
 
 class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
@@ -740,7 +743,7 @@ def _check_topology(config: Config) -> None:
                 "a route needs at least one subject in `to` (or a `switch` or `reply` stage)",
                 path=f"{path}.to",
             )
-        for target, target_path in _route_targets(route, path):
+        for target, target_path in route_targets(route, path):
             _check_subject(target, target_path, wildcards=False)
             _check_captured(config, target, target_path)
             if covers(route.from_, target):
@@ -807,7 +810,7 @@ def _reserved_subjects(config: Config) -> list[tuple[str, str]]:
     ]
 
 
-def _route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
+def route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
     """Every subject a route may publish to (stored in JetStream), with its config path."""
     targets = [(target, f"{path}.to[{j}]") for j, target in enumerate(route.to)]
     for j, stage in enumerate(route.stages):
@@ -845,12 +848,20 @@ def _check_consumer(config: Config, component: _Consumer, path: str) -> None:
     _check_subject(component.from_, f"{path}.from", wildcards=True)
     if component.stream is None:
         _check_captured(config, component.from_, f"{path}.from")
-    elif component.stream not in {stream.name for stream in config.streams}:
-        raise ConfigError(
-            f"stream {component.stream!r} is not declared: add a [[streams]] table for it "
-            "(with `create = false` if it is managed elsewhere)",
-            path=f"{path}.stream",
-        )
+    else:
+        stream = next((s for s in config.streams if s.name == component.stream), None)
+        if stream is None:
+            raise ConfigError(
+                f"stream {component.stream!r} is not declared: add a [[streams]] table for it "
+                "(with `create = false` if it is managed elsewhere)",
+                path=f"{path}.stream",
+            )
+        if not any(covers(pattern, component.from_) for pattern in stream.subjects):
+            raise ConfigError(
+                f"stream {stream.name!r} does not capture {component.from_!r}: JetStream "
+                "refuses a consumer whose filter is outside its stream's subjects",
+                path=f"{path}.from",
+            )
     dead_letter = config.dead_letter_subject(component)
     _check_subject(dead_letter, f"{path}.dead_letter", wildcards=False)
     _check_captured(config, dead_letter, f"{path}.dead_letter")
