@@ -455,6 +455,7 @@ class Bus(AsyncContextManagerMixin):
             "ack_wait": float(component.ack_wait),
             "retry": component.retry,
             "dead_letter_subject": self.config.dead_letter_subject(component),
+            "start": component.start,
         }
 
     async def _start_listener(self, tg: TaskGroup) -> None:

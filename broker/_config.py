@@ -273,10 +273,16 @@ class _Consumer(_Strict, frozen=True, kw_only=True):
     """Redelivery delay of a message whose holder died."""
     retry: RetryPolicy = RetryPolicy()
     """Back-off of transient failures, then dead letter."""
+    start: str | None = None
+    """Where a new consumer begins: `"all"` (the whole stream: the default), `"new"` (messages
+    stored from now on) or an RFC 3339 time (`"2025-06-01T00:00:00Z"`). Applies only when the
+    consumer is created; see "Where a new route or sink starts"."""
 
     def __post_init__(self) -> None:
         if not self.ack_wait > 0:
             raise ValueError("ack_wait must be more than 0s")
+        if self.start is not None:
+            start_time(self.start)
 
 
 class RouteConfig(_Consumer, frozen=True, kw_only=True):
@@ -388,6 +394,25 @@ class Config(_Strict, frozen=True, kw_only=True):
     def dead_letter_subject(self, component: _Consumer) -> str:
         """Where `component` dead-letters: its own `dead_letter`, or the shared prefix."""
         return component.dead_letter or f"{self.dead_letter.subject_prefix}.{component.name}"
+
+
+def start_time(start: str) -> datetime.datetime | None:
+    """The UTC time a `start = "<RFC 3339>"` names; None for `"all"` and `"new"`.
+
+    ValueError for anything else, including a time without a UTC offset (ambiguous).
+    """
+    if start in ("all", "new"):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(start)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ValueError(
+            f'start must be "all", "new" or an RFC 3339 time with its offset such as '
+            f'"2025-06-01T00:00:00Z", got {_short(start)!r}'
+        )
+    return moment.astimezone(datetime.UTC)
 
 
 # ---------------------------------------------------------------------------------------------

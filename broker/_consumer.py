@@ -65,6 +65,7 @@ class ConsumerComponent(abc.ABC):
         retry: RetryPolicy,
         dead_letter_subject: str,
         publish_timeout: float,
+        start: str | None = None,
     ) -> None:
         self.client = client
         self.js = js
@@ -77,6 +78,7 @@ class ConsumerComponent(abc.ABC):
         self.retry = retry
         self.dead_letter_subject = dead_letter_subject
         self.publish_timeout = publish_timeout
+        self.start = start
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
         self.pull = ContinuousPull(
@@ -100,6 +102,7 @@ class ConsumerComponent(abc.ABC):
             filter_subject=self.filter_subject,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_in_flight,
+            start=self.start,
         )
         async with anyio.create_task_group() as tg:
             await self.start_workers(tg)
