@@ -206,6 +206,7 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
 
 
 _DUPLICATE_WINDOW = Duration(300.0)
+_MIN_MAX_AGE = 0.1  # JetStream's minimum max_age and duplicate window (error 10052)
 
 
 class StreamConfig(_Strict, frozen=True, kw_only=True):
@@ -236,8 +237,10 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """`false`: the stream is managed elsewhere; busway only checks it exists."""
 
     def __post_init__(self) -> None:
-        if not self.duplicate_window > 0:
-            raise ValueError("duplicate_window must be more than 0s")
+        if not self.duplicate_window >= _MIN_MAX_AGE:
+            raise ValueError("duplicate_window must be at least 100ms (JetStream's minimum)")
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
         if self.max_age and self.duplicate_window > self.max_age:
             raise ValueError(
                 f"duplicate_window ({float(self.duplicate_window):g}s) is longer than max_age "
@@ -254,6 +257,10 @@ class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
     """Dead letters of component `x` go to `<subject_prefix>.x`."""
     max_age: Duration = Duration(14 * 86400.0)
     """How long dead letters are kept."""
+
+    def __post_init__(self) -> None:
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
 
 
 class _Consumer(_Strict, frozen=True, kw_only=True):
