@@ -72,6 +72,13 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _check_listen(listen: str) -> None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
+
+
 def _check_server_url(url: str) -> None:
     """A `[nats] servers` entry as nats-py reads it: `[scheme://][user@]host[:port]`."""
     parsed = urlsplit(url if "://" in url else f"nats://{url}")
@@ -171,7 +178,7 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
                 f"data_dir {_short(self.data_dir)!r}: quotes, backslashes and control "
                 "characters cannot go into the embedded server's config file"
             )
-        split_listen(self.listen)
+        _check_listen(self.listen)
 
 
 # Characters that would break out of a quoted string in nats-server's config file.
@@ -200,7 +207,7 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.listen:
-            split_listen(self.listen)
+            _check_listen(self.listen)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both `tls_cert` and `tls_key`")
 
@@ -510,6 +517,13 @@ def decode_config(
     def located(error: ConfigError) -> ConfigError:
         if error.path is None:
             return ConfigError(error.detail, file=file, line=error.line)
+        # A table's own check ("sync must be ...") is reported by msgspec at the table: point
+        # at the key it names when the file has that key.
+        named = re.match(r"`?([a-z_]+)`?:? ", error.detail)
+        if named and (line := _key_line(text, error.path, named.group(1))) is not None:
+            return ConfigError(
+                error.detail, file=file, path=f"{error.path}.{named.group(1)}", line=line
+            )
         line = error.line if error.line is not None else _line_of(text, error.path)
         return error.located(file=file, line=line)
 
@@ -954,8 +968,10 @@ def _line_of(text: str, path: str) -> int | None:
         return None
     lines = text.splitlines()
     (table, index), rest = tokens[0], tokens[1:]
-    if index is None and not rest:  # `$.shutdown_timeout`: a top-level key
-        return _find_key(lines, 0, table)
+    if index is None and not rest:  # `$.shutdown_timeout`, a top-level key, or `$.http`
+        found = _find_key(lines, 0, table)
+        if found is not None:
+            return found
     seen = -1
     for number, line in enumerate(lines):
         header = _HEADER.match(line)
@@ -968,6 +984,14 @@ def _line_of(text: str, path: str) -> int | None:
             return _find_key(lines, number + 1, rest[0][0]) or number + 1
         return number + 1
     return None
+
+
+def _key_line(text: str, table: str, key: str) -> int | None:
+    """The line of `key` written in the `[table]` or `[[table]]` at path `table`, else None."""
+    header = _line_of(text, table)
+    if header is None:
+        return None
+    return _find_key(text.splitlines(), header, key)
 
 
 def _find_key(lines: list[str], start: int, key: str) -> int | None:

@@ -109,6 +109,55 @@ BUILDERS = {
 # reach the decoder and the checks behind the TOML parser, not only the parser.
 TOML_CHARACTERS = "[]{}=\"'.,#*>$:/\\ \n\t0123456789aZ_-\u00e9"
 
+HEADER = re.compile(rb"^\[[^\n]*\]$", re.MULTILINE)
+
+# Keys of every table, so that added settings reach the checks behind decoding.
+KEYS = [
+    "start",
+    "hop_limit",
+    "max_in_flight",
+    "ack_wait",
+    "stream",
+    "dead_letter",
+    "when",
+    "transform",
+    "to",
+    "stages",
+    "retry",
+    "batch_size",
+    "circuit",
+    "servers",
+    "sync",
+    "max_age",
+    "duplicate_window",
+    "replicas",
+    "max_bytes",
+    "state_bucket",
+    "subject_prefix",
+    "listen",
+    "tls_cert",
+]
+PLAUSIBLE = [
+    '"new"',
+    '"all"',
+    '"2025-06-01T00:00:00Z"',
+    "2025-06-01T00:00:00Z",
+    '"2025-06-01"',
+    "3",
+    '"orders.received"',
+    '["orders.received"]',
+    '["orders.big", "orders.received"]',
+    '"busway.deadletter.big-orders"',
+    '[{ wiretap = "orders.received" }]',
+    '[{ enrich = { request = "orders.received" } }]',
+    '[{ reply = "@" }]',
+    '[{ switch = { cases = [{ when = "a", to = ["orders.received"] }] } }]',
+    '{ max_attempts = 2, schedule = ["1s", "inf"] }',
+    '["nats://127.0.0.1:4222"]',
+    '"1s"',
+    '"ORDERS"',
+]
+
 ASSIGNMENT = re.compile(rb"^(\s*[A-Za-z0-9_\-\"'.]+\s*=\s*)(.*)$", re.MULTILINE)
 
 
@@ -124,7 +173,9 @@ def hostile_value(draw: st.DrawFn) -> bytes:
 @st.composite
 def mutation(draw: st.DrawFn, text: bytes) -> bytes:
     kind = draw(
-        st.sampled_from(["insert", "delete", "replace", "value", "value", "value", "line", "nest"])
+        st.sampled_from(
+            ["insert", "delete", "replace", "value", "value", "value", "key", "line", "nest"]
+        )
     )
     if kind in ("insert", "delete", "replace"):
         position = draw(st.integers(0, len(text)))
@@ -138,6 +189,12 @@ def mutation(draw: st.DrawFn, text: bytes) -> bytes:
             return text[:position] + chunk + text[position:]
         end = position + draw(st.integers(1, 16))
         return text[:position] + (chunk if kind == "replace" else b"") + text[end:]
+    if kind == "key":  # a setting the example does not have, with a hostile or plausible value
+        headers = [found.end() for found in HEADER.finditer(text)] or [0]
+        position = draw(st.sampled_from(headers))
+        key = draw(st.sampled_from(KEYS)).encode()
+        value = draw(st.one_of(hostile_value(), st.sampled_from(PLAUSIBLE).map(str.encode)))
+        return text[:position] + b"\n" + key + b" = " + value + text[position:]
     assignments = list(ASSIGNMENT.finditer(text))
     if kind == "line":
         lines = text.split(b"\n")
