@@ -2,12 +2,14 @@
 
 Decoding runs in three steps, each reporting errors as `ConfigError(file, $.key.path, line)`:
 
-1. TOML is parsed and `${ENV_VAR}` / `${file:/path}` references in strings are resolved (`$${`
-   escapes a literal `${`), so secrets stay out of the file.
+1. TOML is parsed, checked for what no setting can hold (deep nesting, NUL characters) and
+   `${ENV_VAR}` / `${file:/path}` references in strings are resolved (`$${` escapes a literal
+   `${`), so secrets stay out of the file: `busway._config_document`.
 2. msgspec converts the document into the structs below (`forbid_unknown_fields` catches typos).
    Sources and sinks are tagged on `type` and decoded by the struct their adapter registered.
 3. The topology is checked: unique names, valid subjects, every subject read or written is
-   captured by a declared stream, and no route feeds itself.
+   captured by a declared stream and none overlaps busway's own, and no route feeds itself
+   (longer route cycles are `busway._cycles`' job, when the plan is built).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import stat
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -24,6 +24,15 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from busway._config_document import (
+    MAX_CONFIG_BYTES,
+    check_values,
+    interpolate,
+    parse_toml,
+    read_bounded,
+    short,
+)
+from busway._config_lines import key_line, line_of, locate_in_file
 from busway._errors import ConfigError
 from busway.routers.durations import Duration, decode_hook, parse_duration
 from busway.routers.stages import StageConfig
@@ -42,16 +51,11 @@ __all__ = [
     "StreamConfig",
     "decode_config",
     "load_config",
+    "locate_in_file",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-"""The largest config file read: a real one is kilobytes; `busway check /dev/zero` must end."""
-MAX_REFERENCED_BYTES = 1024 * 1024
-"""The largest file a `${file:...}` reference may read (a secret, a token, a certificate)."""
-MAX_DEPTH = 32
-"""How deep tables and arrays may nest; busway's own settings need fewer than 10 levels."""
 _T = TypeVar("_T")
 
 
@@ -68,7 +72,7 @@ def split_listen(listen: str) -> tuple[str, int]:
         or not port.isdigit()
         or not 0 <= int(port) <= 65535
     ):
-        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {_short(listen)!r}")
+        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {short(listen)!r}")
     return host.strip("[]"), int(port)
 
 
@@ -88,7 +92,7 @@ def _check_server_url(url: str) -> None:
         parsed = parsed._replace(netloc="")
     if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
         raise ValueError(
-            f"servers: expected a URL such as 'nats://127.0.0.1:4222', got {_short(url)!r}"
+            f"servers: expected a URL such as 'nats://127.0.0.1:4222', got {short(url)!r}"
         )
 
 
@@ -175,7 +179,7 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             raise ValueError("publish_timeout must be more than 0s")
         if _UNSAFE_IN_SERVER_CONFIG.search(self.data_dir):
             raise ValueError(
-                f"data_dir {_short(self.data_dir)!r}: quotes, backslashes and control "
+                f"data_dir {short(self.data_dir)!r}: quotes, backslashes and control "
                 "characters cannot go into the embedded server's config file"
             )
         _check_listen(self.listen)
@@ -190,7 +194,7 @@ def _check_sync(sync: str) -> None:
     seconds = parse_duration(sync)
     if sync.strip().endswith("d") or not seconds > 0:
         raise ValueError(
-            f'sync must be "always" or a duration in ms, s, m or h over 0, got {_short(sync)!r}'
+            f'sync must be "always" or a duration in ms, s, m or h over 0, got {short(sync)!r}'
         )
 
 
@@ -424,7 +428,7 @@ def start_time(start: str) -> datetime.datetime | None:
     if moment is None or moment.tzinfo is None:
         raise ValueError(
             f'start must be "all", "new" or an RFC 3339 time with its offset such as '
-            f'"2025-06-01T00:00:00Z", got {_short(start)!r}'
+            f'"2025-06-01T00:00:00Z", got {short(start)!r}'
         )
     return moment.astimezone(datetime.UTC)
 
@@ -447,7 +451,7 @@ def load_config(
     """Read and decode the TOML file at `path`; see `decode_config`."""
     file = os.fspath(path)
     try:
-        data = _read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
+        data = read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
     except ConfigError as error:
         raise ConfigError(error.detail, file=file) from None
     try:
@@ -468,34 +472,6 @@ def load_config(
         sink_types=sink_types,
         environ=environ,
     )
-
-
-def _read_bounded(path: Path, limit: int, *, what: str, path_in_config: str | None = None) -> bytes:
-    """The bytes of the regular file `path`, at most `limit` of them; ConfigError otherwise.
-
-    Bounded and regular-only because the path comes from a config (`${file:/dev/zero}`, a
-    directory, a FIFO nobody writes to): each must be an error, not a hang or an OOM.
-    """
-    try:
-        with path.open("rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise ConfigError(
-                    f"cannot read {what}: {str(path)!r} is not a regular file",
-                    path=path_in_config,
-                )
-            data = handle.read(limit + 1)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {what}: {exc.strerror or exc}", path=path_in_config
-        ) from None
-    except ValueError as exc:  # a path with a NUL character
-        raise ConfigError(f"cannot read {what}: {exc}", path=path_in_config) from None
-    if len(data) > limit:
-        raise ConfigError(
-            f"{what} is larger than {limit // 1024} KiB: is it the right file?",
-            path=path_in_config,
-        )
-    return data
 
 
 def decode_config(
@@ -520,16 +496,16 @@ def decode_config(
         # A table's own check ("sync must be ...") is reported by msgspec at the table: point
         # at the key it names when the file has that key.
         named = re.match(r"`?([a-z_]+)`?:? ", error.detail)
-        if named and (line := _key_line(text, error.path, named.group(1))) is not None:
+        if named and (line := key_line(text, error.path, named.group(1))) is not None:
             return ConfigError(
                 error.detail, file=file, path=f"{error.path}.{named.group(1)}", line=line
             )
-        line = error.line if error.line is not None else _line_of(text, error.path)
+        line = error.line if error.line is not None else line_of(text, error.path)
         return error.located(file=file, line=line)
 
     try:
-        document = _check_values(_parse_toml(text))
-        document = _interpolate(document, "$", os.environ if environ is None else environ)
+        document = check_values(parse_toml(text))
+        document = interpolate(document, "$", os.environ if environ is None else environ)
         sources = _pop_list(document, "sources")
         sinks = _pop_list(document, "sinks")
         document["base_dir"] = base_dir
@@ -549,79 +525,6 @@ def decode_config(
     except ConfigError as error:
         raise located(error) from None
     return config
-
-
-def _parse_toml(text: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
-        raise ConfigError(
-            f"invalid TOML: {exc}", line=int(found.group(1)) if found else None
-        ) from None
-    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise ConfigError(
-            f"arrays or inline tables are nested more than {MAX_DEPTH} levels deep",
-            line=_deep_nesting_line(text),
-        ) from None
-
-
-def _check_values(document: dict[str, Any]) -> dict[str, Any]:
-    """Refuse what no busway setting can hold: deep nesting and NUL characters.
-
-    Also turns TOML date-times into RFC 3339 strings (`start = 2025-01-01T00:00:00Z` works
-    quoted or not). Iterative, so no input can exhaust the stack.
-    """
-    stack: list[tuple[Any, str, int]] = [(document, "$", 0)]
-    while stack:
-        value, path, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ConfigError(
-                f"tables or arrays are nested more than {MAX_DEPTH} levels deep", path=path
-            )
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if "\0" in key:
-                    raise ConfigError(f"NUL character in the key {key!r}", path=path)
-                if isinstance(item, datetime.datetime):
-                    value[key] = item.isoformat()
-                stack.append((value[key], f"{path}.{key}", depth + 1))
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                if isinstance(item, datetime.datetime):
-                    value[index] = item.isoformat()
-                stack.append((value[index], f"{path}[{index}]", depth + 1))
-        elif isinstance(value, str) and "\0" in value:
-            raise ConfigError("NUL character in a string: no setting can hold one", path=path)
-    return document
-
-
-def _deep_nesting_line(text: str) -> int | None:
-    """The line where `[` / `{` nesting first exceeds MAX_DEPTH (strings skipped roughly)."""
-    depth = 0
-    quote = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        escaped = False
-        for char in line:
-            if quote:
-                if escaped:
-                    escaped = False
-                elif char == "\\" and quote == '"':
-                    escaped = True
-                elif char == quote:
-                    quote = ""
-            elif char in "\"'":
-                quote = char
-            elif char == "#":
-                break
-            elif char in "[{":
-                depth += 1
-                if depth > MAX_DEPTH:
-                    return number
-            elif char in "]}":
-                depth = max(0, depth - 1)
-        quote = ""  # multi-line strings are rare where nesting goes wrong
-    return None
 
 
 def _pop_list(document: dict[str, Any], key: str) -> list[Any]:
@@ -678,65 +581,6 @@ def _explain(detail: str) -> str:
 def _kind(value: object) -> str:
     names: dict[type, str] = {dict: "a table", list: "an array", str: "a string"}
     return names.get(type(value), type(value).__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# ${ENV} and ${file:...} references
-
-_REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
-
-
-def _interpolate(value: Any, path: str, environ: os._Environ[str] | dict[str, str]) -> Any:
-    if isinstance(value, str):
-        return _resolve_references(value, path, environ) if "${" in value else value
-    if isinstance(value, dict):
-        return {key: _interpolate(item, f"{path}.{key}", environ) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(item, f"{path}[{i}]", environ) for i, item in enumerate(value)]
-    return value
-
-
-def _resolve_references(text: str, path: str, environ: os._Environ[str] | dict[str, str]) -> str:
-    def replace(found: re.Match[str]) -> str:
-        if found.group(0) == "$${":
-            return "${"
-        reference = found.group(1).strip()
-        if reference.startswith("file:"):
-            return _read_reference(reference[5:], path)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", reference):
-            raise ConfigError(
-                f"invalid reference ${{{_short(reference)}}}: expected ${{ENV_VAR}} or "
-                "${file:/path} (write $${ for a literal ${)",
-                path=path,
-            )
-        if reference not in environ:
-            raise ConfigError(
-                f"environment variable {reference} is not set (referenced as ${{{reference}}})",
-                path=path,
-            )
-        return environ[reference]
-
-    return _REFERENCE.sub(replace, text)
-
-
-def _read_reference(file: str, path: str) -> str:
-    """The text of `${file:<file>}`: a regular UTF-8 file of at most 1 MiB, without NULs."""
-    what = f"${{file:{_short(file)}}}"
-    if not file:
-        raise ConfigError(f"{what} names no file: write ${{file:/path/to/secret}}", path=path)
-    data = _read_bounded(Path(file), MAX_REFERENCED_BYTES, what=what, path_in_config=path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} is not UTF-8 text", path=path) from None
-    if "\0" in text:
-        raise ConfigError(f"{what} holds a NUL character: no setting can hold one", path=path)
-    return text.rstrip("\r\n")
-
-
-def _short(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters for an error message."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,7 +677,7 @@ def _check_busway_assets(config: Config) -> None:
     """busway's own dead-letter stream and state bucket: names JetStream accepts."""
     if not _NAME.match(config.dead_letter.stream):
         raise ConfigError(
-            f"stream name {_short(config.dead_letter.stream)!r} must be 1-64 letters, digits, "
+            f"stream name {short(config.dead_letter.stream)!r} must be 1-64 letters, digits, "
             "'-' or '_'",
             path="$.dead_letter.stream",
         )
@@ -842,8 +686,7 @@ def _check_busway_assets(config: Config) -> None:
     )
     if not _BUCKET.match(config.state_bucket):
         raise ConfigError(
-            f"state_bucket {_short(config.state_bucket)!r} must be 1-64 letters, digits, "
-            "'-' or '_'",
+            f"state_bucket {short(config.state_bucket)!r} must be 1-64 letters, digits, '-' or '_'",
             path="$.state_bucket",
         )
 
@@ -920,7 +763,7 @@ def _check_subject(subject: str, path: str, *, wildcards: bool) -> None:
             if wildcards
             else "dot-separated tokens without wildcards"
         )
-        raise ConfigError(f"invalid subject {_short(subject)!r}: expected {expected}", path=path)
+        raise ConfigError(f"invalid subject {short(subject)!r}: expected {expected}", path=path)
 
 
 def _check_captured(config: Config, subject: str, path: str) -> None:
@@ -930,75 +773,3 @@ def _check_captured(config: Config, subject: str, path: str) -> None:
             "table (messages are only durable inside a stream)",
             path=path,
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Line numbers for key paths
-
-
-def locate_in_file(error: ConfigError, file: str | os.PathLike[str]) -> ConfigError:
-    """`error` (found after decoding, e.g. by compiling an expression) placed in `file`."""
-    if error.path is None:
-        return ConfigError(error.detail, file=os.fspath(file), line=error.line)
-    try:
-        data = _read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
-    except ConfigError:
-        return error
-    text = data.decode("utf-8", errors="replace")
-    return error.located(file=os.fspath(file), line=_line_of(text, error.path))
-
-
-_HEADER = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]?\]\s*(#.*)?$")
-_PATH_TOKEN = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]")
-
-
-def _line_of(text: str, path: str) -> int | None:
-    """Best-effort 1-based line of the key at `path` (`$.routes[1].to`) in TOML `text`.
-
-    Handles the shapes busway configs use: top-level keys, `[table]`, `[[array]]` and keys inside
-    them. Returns None where the key is not written out (a default) or the shape is unusual.
-    """
-    tokens: list[tuple[str, int | None]] = []
-    for name, index in _PATH_TOKEN.findall(path):
-        if name:
-            tokens.append((name, None))
-        elif tokens and tokens[-1][1] is None:
-            tokens[-1] = (tokens[-1][0], int(index))
-    if not tokens:
-        return None
-    lines = text.splitlines()
-    (table, index), rest = tokens[0], tokens[1:]
-    if index is None and not rest:  # `$.shutdown_timeout`, a top-level key, or `$.http`
-        found = _find_key(lines, 0, table)
-        if found is not None:
-            return found
-    seen = -1
-    for number, line in enumerate(lines):
-        header = _HEADER.match(line)
-        if not header or header.group(2) != table or (header.group(1) is None) != (index is None):
-            continue
-        seen += 1
-        if index is not None and seen != index:
-            continue
-        if rest and rest[0][0]:
-            return _find_key(lines, number + 1, rest[0][0]) or number + 1
-        return number + 1
-    return None
-
-
-def _key_line(text: str, table: str, key: str) -> int | None:
-    """The line of `key` written in the `[table]` or `[[table]]` at path `table`, else None."""
-    header = _line_of(text, table)
-    if header is None:
-        return None
-    return _find_key(text.splitlines(), header, key)
-
-
-def _find_key(lines: list[str], start: int, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-    for number in range(start, len(lines)):
-        if _HEADER.match(lines[number]):
-            return None
-        if pattern.match(lines[number]):
-            return number + 1
-    return None
