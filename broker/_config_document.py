@@ -44,7 +44,8 @@ def read_bounded(path: Path, limit: int, *, what: str, path_in_config: str | Non
     directory, a FIFO nobody writes to): each must be an error, not a hang or an OOM.
     """
     try:
-        with path.open("rb") as handle:
+        # O_NONBLOCK: opening a FIFO nobody writes to would otherwise block right here.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise ConfigError(
                     f"cannot read {what}: {str(path)!r} is not a regular file",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -325,6 +326,16 @@ def test_file_references_that_cannot_be_a_secret_are_refused(reference: str, mes
     assert error.path == "$.nats.name"
     assert error.line == 2
     assert message in str(error)
+
+
+def test_a_fifo_nobody_writes_to_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    error = error_of(f'[nats]\nname = "${{file:{fifo}}}"\n')
+    assert "is not a regular file" in str(error)
+    registry = default_registry()
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(fifo, source_types=registry.source_config, sink_types=registry.sink_config)
 
 
 def test_a_huge_referenced_file_is_refused(tmp_path: Path) -> None:
