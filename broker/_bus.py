@@ -240,6 +240,8 @@ class Bus(AsyncContextManagerMixin):
                 # cyclic GC's generations so collections triggered by per-message garbage stay
                 # cheap.
                 gc.freeze()
+                for note in self.plan.cycles.notes:
+                    logger.warning("%s", note)
                 logger.info(
                     "busway ready: %d source(s), %d route(s), %d sink(s)",
                     len(self.plan.sources),
@@ -393,6 +395,7 @@ class Bus(AsyncContextManagerMixin):
             route=route,
             services=NatsRouteServices(self._js, self._requester),
             state_bucket=self.config.state_bucket,
+            hop_limit=self.plan.hop_limit(route_config),
             stats=stats,
             **self._consumer_settings(route_config, "route"),
         )
@@ -529,6 +532,7 @@ class Bus(AsyncContextManagerMixin):
             "retry": component.retry,
             "dead_letter_subject": self.config.dead_letter_subject(component),
             "refusals": self._refusals,
+            "start": component.start,
         }
 
     def _bind_listener(self) -> Listener:
@@ -675,7 +679,9 @@ def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]
     """`((kind, name), (config, built component))` of every component in `plan`."""
     return [
         *((("sink", c.name), (c, s)) for c, s in plan.sinks),
-        *((("route", c.name), (c, r)) for c, r in plan.routes),
+        # A route's hop limit is part of what it runs with: a route that a reload puts into a
+        # cycle (or takes out of one) restarts, like a route whose own settings changed.
+        *((("route", c.name), ((c, plan.hop_limit(c)), r)) for c, r in plan.routes),
         *((("source", c.name), (c, s)) for c, s in plan.sources),
     ]
 

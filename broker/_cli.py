@@ -39,6 +39,7 @@ from busway._cli_support import (
     EXIT_FAILURE,
     EXIT_STARTUP,
     load_or_report,
+    one_line,
     plan_or_report,
 )
 from busway._config import Config, load_config, locate_in_file, split_listen
@@ -123,9 +124,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> int:
-    plan = plan_or_report(args.config)
+    """`busway check`: exit 0 and a summary, or exit 2 and one line saying what is wrong.
+
+    Never a traceback: an unforeseen exception is a bug in busway or an adapter, reported as
+    such on one line (and still exit 2: the config could not be checked).
+    """
+    try:
+        plan = plan_or_report(args.config)
+    except Exception as exc:
+        print(
+            f"busway: {args.config}: internal error while checking the config "
+            f"({type(exc).__name__}: {one_line(str(exc))}); please report it as a bug",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if plan is None:
         return EXIT_CONFIG
+    for note in plan.cycles.notes:
+        print(f"{args.config}: note: {note}")
     print(
         f"{args.config}: ok ({len(plan.config.streams)} stream(s), {len(plan.sources)} source(s), "
         f"{len(plan.routes)} route(s), {len(plan.sinks)} sink(s))"

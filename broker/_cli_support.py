@@ -1,7 +1,9 @@
-"""What the `busway` subcommands share: loading the config they were pointed at."""
+"""What the `busway` subcommands share: loading the config they were pointed at, and saying
+in one line why not."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from busway._config import Config, load_config, locate_in_file
@@ -9,12 +11,41 @@ from busway._errors import ConfigError
 from busway._plan import Plan, build_plan
 from busway._registry import default_registry
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_STARTUP", "load_or_report", "plan_or_report"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_STARTUP",
+    "load_or_report",
+    "one_line",
+    "plan_or_report",
+    "report_config_error",
+]
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_STARTUP = 2
 """`busway run` could not start: like a bad config, it needs a fix, not a retry loop."""
+
+_MAX_LINE = 1000
+# An expression error's caret display (`\n  a ==\n      ^`): the first line already names the
+# position, and an error must stay on one line for logs and scripts.
+_CARET = re.compile(r"\n  [^\n]*\n *\^ *$")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: no caret display, control characters escaped, and cut to
+    1000 characters (an error may quote a value of any size)."""
+    text = _CARET.sub("", text)
+    text = re.sub(r"\s*\n\s*", " ", text.strip())
+    text = _UNPRINTABLE.sub(lambda found: repr(found.group(0))[1:-1], text)
+    return text if len(text) <= _MAX_LINE else text[: _MAX_LINE - 1] + "…"
+
+
+def report_config_error(error: ConfigError, path: str) -> None:
+    """Print `error` as one `busway: file:line at key: what` line on stderr."""
+    error = locate_in_file(error, path) if error.line is None and error.path else error
+    print(f"busway: {one_line(str(error))}", file=sys.stderr)
 
 
 def load_or_report(path: str) -> Config | None:
@@ -35,8 +66,7 @@ def _load(path: str, *, outline: bool) -> Config | None:
             outline=outline,
         )
     except ConfigError as exc:
-        exc = locate_in_file(exc, path) if exc.line is None else exc
-        print(f"busway: {exc}", file=sys.stderr)
+        report_config_error(exc, path)
         return None
 
 
@@ -49,6 +79,5 @@ def plan_or_report(path: str) -> Plan | None:
     try:
         return build_plan(config, default_registry(), file=path)
     except ConfigError as exc:
-        exc = locate_in_file(exc, path) if exc.line is None else exc
-        print(f"busway: {exc}", file=sys.stderr)
+        report_config_error(exc, path)
         return None

@@ -2,25 +2,37 @@
 
 Decoding runs in three steps, each reporting errors as `ConfigError(file, $.key.path, line)`:
 
-1. TOML is parsed and `${ENV_VAR}` / `${file:/path}` references in strings are resolved (`$${`
-   escapes a literal `${`), so secrets stay out of the file.
+1. TOML is parsed, checked for what no setting can hold (deep nesting, NUL characters) and
+   `${ENV_VAR}` / `${file:/path}` references in strings are resolved (`$${` escapes a literal
+   `${`), so secrets stay out of the file: `busway._config_document`.
 2. msgspec converts the document into the structs below (`forbid_unknown_fields` catches typos).
    Sources and sinks are tagged on `type` and decoded by the struct their adapter registered.
 3. The topology is checked: unique names, valid subjects, every subject read or written is
-   captured by a declared stream, and no route feeds itself.
+   captured by a declared stream and none overlaps busway's own, and no route feeds itself
+   (longer route cycles are `busway._cycles`' job, when the plan is built).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
+from busway._config_document import (
+    MAX_CONFIG_BYTES,
+    check_values,
+    interpolate,
+    parse_toml,
+    read_bounded,
+    short,
+)
+from busway._config_lines import key_line, line_of, locate_in_file
 from busway._errors import ConfigError
 from busway.routers.durations import Duration, decode_hook, parse_duration
 from busway.routers.stages import StageConfig
@@ -39,17 +51,53 @@ __all__ = [
     "StreamConfig",
     "decode_config",
     "load_config",
+    "locate_in_file",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
 _T = TypeVar("_T")
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.%A-Za-z]+\]|[A-Za-z0-9_.\-]+)$")
+
+
 def split_listen(listen: str) -> tuple[str, int]:
+    """`(host, port)` of a `host:port` listen address; ValueError saying what is expected."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {listen!r}")
+    if (
+        not sep
+        or not _HOST.match(host)
+        or not port.isascii()
+        or not port.isdigit()
+        or not 0 <= int(port) <= 65535
+    ):
+        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {short(listen)!r}")
     return host.strip("[]"), int(port)
+
+
+def _check_listen(listen: str) -> None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
+
+
+def _check_server_url(url: str) -> None:
+    """A `[nats] servers` entry as nats-py reads it: `[scheme://][user@]host[:port]`."""
+    parsed = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parsed = parsed._replace(netloc="")
+    if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+        raise ValueError(
+            f"servers: expected a URL such as 'nats://127.0.0.1:4222', got {short(url)!r}"
+        )
+
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+"""A positive count with a sanity ceiling (in-flight messages, batch sizes, attempts)."""
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -63,7 +111,7 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
     burst of failures does not come back as a burst.
     """
 
-    max_attempts: int = 10
+    max_attempts: Count = 10
     """Attempts before a message is dead-lettered: failures busway retried, and crashes of the
     daemon while the message was processed alone; not JetStream's redeliveries (README,
     Operations).
@@ -88,10 +136,6 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
         if reason in self.transient:
             return True
         return default
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
 
 
 class NatsConfig(_Strict, frozen=True, kw_only=True):
@@ -125,17 +169,40 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     """How long the first connection may take before start-up fails."""
     publish_timeout: Duration = Duration(10.0)
     """How long to wait for a PubAck before a publish counts as failed."""
-    publish_window: int = 1024
+    publish_window: Count = 1024
     """PubAcks in flight per connection (the pipelining bound)."""
 
     def __post_init__(self) -> None:
+        if self.servers is not None:
+            if not self.servers:
+                raise ValueError("servers is empty: list NATS URLs, or remove it to embed one")
+            for url in self.servers:
+                _check_server_url(url)
         if self.sync != "always":
-            parse_duration(self.sync)
-        if self.publish_window < 1:
-            raise ValueError("publish_window must be at least 1")
+            _check_sync(self.sync)
+        if not self.publish_timeout > 0:
+            raise ValueError("publish_timeout must be more than 0s")
+        if _UNSAFE_IN_SERVER_CONFIG.search(self.data_dir):
+            raise ValueError(
+                f"data_dir {short(self.data_dir)!r}: quotes, backslashes and control "
+                "characters cannot go into the embedded server's config file"
+            )
         if self.credentials is not None and self.nkey_seed is not None:
             raise ValueError("give one of `credentials` (a .creds file) and `nkey_seed`")
-        split_listen(self.listen)
+        _check_listen(self.listen)
+
+
+# Characters that would break out of a quoted string in nats-server's config file.
+_UNSAFE_IN_SERVER_CONFIG = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def _check_sync(sync: str) -> None:
+    """`[nats] sync`: a duration nats-server understands too (it has no `d` unit), over 0."""
+    seconds = parse_duration(sync)
+    if sync.strip().endswith("d") or not seconds > 0:
+        raise ValueError(
+            f'sync must be "always" or a duration in ms, s, m or h over 0, got {short(sync)!r}'
+        )
 
 
 class HttpConfig(_Strict, frozen=True, kw_only=True):
@@ -151,9 +218,13 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.listen:
-            split_listen(self.listen)
+            _check_listen(self.listen)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both `tls_cert` and `tls_key`")
+
+
+_DUPLICATE_WINDOW = Duration(300.0)
+_MIN_MAX_AGE = 0.1  # JetStream's minimum max_age and duplicate window (error 10052)
 
 
 class StreamConfig(_Strict, frozen=True, kw_only=True):
@@ -168,20 +239,31 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """Stream name (letters, digits, `-`, `_`)."""
     subjects: list[str]
     """Subjects the stream captures (wildcards allowed); streams may not overlap."""
-    duplicate_window: Duration = Duration(300.0)
+    duplicate_window: Duration = _DUPLICATE_WINDOW
     """How long `Nats-Msg-Id`s are remembered to drop copies: cover a restart plus `ack_wait`."""
     storage: Literal["file", "memory"] = "file"
     """File (durable) or memory."""
-    replicas: int = 1
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     """Copies in a NATS cluster (1, 3 or 5)."""
     max_age: Duration | None = None
     """Discard messages older than this (default: keep)."""
-    max_bytes: int | None = None
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
     """Discard the oldest messages beyond this size (default: unlimited)."""
-    max_msgs: int | None = None
+    max_msgs: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
     """Discard the oldest messages beyond this count (default: unlimited)."""
     create: bool = True
     """`false`: the stream is managed elsewhere; busway only checks it exists."""
+
+    def __post_init__(self) -> None:
+        if not self.duplicate_window >= _MIN_MAX_AGE:
+            raise ValueError("duplicate_window must be at least 100ms (JetStream's minimum)")
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
+        if self.max_age and self.duplicate_window > self.max_age:
+            raise ValueError(
+                f"duplicate_window ({float(self.duplicate_window):g}s) is longer than max_age "
+                f"({float(self.max_age):g}s): JetStream refuses that; shorten duplicate_window"
+            )
 
 
 class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
@@ -193,6 +275,10 @@ class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
     """Dead letters of component `x` go to `<subject_prefix>.x`."""
     max_age: Duration = Duration(14 * 86400.0)
     """How long dead letters are kept."""
+
+    def __post_init__(self) -> None:
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
 
 
 class _Consumer(_Strict, frozen=True, kw_only=True):
@@ -206,16 +292,22 @@ class _Consumer(_Strict, frozen=True, kw_only=True):
     """Stream to consume from (default: the stream capturing `from`)."""
     dead_letter: str | None = None
     """Dead-letter subject (default `<subject_prefix>.<name>`)."""
-    max_in_flight: int = 1024
+    max_in_flight: Count = 1024
     """Messages held un-acked at once (the consumer's `max_ack_pending`)."""
     ack_wait: Duration = Duration(30.0)
     """Redelivery delay of a message whose holder died."""
     retry: RetryPolicy = RetryPolicy()
     """Back-off of transient failures, then dead letter."""
+    start: str | None = None
+    """Where a new consumer begins: `"all"` (the whole stream: the default), `"new"` (messages
+    stored from now on) or an RFC 3339 time (`"2025-06-01T00:00:00Z"`). Applies only when the
+    consumer is created; see "Where a new route or sink starts"."""
 
     def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if not self.ack_wait > 0:
+            raise ValueError("ack_wait must be more than 0s")
+        if self.start is not None:
+            start_time(self.start)
 
 
 class RouteConfig(_Consumer, frozen=True, kw_only=True):
@@ -231,6 +323,9 @@ class RouteConfig(_Consumer, frozen=True, kw_only=True):
     """JMESPath mapping run last; its result is the new body."""
     stages: list[StageConfig] = []
     """Run in order after `when` and before `transform`; see the README's stage reference."""
+    hop_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
+    """Route hops a message may make before this route dead-letters it (reason `hop_limit`);
+    only enforced on routes a cycle can pass through (see "Route cycles")."""
 
 
 class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
@@ -252,14 +347,10 @@ class CircuitConfig(_Strict, frozen=True, kw_only=True):
     = 0` disables it.
     """
 
-    failures: int = 5
+    failures: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 5
     """Consecutive failed deliveries that open the circuit (0 = never)."""
     cool_down: Duration = Duration(30.0)
     """How long an open circuit pauses before probing with one message."""
-
-    def __post_init__(self) -> None:
-        if self.failures < 0:
-            raise ValueError("circuit failures must be 0 (disabled) or more")
 
 
 class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
@@ -272,7 +363,7 @@ class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
     load.
     """
 
-    batch_size: int = 256
+    batch_size: Count = 256
     """Most messages handed to the adapter at once."""
     batch_wait: Duration = Duration(0.005)
     """Longest wait to fill a batch once its first message is there."""
@@ -316,15 +407,38 @@ class Config(_Strict, frozen=True, kw_only=True):
     @property
     def dead_letter_stream(self) -> StreamConfig:
         """The stream busway creates for dead letters of every route and sink."""
+        max_age = self.dead_letter.max_age
+        window = _DUPLICATE_WINDOW
         return StreamConfig(
             name=self.dead_letter.stream,
             subjects=[f"{self.dead_letter.subject_prefix}.>"],
-            max_age=self.dead_letter.max_age,
+            max_age=max_age,
+            # JetStream refuses a duplicate window longer than max_age.
+            duplicate_window=Duration(min(window, max_age)) if max_age else window,
         )
 
     def dead_letter_subject(self, component: _Consumer) -> str:
         """Where `component` dead-letters: its own `dead_letter`, or the shared prefix."""
         return component.dead_letter or f"{self.dead_letter.subject_prefix}.{component.name}"
+
+
+def start_time(start: str) -> datetime.datetime | None:
+    """The UTC time a `start = "<RFC 3339>"` names; None for `"all"` and `"new"`.
+
+    ValueError for anything else, including a time without a UTC offset (ambiguous).
+    """
+    if start in ("all", "new"):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(start)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ValueError(
+            f'start must be "all", "new" or an RFC 3339 time with its offset such as '
+            f'"2025-06-01T00:00:00Z", got {short(start)!r}'
+        )
+    return moment.astimezone(datetime.UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,9 +460,19 @@ def load_config(
     """Read and decode the TOML file at `path`; see `decode_config`."""
     file = os.fspath(path)
     try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file: {exc.strerror}", file=file) from None
+        data = read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
+    except ConfigError as error:
+        raise ConfigError(error.detail, file=file) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): "
+            "save it as UTF-8",
+            file=file,
+            line=line,
+        ) from None
     return decode_config(
         text,
         file=file,
@@ -373,7 +497,8 @@ def decode_config(
     """Decode TOML `text` into a checked `Config`.
 
     `source_types` / `sink_types` map a `type = "..."` name to its adapter's config struct (the
-    adapter registry provides them). Raises ConfigError naming file, key path and line.
+    adapter registry provides them). Raises ConfigError naming file, key path and line; never
+    anything else, whatever `text` holds.
 
     `outline = True` decodes only what operator commands (`busway status`, `busway dlq`) need:
     every section but the components in full, and of each component its name, subjects and
@@ -384,12 +509,22 @@ def decode_config(
     """
 
     def located(error: ConfigError) -> ConfigError:
-        return error.located(file=file, line=_line_of(text, error.path or "$"))
+        if error.path is None:
+            return ConfigError(error.detail, file=file, line=error.line)
+        # A table's own check ("sync must be ...") is reported by msgspec at the table: point
+        # at the key it names when the file has that key.
+        named = re.match(r"`?([a-z_]+)`?:? ", error.detail)
+        if named and (line := key_line(text, error.path, named.group(1))) is not None:
+            return ConfigError(
+                error.detail, file=file, path=f"{error.path}.{named.group(1)}", line=line
+            )
+        line = error.line if error.line is not None else line_of(text, error.path)
+        return error.located(file=file, line=line)
 
     try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML: {exc}", file=file) from None
+        document = check_values(parse_toml(text))
+    except ConfigError as error:
+        raise located(error) from None
     env = os.environ if environ is None else environ
     skip = _route_logic if outline else None
     try:
@@ -400,14 +535,14 @@ def decode_config(
             sinks = [_outline(raw, SinkConfig) for raw in sinks]
             source_types = _outline_types(SourceConfig)
             sink_types = _outline_types(SinkConfig)
-        document = _interpolate(document, "$", env, skip)
+        document = interpolate(document, "$", env, skip)
         document["base_dir"] = base_dir
         config = _convert(document, Config, "$")
         config = msgspec.structs.replace(
             config,
             sources=tuple(
                 _convert_tagged(
-                    _interpolate(raw, f"$.sources[{i}]", env),
+                    interpolate(raw, f"$.sources[{i}]", env),
                     f"$.sources[{i}]",
                     source_types,
                     "source",
@@ -416,7 +551,7 @@ def decode_config(
             ),
             sinks=tuple(
                 _convert_tagged(
-                    _interpolate(raw, f"$.sinks[{i}]", env), f"$.sinks[{i}]", sink_types, "sink"
+                    interpolate(raw, f"$.sinks[{i}]", env), f"$.sinks[{i}]", sink_types, "sink"
                 )
                 for i, raw in enumerate(sinks)
             ),
@@ -477,6 +612,8 @@ def _convert(raw: object, kind: type[_T], path: str) -> _T:
         if not detail:
             detail, where = str(exc), "$`"
         raise ConfigError(_explain(detail), path=path + where[1:-1]) from None
+    except Exception as exc:  # an adapter's check that raised something other than ValueError
+        raise ConfigError(f"invalid settings ({type(exc).__name__}: {exc})", path=path) from None
 
 
 def _convert_tagged(
@@ -515,65 +652,11 @@ def _kind(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# ${ENV} and ${file:...} references
-
-_REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
-
-
-def _interpolate(
-    value: Any,
-    path: str,
-    environ: os._Environ[str] | dict[str, str],
-    skip: Callable[[str], bool] | None = None,
-) -> Any:
-    """`value` with its `${...}` references resolved, except under paths `skip` accepts."""
-    if skip is not None and skip(path):
-        return value
-    if isinstance(value, str):
-        return _resolve_references(value, path, environ) if "${" in value else value
-    if isinstance(value, dict):
-        return {
-            key: _interpolate(item, f"{path}.{key}", environ, skip) for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [_interpolate(item, f"{path}[{i}]", environ, skip) for i, item in enumerate(value)]
-    return value
-
-
-def _resolve_references(text: str, path: str, environ: os._Environ[str] | dict[str, str]) -> str:
-    def replace(found: re.Match[str]) -> str:
-        if found.group(0) == "$${":
-            return "${"
-        reference = found.group(1).strip()
-        if reference.startswith("file:"):
-            file = reference[5:]
-            try:
-                return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read ${{file:{file}}}: {exc.strerror}", path=path
-                ) from None
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", reference):
-            raise ConfigError(
-                f"invalid reference ${{{reference}}}: expected ${{ENV_VAR}} or ${{file:/path}} "
-                "(write $${ for a literal ${)",
-                path=path,
-            )
-        if reference not in environ:
-            raise ConfigError(
-                f"environment variable {reference} is not set (referenced as ${{{reference}}})",
-                path=path,
-            )
-        return environ[reference]
-
-    return _REFERENCE.sub(replace, text)
-
-
-# ---------------------------------------------------------------------------------------------
 # Whole-config checks
 
 
 def _check_topology(config: Config) -> None:
+    _check_busway_assets(config)
     stream_names: set[str] = set()
     for i, stream in enumerate(config.streams):
         path = f"$.streams[{i}]"
@@ -589,6 +672,13 @@ def _check_topology(config: Config) -> None:
             raise ConfigError("a stream needs at least one subject", path=f"{path}.subjects")
         for j, subject in enumerate(stream.subjects):
             _check_subject(subject, f"{path}.subjects[{j}]", wildcards=True)
+            for theirs, whose in _reserved_subjects(config):
+                if overlaps(subject, theirs):
+                    raise ConfigError(
+                        f"subject {subject!r} overlaps {theirs!r}, where {whose}: JetStream "
+                        "refuses overlapping streams; narrow the subject",
+                        path=f"{path}.subjects[{j}]",
+                    )
             for k, other in enumerate(config.streams[:i]):
                 if any(overlaps(subject, theirs) for theirs in other.subjects):
                     raise ConfigError(
@@ -611,7 +701,7 @@ def _check_topology(config: Config) -> None:
                 "a route needs at least one subject in `to` (or a `switch` or `reply` stage)",
                 path=f"{path}.to",
             )
-        for target, target_path in _route_targets(route, path):
+        for target, target_path in route_targets(route, path):
             _check_subject(target, target_path, wildcards=False)
             _check_captured(config, target, target_path)
             if covers(route.from_, target):
@@ -647,7 +737,37 @@ def _check_topology(config: Config) -> None:
             _check_captured(config, ".".join(tokens), f"{path}.subject")
 
 
-def _route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BUCKET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_busway_assets(config: Config) -> None:
+    """busway's own dead-letter stream and state bucket: names JetStream accepts."""
+    if not _NAME.match(config.dead_letter.stream):
+        raise ConfigError(
+            f"stream name {short(config.dead_letter.stream)!r} must be 1-64 letters, digits, "
+            "'-' or '_'",
+            path="$.dead_letter.stream",
+        )
+    _check_subject(
+        config.dead_letter.subject_prefix, "$.dead_letter.subject_prefix", wildcards=False
+    )
+    if not _BUCKET.match(config.state_bucket):
+        raise ConfigError(
+            f"state_bucket {short(config.state_bucket)!r} must be 1-64 letters, digits, '-' or '_'",
+            path="$.state_bucket",
+        )
+
+
+def _reserved_subjects(config: Config) -> list[tuple[str, str]]:
+    """Subjects busway's own streams capture, which a declared stream must not overlap."""
+    return [
+        (f"{config.dead_letter.subject_prefix}.>", "dead letters go"),
+        (f"$KV.{config.state_bucket}.>", "the state bucket lives"),
+    ]
+
+
+def route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
     """Every subject a route may publish to (stored in JetStream), with its config path."""
     targets = [(target, f"{path}.to[{j}]") for j, target in enumerate(route.to)]
     for j, stage in enumerate(route.stages):
@@ -685,25 +805,33 @@ def _check_consumer(config: Config, component: _Consumer, path: str) -> None:
     _check_subject(component.from_, f"{path}.from", wildcards=True)
     if component.stream is None:
         _check_captured(config, component.from_, f"{path}.from")
-    elif component.stream not in {stream.name for stream in config.streams}:
-        raise ConfigError(
-            f"stream {component.stream!r} is not declared: add a [[streams]] table for it "
-            "(with `create = false` if it is managed elsewhere)",
-            path=f"{path}.stream",
-        )
+    else:
+        stream = next((s for s in config.streams if s.name == component.stream), None)
+        if stream is None:
+            raise ConfigError(
+                f"stream {component.stream!r} is not declared: add a [[streams]] table for it "
+                "(with `create = false` if it is managed elsewhere)",
+                path=f"{path}.stream",
+            )
+        if not any(covers(pattern, component.from_) for pattern in stream.subjects):
+            raise ConfigError(
+                f"stream {stream.name!r} does not capture {component.from_!r}: JetStream "
+                "refuses a consumer whose filter is outside its stream's subjects",
+                path=f"{path}.from",
+            )
     dead_letter = config.dead_letter_subject(component)
     _check_subject(dead_letter, f"{path}.dead_letter", wildcards=False)
     _check_captured(config, dead_letter, f"{path}.dead_letter")
 
 
 def _check_subject(subject: str, path: str, *, wildcards: bool) -> None:
-    if not is_valid_subject(subject, wildcards=wildcards):
+    if not is_valid_subject(subject, wildcards=wildcards) or _CONTROL.search(subject):
         expected = (
             "dot-separated tokens; `*` for one token, `>` for the rest"
             if wildcards
             else "dot-separated tokens without wildcards"
         )
-        raise ConfigError(f"invalid subject {subject!r}: expected {expected}", path=path)
+        raise ConfigError(f"invalid subject {short(subject)!r}: expected {expected}", path=path)
 
 
 def _check_captured(config: Config, subject: str, path: str) -> None:
@@ -713,62 +841,3 @@ def _check_captured(config: Config, subject: str, path: str) -> None:
             "table (messages are only durable inside a stream)",
             path=path,
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Line numbers for key paths
-
-
-def locate_in_file(error: ConfigError, file: str | os.PathLike[str]) -> ConfigError:
-    """`error` (found after decoding, e.g. by compiling an expression) placed in `file`."""
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError:
-        return error
-    return error.located(file=os.fspath(file), line=_line_of(text, error.path or "$"))
-
-
-_HEADER = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]?\]\s*(#.*)?$")
-_PATH_TOKEN = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]")
-
-
-def _line_of(text: str, path: str) -> int | None:
-    """Best-effort 1-based line of the key at `path` (`$.routes[1].to`) in TOML `text`.
-
-    Handles the shapes busway configs use: top-level keys, `[table]`, `[[array]]` and keys inside
-    them. Returns None where the key is not written out (a default) or the shape is unusual.
-    """
-    tokens: list[tuple[str, int | None]] = []
-    for name, index in _PATH_TOKEN.findall(path):
-        if name:
-            tokens.append((name, None))
-        elif tokens and tokens[-1][1] is None:
-            tokens[-1] = (tokens[-1][0], int(index))
-    if not tokens:
-        return None
-    lines = text.splitlines()
-    (table, index), rest = tokens[0], tokens[1:]
-    if index is None and not rest:  # `$.shutdown_timeout`: a top-level key
-        return _find_key(lines, 0, table)
-    seen = -1
-    for number, line in enumerate(lines):
-        header = _HEADER.match(line)
-        if not header or header.group(2) != table or (header.group(1) is None) != (index is None):
-            continue
-        seen += 1
-        if index is not None and seen != index:
-            continue
-        if rest and rest[0][0]:
-            return _find_key(lines, number + 1, rest[0][0]) or number + 1
-        return number + 1
-    return None
-
-
-def _find_key(lines: list[str], start: int, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-    for number in range(start, len(lines)):
-        if _HEADER.match(lines[number]):
-            return None
-        if pattern.match(lines[number]):
-            return number + 1
-    return None

@@ -87,6 +87,7 @@ class ConsumerComponent(abc.ABC):
         refusals: WriteRefusals | None = None,
         gate: IsolationGate,
         ledger: AttemptLedger,
+        start: str | None = None,
     ) -> None:
         self.client = client
         self.js = js
@@ -101,6 +102,7 @@ class ConsumerComponent(abc.ABC):
         self.publish_timeout = publish_timeout
         self.refusals = refusals if refusals is not None else WriteRefusals()
         """Where refused writes (JetStream full) are reported, for `/readyz`."""
+        self.start = start
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
         self.pull = ContinuousPull(
@@ -140,6 +142,7 @@ class ConsumerComponent(abc.ABC):
             filter_subject=self.filter_subject,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_in_flight,
+            start=self.start,
         )
         async with anyio.create_task_group() as tg:
             self._task_group = tg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ from nats.js.api import StreamConfig as NatsStreamConfig
 from nats.js.kv import KeyValue
 
 from busway._components import PublishAck
-from busway._config import NatsConfig, StreamConfig
+from busway._config import NatsConfig, StreamConfig, start_time
 from busway._errors import PublishError, RetryableError, StartupError
 from busway._readiness import WriteRefusals
 
@@ -290,25 +291,79 @@ async def ensure_consumer(
     filter_subject: str,
     ack_wait: float,
     max_ack_pending: int,
+    start: str | None = None,
 ) -> None:
     """Create the durable pull consumer `durable`, or update it to match.
 
     `max_deliver` stays unlimited: busway counts attempts itself and dead-letters, because
     JetStream would otherwise stop redelivering silently (it has no dead-letter queue).
+
+    `start` (`"all"`, `"new"`, an RFC 3339 time; None = `"all"`) only applies when the consumer
+    is created: JetStream cannot move an existing consumer, so an existing one keeps where it
+    started, and a `start` that differs is reported as having no effect. A new consumer that
+    starts on a non-empty stream without an explicit `start` says how much it will replay.
     """
-    config = ConsumerConfig(
-        name=durable,
-        durable_name=durable,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_ack_pending=max_ack_pending,
-        max_deliver=-1,
-        filter_subject=filter_subject,
-        max_waiting=512,
+    what = f"consumer {durable!r} on stream {stream!r}"
+    policy, moment = _deliver_policy(start)
+    with _startup_errors(f"cannot declare {what}"):
+        try:
+            existing: ConsumerConfig | None = (await js.consumer_info(stream, durable)).config
+        except nats.js.errors.NotFoundError:
+            existing = None
+        if existing is not None:
+            was = (existing.deliver_policy or DeliverPolicy.ALL, existing.opt_start_time)
+            if start is not None and was != (policy, moment):
+                logger.warning(
+                    "%s: start = %r has no effect: the consumer exists (it started at %s) and "
+                    "JetStream cannot move an existing consumer; to start over, stop busway "
+                    "and delete it (nats consumer rm %s %s), or rename the component",
+                    what,
+                    start,
+                    _start_label(*was),
+                    stream,
+                    durable,
+                )
+            policy, moment = was
+        config = ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            deliver_policy=policy,
+            opt_start_time=moment,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            max_deliver=-1,
+            filter_subject=filter_subject,
+            max_waiting=512,
+        )
+        info = await js.add_consumer(stream, config)
+    if existing is None:
+        logger.info("%s created, starting at %s", what, _start_label(policy, moment))
+        if start is None and info.num_pending:
+            logger.warning(
+                '%s is new and starts at the beginning of the stream (start = "all", the '
+                "default): %d earlier message(s) on %s will be processed; set start = "
+                '"new" (or a time) on the component to skip history',
+                what,
+                info.num_pending,
+                filter_subject,
+            )
+
+
+def _deliver_policy(start: str | None) -> tuple[DeliverPolicy, datetime.datetime | None]:
+    if start is None or start == "all":
+        return DeliverPolicy.ALL, None
+    if start == "new":
+        return DeliverPolicy.NEW, None
+    return DeliverPolicy.BY_START_TIME, start_time(start)
+
+
+def _start_label(policy: str | None, moment: datetime.datetime | None) -> str:
+    if policy == DeliverPolicy.BY_START_TIME and moment is not None:
+        return moment.isoformat()
+    return {"all": "the beginning of the stream", "new": "new messages"}.get(
+        str(getattr(policy, "value", policy)), str(policy)
     )
-    with _startup_errors(f"cannot declare consumer {durable!r} on stream {stream!r}"):
-        await js.add_consumer(stream, config)
 
 
 def publish_error(exc: BaseException, subject: str) -> PublishError:

@@ -12,6 +12,7 @@ from typing import cast
 
 from busway._components import BuildContext, Sink, Source
 from busway._config import Config, RouteConfig, SinkConfig, SourceConfig
+from busway._cycles import CycleReport, check_cycles
 from busway._errors import BuswayError, ConfigError
 from busway._registry import AdapterRegistry
 from busway.routers.route import Route, RouteCompileError, compile_route
@@ -27,10 +28,20 @@ class Plan:
     routes: list[tuple[RouteConfig, Route]]
     sources: list[tuple[SourceConfig, Source]]
     sinks: list[tuple[SinkConfig, Sink]]
+    cycles: CycleReport
+    """Which routes count hops because a cycle may pass through them (see `busway._cycles`)."""
+
+    def hop_limit(self, route: RouteConfig) -> int | None:
+        """The hop limit `route` enforces at run time; None for routes no cycle can reach."""
+        return route.hop_limit if route.name in self.cycles.counted else None
 
 
 def build_plan(config: Config, registry: AdapterRegistry, *, file: str | None = None) -> Plan:
     """Compile every route and construct every adapter of `config`; ConfigError if any fails."""
+    try:
+        cycles = check_cycles(config)
+    except ConfigError as exc:
+        raise exc.located(file=file) from None
     context = BuildContext(base_dir=Path(config.base_dir))
     routes = []
     for index, route in enumerate(config.routes):
@@ -60,7 +71,7 @@ def build_plan(config: Config, registry: AdapterRegistry, *, file: str | None = 
         (sink, cast(Sink, _construct(registry, sink, "sink", f"$.sinks[{i}]", file, context)))
         for i, sink in enumerate(config.sinks)
     ]
-    return Plan(config=config, routes=routes, sources=sources, sinks=sinks)
+    return Plan(config=config, routes=routes, sources=sources, sinks=sinks, cycles=cycles)
 
 
 def _construct(

@@ -37,6 +37,7 @@ from busway._consumer import ConsumerComponent
 from busway._delivery import ACK, REPLAY_ORIGIN_HEADER, passthrough_headers
 from busway._errors import RetryableError
 from busway._fast_publish import publish_with_id
+from busway._hops import HopCounter
 from busway._jetstream import await_pub_ack, publish_error
 from busway.routers.context import MessageContext
 from busway.routers.pipeline import OUT, REPLY, Output, RouteServices, RoutingError
@@ -61,9 +62,17 @@ class RouteWorker(ConsumerComponent):
     """One route's consumer, publisher and settler."""
 
     def __init__(
-        self, *, route: Route, services: RouteServices, state_bucket: str, **kwargs: Any
+        self,
+        *,
+        route: Route,
+        services: RouteServices,
+        state_bucket: str,
+        hop_limit: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.hops = HopCounter(hop_limit) if hop_limit is not None else None
+        """Set on routes a cycle may pass through: they count hops and enforce the limit."""
         self.route = route
         self.services = services
         self.state_bucket_name = state_bucket
@@ -99,6 +108,9 @@ class RouteWorker(ConsumerComponent):
         """Run the route and publish its outputs; the settler acks once they are stored."""
         received = time.monotonic()
         route = self.route
+        if self.hops is not None and (looping := self.hops.refusal(message.headers)):
+            await self.reject(message, sequence, attempt, looping)
+            return
         # [isolation] While suspects wait, this route's messages go through the guarded path.
         if route.is_async or route.aggregation is not None or self.suspects:
             self._spawn(message, sequence, attempt, received)
@@ -240,6 +252,7 @@ class RouteWorker(ConsumerComponent):
         if not outputs:
             return None
         inherited = message.headers
+        hop = self.hops.next_hop(inherited) if self.hops is not None else None
         id_base += self._id_suffix
         publish = self.js.publish_async
         indexes = self._indexes
@@ -249,6 +262,8 @@ class RouteWorker(ConsumerComponent):
             headers = passthrough_headers(inherited) if inherited else None
             if extra:
                 headers = {**headers, **extra} if headers else dict(extra)
+            if hop:
+                headers = {**headers, **hop} if headers else dict(hop)
             if kind == REPLY:
                 await self._reply(subject, body, headers or {})
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from busway import Config, ConfigError, default_registry, load_config
 from busway._config import decode_config
 from busway._durations import parse_duration
+from busway._plan import build_plan
 from busway.adapters.file import FileSinkConfig
 from busway.adapters.http import HttpSourceConfig
 
@@ -280,3 +282,178 @@ subject = "SUBJECT"
     error = error_of(text.replace("SUBJECT", "invoices.{region}"))
     assert error.path == "$.sources[0].subject"
     assert "no stream captures subject 'invoices.*'" in str(error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: every one is a one-line ConfigError, never another exception or a hang.
+
+
+def load_bytes(tmp_path: Path, content: bytes) -> ConfigError:
+    path = tmp_path / "busway.toml"
+    path.write_bytes(content)
+    registry = default_registry()
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, source_types=registry.source_config, sink_types=registry.sink_config)
+    assert caught.value.file == str(path)
+    return caught.value
+
+
+def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    error = load_bytes(tmp_path, b'[nats]\nname = "caf\xe9"\n')
+    assert error.line == 2
+    assert "not valid UTF-8 (byte 0xe9 on line 2)" in str(error)
+
+
+def test_a_config_path_that_is_a_device_is_refused_without_reading_it(tmp_path: Path) -> None:
+    registry = default_registry()
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(
+            "/dev/zero", source_types=registry.source_config, sink_types=registry.sink_config
+        )
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("/dev/zero", "is not a regular file"),
+        ("/", "Is a directory"),
+        ("", "names no file"),
+        ("/nonexistent/secret", "No such file or directory"),
+    ],
+)
+def test_file_references_that_cannot_be_a_secret_are_refused(reference: str, message: str) -> None:
+    error = error_of(f'[nats]\nname = "${{file:{reference}}}"\n')
+    assert error.path == "$.nats.name"
+    assert error.line == 2
+    assert message in str(error)
+
+
+def test_a_fifo_nobody_writes_to_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    error = error_of(f'[nats]\nname = "${{file:{fifo}}}"\n')
+    assert "is not a regular file" in str(error)
+    registry = default_registry()
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(fifo, source_types=registry.source_config, sink_types=registry.sink_config)
+
+
+def test_a_huge_referenced_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (1024 * 1024 + 1))
+    error = error_of(f'[nats]\nname = "${{file:{big}}}"\n')
+    assert "larger than 1024 KiB" in str(error)
+
+
+@pytest.mark.parametrize(
+    "value", ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000, "[" * 40 + "]" * 40]
+)
+def test_deep_nesting_is_refused(value: str) -> None:
+    error = error_of(f"[nats]\nname = {value}\n")
+    assert "nested more than 32 levels deep" in str(error)
+    assert error.line == 2
+
+
+def test_nul_characters_are_refused_where_they_would_reach_paths_and_subjects() -> None:
+    error = error_of('[nats]\ndata_dir = "var/\\u0000nats"\n')
+    assert error.path == "$.nats.data_dir"
+    assert "NUL character" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inf", "at most 100 years"),
+        ("nan", "number of seconds, got nan"),
+        ("-1", "cannot be negative"),
+        ("1e300", "at most 100 years"),
+        ('"99999999999999999999999999d"', "at most 100 years"),
+        ("123456789012345678901234567890", "at most 100 years"),
+    ],
+)
+def test_durations_are_finite_and_bounded(value: str, message: str) -> None:
+    error = error_of(f"shutdown_timeout = {value}\n")
+    assert error.path == "$.shutdown_timeout"
+    assert message in str(error)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("max_in_flight = 0", "Expected `int` >= 1"),
+        ("max_in_flight = 18446744073709551616", "Expected `int` <= 1000000"),
+        ("retry = { max_attempts = -3 }", "Expected `int` >= 1"),
+        ('ack_wait = "0s"', "ack_wait must be more than 0s"),
+    ],
+)
+def test_counts_and_waits_are_bounded(setting: str, message: str) -> None:
+    error = error_of(STAGED.replace("STAGES", f'to = ["orders.out"]\n{setting}'))
+    assert error.path is not None and error.path.startswith("$.routes[0]")
+    assert message in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        (
+            '[[streams]]\nname = "S"\nsubjects = ["s.>"]\nmax_age = "1m"\n',
+            "$.streams[0]",
+            "duplicate_window (300s) is longer than max_age (60s)",
+        ),
+        ('[[streams]]\nname = "S"\nsubjects = ["s.>"]\nmax_bytes = -1\n', "", ">= 1"),
+        ('[[streams]]\nname = "S"\nsubjects = ["s.>"]\nreplicas = 7\n', "", "<= 5"),
+        (
+            '[[streams]]\nname = "S"\nsubjects = ["busway.>"]\n',
+            "$.streams[0].subjects[0]",
+            "overlaps 'busway.deadletter.>', where dead letters go",
+        ),
+        (
+            '[[streams]]\nname = "S"\nsubjects = [">"]\n',
+            "$.streams[0].subjects[0]",
+            "overlaps",
+        ),
+        ('state_bucket = "a.b"\n', "$.state_bucket", "must be 1-64 letters"),
+        ('[dead_letter]\nsubject_prefix = "dl.*"\n', "$.dead_letter.subject_prefix", "invalid"),
+        ("[nats]\nservers = []\n", "$.nats.servers", "servers is empty"),
+        ('[nats]\nservers = ["nats://host:99999"]\n', "$.nats.servers", "expected a URL"),
+        ('[nats]\nservers = ["http://host:4222"]\n', "$.nats.servers", "expected a URL"),
+        ('[nats]\nsync = "1d"\n', "$.nats.sync", "ms, s, m or h over 0"),
+        ('[nats]\ndata_dir = "a\\"b"\n', "$.nats.data_dir", "quotes, backslashes"),
+        ('[nats]\nlisten = "a b:4222"\n', "$.nats.listen", "expected host:port"),
+        ("[nats]\npublish_timeout = 0\n", "$.nats.publish_timeout", "must be more than 0s"),
+    ],
+)
+def test_settings_jetstream_or_the_server_would_refuse_at_start_are_refused_by_check(
+    text: str, path: str, message: str
+) -> None:
+    error = error_of(text)
+    assert message in str(error)
+    if path:
+        assert error.path == path
+
+
+def test_a_dead_letter_max_age_below_the_duplicate_window_shortens_the_window() -> None:
+    config = decode('[dead_letter]\nmax_age = "1m"\n')
+    assert config.dead_letter_stream.duplicate_window == 60.0
+
+
+def test_a_toml_datetime_is_read_as_an_rfc3339_string() -> None:
+    error = error_of("[nats]\nname = 2025-01-01T00:00:00Z\nlisten = 3\n")
+    assert error.path == "$.nats.listen"  # name was accepted as a string
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("a." * 500_000 + "a", "more than the 16384 allowed"),
+        ("(" * 3000 + "a" + ")" * 3000, "nested too deeply"),
+        ("a || " * 3000 + "a", "nested too deeply"),
+    ],
+    ids=["megabyte", "parentheses", "or-chain"],
+)
+def test_huge_or_deep_expressions_are_config_errors(expression: str, message: str) -> None:
+    config = decode(STAGED.replace("STAGES", f'to = ["orders.out"]\nwhen = "{expression}"'))
+    with pytest.raises(ConfigError) as caught:
+        build_plan(config, default_registry())
+    assert caught.value.path == "$.routes[0].when"
+    assert message in str(caught.value)

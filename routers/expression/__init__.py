@@ -41,6 +41,11 @@ BUILTIN_FUNCTIONS: Final[frozenset[str]] = frozenset(BUILTINS)
 
 FunctionsArg = Mapping[str, Function] | Iterable[Function] | None
 
+#: The longest expression accepted. Real ones are a few hundred characters; the parser is
+#: recursive and some shapes (`a.a.a...`) compile in quadratic time, so a megabyte of text
+#: would exhaust the stack or take minutes at start-up instead of failing at once.
+MAX_EXPRESSION_CHARS: Final = 16_384
+
 
 class Expression(functools.partial[Any]):
     """A compiled JMESPath expression. Immutable and thread-safe (the closures keep no state
@@ -107,7 +112,18 @@ def compile_expression(source: str, functions: FunctionsArg = None) -> Expressio
     `functions` (a programming error rather than a configuration one).
     """
     table = _function_table(functions)
-    evaluate, predicate = compile_tree(source, table)
+    if len(source) > MAX_EXPRESSION_CHARS:
+        raise ExpressionSyntaxError(
+            "syntax",
+            f"the expression is {len(source)} characters long, more than the "
+            f"{MAX_EXPRESSION_CHARS} allowed: split it into stages",
+        )
+    try:
+        evaluate, predicate = compile_tree(source, table)
+    except RecursionError:
+        raise ExpressionSyntaxError(
+            "syntax", "the expression is nested too deeply to compile"
+        ) from None
     return Expression(source, evaluate, predicate, table)
 
 
