@@ -166,7 +166,8 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     nkey_seed: str | None = None
     """A file holding an NKey user seed (`SU...`), for servers that list NKey users."""
     connect_timeout: Duration = Duration(5.0)
-    """How long the first connection may take before start-up fails."""
+    """How long the first connection may take before start-up fails (at least 500ms: a TCP
+    and TLS handshake to a loaded server needs that much)."""
     publish_timeout: Duration = Duration(10.0)
     """How long to wait for a PubAck before a publish counts as failed."""
     publish_window: Count = 1024
@@ -182,6 +183,11 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             _check_sync(self.sync)
         if not self.publish_timeout > 0:
             raise ValueError("publish_timeout must be more than 0s")
+        if not self.connect_timeout >= _SHORTEST_CONNECT:
+            raise ValueError(
+                f"connect_timeout must be at least {_SHORTEST_CONNECT * 1000:g}ms, "
+                f"got {float(self.connect_timeout) * 1000:g}ms"
+            )
         if _UNSAFE_IN_SERVER_CONFIG.search(self.data_dir):
             raise ValueError(
                 f"data_dir {short(self.data_dir)!r}: quotes, backslashes and control "
@@ -191,6 +197,8 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             raise ValueError("give one of `credentials` (a .creds file) and `nkey_seed`")
         _check_listen(self.listen)
 
+
+_SHORTEST_CONNECT = 0.5  # seconds
 
 # Characters that would break out of a quoted string in nats-server's config file.
 _UNSAFE_IN_SERVER_CONFIG = re.compile(r'["\\\x00-\x1f\x7f]')

@@ -39,6 +39,7 @@ from nats.js.api import RawStreamMsg
 from busway._config import Config
 from busway._delivery import REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER, REPLAY_ORIGIN_HEADER
 from busway._errors import BuswayError
+from busway._hops import HOPS_HEADER
 from busway.routers.subject import covers, is_valid_subject
 
 __all__ = [
@@ -58,6 +59,7 @@ REPLAY_COUNT_HEADER = "Busway-Replay-Count"
 
 FAILURE_HEADERS = frozenset(
     {
+        HOPS_HEADER,  # a replay starts a fresh count (a `hop_limit` dead letter could not pass)
         "Busway-Component",
         "Busway-Component-Kind",
         "Busway-Error-Reason",

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.anyio
 
 LONGEST = '"36500d"'  # 100 years, the longest duration accepted
 SHORTEST_AGE = '"100ms"'  # JetStream's shortest max_age and duplicate window
+# connect_timeout's shortest is 500ms (config check)
 
 
 def edge_config(server: NatsServer, unique: str, *, big: bool) -> str:
@@ -35,7 +36,7 @@ shutdown_timeout = {duration if big else '"0s"'}
 [nats]
 servers = ["{server.url}"]
 publish_timeout = {duration}
-connect_timeout = {duration}
+connect_timeout = {duration if big else '"500ms"'}
 publish_window = {count}
 
 [http]
@@ -66,6 +67,7 @@ path = "out.jsonl"
 batch_size = {count}
 batch_wait = {duration}
 max_in_flight = {count}
+index_size = {count}
 ack_wait = {duration}
 circuit = {{ failures = {count}, cool_down = {duration} }}
 """

@@ -580,3 +580,31 @@ async def test_deleting_a_dead_letter_someone_else_deleted_is_no_failure(
 
     assert await _delete_all(js, [gone, there]) == [None, None]
     assert await list_dead_letters(js, config) == []
+
+
+def test_a_replay_carries_no_failure_headers_and_starts_a_fresh_hop_count() -> None:
+    letter = DeadLetter(
+        stream="BUSWAY_DEADLETTER",
+        seq=7,
+        time=datetime.now(UTC),
+        subject="busway.deadletter.loop",
+        component="loop",
+        kind="route",
+        reason="hop_limit",
+        error="32 hops",
+        original_subject="orders.in",
+        original_stream="ORDERS",
+        original_seq=3,
+        headers={
+            "Busway-Hops": "32",
+            "Busway-Error-Reason": "hop_limit",
+            "Busway-Original-Stream": "ORDERS",
+            "X-Tenant": "acme",
+        },
+    )
+    headers = letter.replay_headers()
+    assert "Busway-Hops" not in headers
+    assert "Busway-Error-Reason" not in headers
+    assert headers["X-Tenant"] == "acme"
+    assert headers["Busway-Replay-Origin"] == "ORDERS:3"
+    assert headers["Busway-Replay-For"] == "route:loop"
