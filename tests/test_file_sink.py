@@ -361,5 +361,5 @@ index_size = 100
 """
     with pytest.raises(ConfigError) as raised:
         decode_test_config(text, tmp_path)
-    assert raised.value.path == "$.sinks[0]"
+    assert raised.value.path == "$.sinks[0].index_size"
     assert "index_size (100) must be at least max_in_flight (500)" in str(raised.value)
