@@ -85,7 +85,7 @@ async def run_raw(url: str, path: Path, stream: str) -> float:
 
 async def run_busway(url: str, path: Path, stream: str, work: Path) -> float:
     from busway import Bus, default_registry
-    from busway._config import decode_config
+    from busway._config.model import decode_config
     from busway.adapters.file import FileSource
 
     inbox = work / f"inbox-{stream}"

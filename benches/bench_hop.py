@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from raw_hop import run_raw_hop
 
 from busway import Bus, default_registry
-from busway._config import decode_config
-from busway._embedded import find_nats_server
+from busway._config.model import decode_config
+from busway._nats.embedded import find_nats_server
 
 WHEN = "id >= `0` && kind == 'order' && ts >= `0`"
 TRANSFORM = "{id: id, kind: kind, ts: ts, size: length(pad)}"

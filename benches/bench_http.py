@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hop import payload, start_server
 
 from busway import Bus, default_registry
-from busway._config import decode_config
-from busway._listener import Listener
+from busway._config.model import decode_config
+from busway._ingress.listener import Listener
 
 LOAD = textwrap.dedent(
     """

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from busway import Bus, default_registry  # noqa: E402
-from busway._config import decode_config  # noqa: E402
+from busway._config.model import decode_config  # noqa: E402
 from tests.sql.servers import MariaDBServer, PostgresServer  # noqa: E402
 from tests.support import NatsServer  # noqa: E402
 

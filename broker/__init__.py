@@ -24,7 +24,8 @@ from busway._components import (
     SourceContext,
     StateStore,
 )
-from busway._config import (
+from busway._config.durations import Duration
+from busway._config.model import (
     CircuitConfig,
     Config,
     DeadLetterConfig,
@@ -38,7 +39,7 @@ from busway._config import (
     decode_config,
     load_config,
 )
-from busway._dlq import (
+from busway._dlq.read import (
     DeadLetter,
     DeadLetterError,
     DeadLetterFilters,
@@ -48,8 +49,7 @@ from busway._dlq import (
     iter_dead_letters,
     list_dead_letters,
 )
-from busway._dlq_replay import purge_dead_letters, replay_dead_letters
-from busway._durations import Duration
+from busway._dlq.replay import purge_dead_letters, replay_dead_letters
 from busway._errors import (
     BatchError,
     BuswayError,
@@ -60,7 +60,7 @@ from busway._errors import (
     RetryableError,
     StartupError,
 )
-from busway._metrics import ComponentStats
+from busway._observe.metrics import ComponentStats
 from busway._registry import Adapter, AdapterRegistry, default_registry
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """`python -m busway` is the `busway` command."""
 
-from busway._cli import main
+from busway._cli.main import main
 
 raise SystemExit(main())

@@ -9,7 +9,7 @@ sinks, routes and finally sources and the listener, each through `task_group.sta
 port or a refused stream raises here instead of leaving a half-started bus. An embedded server
 that dies later is restarted on its store (`EmbeddedNatsServer.watch`); if it cannot be, the
 bus stops and leaving the block raises why. A source that crashes after it started is
-restarted with back-off (`busway._source_runner`), the rest of the bus untouched.
+restarted with back-off (`busway._ingress.source_runner`), the rest of the bus untouched.
 
 Leaving the block shuts down gracefully: the listener stops taking requests and finishes those
 in progress, sources stop, and meanwhile routes and sinks stop pulling and settle what they
@@ -38,9 +38,8 @@ from nats.js.kv import KeyValue
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from busway._circuit import STATE_NAMES
 from busway._components import DedupStore, Sink, Source, SourceContext
-from busway._config import (
+from busway._config.model import (
     Config,
     RouteConfig,
     SinkConfig,
@@ -48,11 +47,16 @@ from busway._config import (
     load_config,
     locate_in_file,
 )
-from busway._consumer import ConsumerComponent
-from busway._embedded import EmbeddedNatsServer
+from busway._config.plan import Plan, build_plan
+from busway._delivery.consumer import ConsumerComponent
+from busway._delivery.isolation import AttemptLedger, IsolationGate
+from busway._egress.circuit import STATE_NAMES
+from busway._egress.worker import SinkWorker
 from busway._errors import BuswayError, ConfigError, StartupError
-from busway._isolation import AttemptLedger, IsolationGate
-from busway._jetstream import (
+from busway._ingress.listener import DeferredApp, Listener, build_app
+from busway._ingress.source_runner import run_source
+from busway._nats.embedded import EmbeddedNatsServer
+from busway._nats.jetstream import (
     JetStreamPublisher,
     KeyValueState,
     connect,
@@ -64,16 +68,12 @@ from busway._jetstream import (
     server_name_of,
     state_bucket,
 )
-from busway._listener import DeferredApp, Listener, build_app
-from busway._metrics import ComponentStats, MetricsCollector, new_registry
-from busway._plan import Plan, build_plan
-from busway._readiness import WriteRefusals, component_reason
+from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
+from busway._observe.readiness import WriteRefusals, component_reason
 from busway._registry import AdapterRegistry, default_registry
-from busway._requests import Requester
-from busway._route_services import NatsRouteServices
-from busway._route_worker import RouteWorker
-from busway._sink_worker import SinkWorker
-from busway._source_runner import run_source
+from busway._routing.requests import Requester
+from busway._routing.services import NatsRouteServices
+from busway._routing.worker import RouteWorker
 from busway.routers.route import Route
 
 __all__ = ["Bus", "ReloadReport"]
@@ -157,7 +157,7 @@ class Bus(AsyncContextManagerMixin):
 
     def readiness(self) -> dict[str, bool]:
         """Readiness checks by name: the NATS connection, JetStream taking writes, and every
-        component (started, and neither stalled nor failing; see `busway._readiness`)."""
+        component (started, and neither stalled nor failing; see `busway._observe.readiness`)."""
         return {name: reason is None for name, reason in self.readiness_reasons().items()}
 
     def readiness_reasons(self) -> dict[str, str | None]:

@@ -18,7 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from busway._components import BuildContext, Sink, Source
-from busway._config import SinkConfig, SourceConfig
+from busway._config.model import SinkConfig, SourceConfig
 from busway._errors import ConfigError
 
 __all__ = ["Adapter", "AdapterRegistry", "default_registry"]

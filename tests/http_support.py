@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from busway._listener import Listener
+from busway._ingress.listener import Listener
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from busway import Config, default_registry
-from busway._config import decode_config
-from busway._embedded import find_nats_server
+from busway._config.model import decode_config
+from busway._nats.embedded import find_nats_server
 
 REPO = Path(__file__).resolve().parents[1]
 

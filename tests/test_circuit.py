@@ -23,7 +23,7 @@ from busway import (
     SinkConfig,
     decode_config,
 )
-from busway._circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from busway._egress.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from tests.support import NatsServer, eventually, wait_settled
 
 

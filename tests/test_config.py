@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from busway import Config, ConfigError, default_registry, load_config
-from busway._config import decode_config
-from busway._durations import parse_duration
-from busway._plan import build_plan
+from busway._config.durations import parse_duration
+from busway._config.model import decode_config
+from busway._config.plan import build_plan
 from busway.adapters.file import FileSinkConfig
 from busway.adapters.http import HttpSourceConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from busway import ConfigError, default_registry
-from busway._plan import Plan, build_plan
+from busway._config.plan import Plan, build_plan
 from tests.support import REPO, decode_test_config, run_cli
 
 STREAMS = """

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from busway import Bus, ConfigError, default_registry
-from busway._cli import main
-from busway._config import load_config
+from busway._cli.main import main
+from busway._config.model import load_config
 from tests.support import REPO, run_cli
 
 EXAMPLES = sorted(

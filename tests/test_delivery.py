@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from busway import RetryPolicy
-from busway._delivery import dead_letter_headers, delivery_of, nak_payload, retry_delay
+from busway._delivery.contract import dead_letter_headers, delivery_of, nak_payload, retry_delay
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from busway._metrics import ComponentStats, MetricsCollector, new_registry
+from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from tests.support import REPO
 
 DASHBOARD = REPO / "deploy" / "grafana" / "busway-dashboard.json"

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from busway import default_registry, load_config
-from busway._plan import build_plan
-from busway._schema import config_schema
+from busway._config.plan import build_plan
+from busway._config.schema import config_schema
 from tests.support import REPO
 
 EXAMPLES = sorted(p for p in (REPO / "deploy").rglob("busway.toml"))

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 
 from busway import Bus, ComponentStats
 from busway._components import SourceContext
-from busway._dlq import (
+from busway._dlq.read import (
     DeadLetter,
     DeadLetterError,
     ReplayReport,
@@ -28,8 +28,8 @@ from busway._dlq import (
     get_dead_letter,
     list_dead_letters,
 )
-from busway._dlq_replay import _delete_all, purge_dead_letters, replay_dead_letters
-from busway._jetstream import JetStreamPublisher, KeyValueState, state_bucket
+from busway._dlq.replay import _delete_all, purge_dead_letters, replay_dead_letters
+from busway._nats.jetstream import JetStreamPublisher, KeyValueState, state_bucket
 from tests.support import (
     NatsServer,
     decode_test_config,

@@ -19,8 +19,8 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from starlette.responses import Response
 
 from busway import Bus
-from busway._dlq import list_dead_letters
-from busway._dlq_replay import replay_dead_letters
+from busway._dlq.read import list_dead_letters
+from busway._dlq.replay import replay_dead_letters
 from tests.http_support import Receiver, Seen, serving
 from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 

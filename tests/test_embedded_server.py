@@ -19,7 +19,7 @@ import nats
 import orjson
 import pytest
 
-import busway._embedded
+import busway._nats.embedded
 from busway import Bus, StartupError
 from tests.support import NatsServer, decode_test_config, eventually, free_port
 
@@ -66,10 +66,10 @@ async def kill_server(bus: Bus, tmp_path: Path) -> int:
 @pytest.fixture
 def quick_restarts() -> Iterator[None]:
     """Restart delays of 50 ms, so that giving up takes a second, not half a minute."""
-    saved = busway._embedded.RESTART_DELAYS
-    busway._embedded.RESTART_DELAYS = (0.05, 0.05)
+    saved = busway._nats.embedded.RESTART_DELAYS
+    busway._nats.embedded.RESTART_DELAYS = (0.05, 0.05)
     yield
-    busway._embedded.RESTART_DELAYS = saved
+    busway._nats.embedded.RESTART_DELAYS = saved
 
 
 async def test_a_killed_server_is_restarted_on_its_store_and_flow_resumes(tmp_path: Path) -> None:
@@ -157,8 +157,8 @@ async def test_reconnecting_to_another_server_on_the_port_stops_the_bus_untouche
     """Another nats-server (a second deployment) takes the port while ours is down, before
     our restart: the client reconnects to it, sees a foreign server name, and busway stops
     without declaring, pulling or publishing anything there."""
-    saved = busway._embedded.RESTART_DELAYS
-    busway._embedded.RESTART_DELAYS = (120.0,)  # the other server gets the port first
+    saved = busway._nats.embedded.RESTART_DELAYS
+    busway._nats.embedded.RESTART_DELAYS = (120.0,)  # the other server gets the port first
     port = free_port()
     config = decode_test_config(config_text(port), tmp_path)
     (tmp_path / "other").mkdir()
@@ -186,6 +186,6 @@ async def test_reconnecting_to_another_server_on_the_port_stops_the_bus_untouche
         finally:
             await client.close()
     finally:
-        busway._embedded.RESTART_DELAYS = saved
+        busway._nats.embedded.RESTART_DELAYS = saved
         if other is not None:
             other.stop()

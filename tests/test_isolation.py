@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
-from busway._isolation import IsolationGate
+from busway._delivery.isolation import IsolationGate
 from tests.support import (
     NatsServer,
     decode_test_config,

@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from busway import Bus, ConfigError, StartupError
-from busway._listener import Listener
+from busway._ingress.listener import Listener
 from tests.support import NatsServer, decode_test_config, free_port
 
 pytestmark = pytest.mark.anyio

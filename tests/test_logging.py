@@ -6,7 +6,7 @@ import logging
 
 import orjson
 
-from busway._logging import JsonFormatter
+from busway._observe.logging import JsonFormatter
 
 
 def test_json_formatter_writes_one_object_with_level_logger_message_and_extras() -> None:

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus, Config, ConfigError, default_registry
-from busway._config import decode_config
+from busway._config.model import decode_config
 from tests.support import NatsServer, eventually, run_cli
 
 pytestmark = pytest.mark.anyio

@@ -8,8 +8,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from busway import PublishError
-from busway._fast_publish import publish_with_id
-from busway._jetstream import JetStreamPublisher, jetstream
+from busway._nats.fast_publish import publish_with_id
+from busway._nats.jetstream import JetStreamPublisher, jetstream
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from busway import Bus
-from busway._status import format_status
+from busway._observe.status import format_status
 from tests.support import NatsServer, decode_test_config, eventually, wait_settled
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from busway import Bus
-from busway._jetstream import ensure_consumer, state_bucket
+from busway._nats.jetstream import ensure_consumer, state_bucket
 from tests.support import (
     NatsServer,
     decode_test_config,

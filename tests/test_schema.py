@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from busway import default_registry
-from busway._schema import REFERENCE_END, REFERENCE_START, config_reference, config_schema
+from busway._config.schema import REFERENCE_END, REFERENCE_START, config_reference, config_schema
 from tests.support import REPO, run_cli
 
 

@@ -39,9 +39,9 @@ from busway import (
     SinkConfig,
     decode_config,
 )
-from busway._consumer import ConsumerComponent
-from busway._delivery import ACK, DRAIN_NAK, TERM
-from busway._sink_worker import SinkWorker
+from busway._delivery.consumer import ConsumerComponent
+from busway._delivery.contract import ACK, DRAIN_NAK, TERM
+from busway._egress.worker import SinkWorker
 from busway.routers.route import Route
 from tests.support import NatsServer, decode_test_config, eventually, stream_messages, wait_settled
 
@@ -351,7 +351,7 @@ async def test_a_redelivery_that_crashed_nothing_is_processed_alone_and_drain_na
     # Deliver it twice without acking (as a daemon that died beside it would): its delivery
     # count is past max_attempts before busway ever handles it. No ledger entry blames it
     # (it was never processed alone when a process died), so it counts no real attempt:
-    # it is processed, alone, and acked (see busway._isolation).
+    # it is processed, alone, and acked (see busway._delivery.isolation).
     await js.add_consumer(
         f"IN_{unique}",
         ConsumerConfig(

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
-from busway._status import format_status
+from busway._observe.status import format_status
 from tests.support import NatsServer, decode_test_config, free_port, run_cli, wait_settled
 from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from busway import ConfigError, decode_config, default_registry
-from busway._plan import build_plan
+from busway._config.plan import build_plan
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "sql" / "busway.toml"
 

@@ -1,0 +1,1 @@
+"""The `busway` command line."""

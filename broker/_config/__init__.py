@@ -1,0 +1,3 @@
+"""The config: typed structs, decoding and line lookup, checks (cycles), the plan, the JSON
+Schema.
+"""

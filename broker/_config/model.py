@@ -1,0 +1,851 @@
+"""Configuration as typed data: TOML decoded once into frozen structs, then checked as a whole.
+
+Decoding runs in three steps, each reporting errors as `ConfigError(file, $.key.path, line)`:
+
+1. TOML is parsed, checked for what no setting can hold (deep nesting, NUL characters) and
+   `${ENV_VAR}` / `${file:/path}` references in strings are resolved (`$${` escapes a literal
+   `${`), so secrets stay out of the file: `busway._config.document`.
+2. msgspec converts the document into the structs below (`forbid_unknown_fields` catches typos).
+   Sources and sinks are tagged on `type` and decoded by the struct their adapter registered.
+3. The topology is checked: unique names, valid subjects, every subject read or written is
+   captured by a declared stream and none overlaps busway's own, and no route feeds itself
+   (longer route cycles are `busway._config.cycles`' job, when the plan is built).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+from busway._config.document import (
+    MAX_CONFIG_BYTES,
+    check_values,
+    interpolate,
+    parse_toml,
+    read_bounded,
+    short,
+)
+from busway._config.lines import key_line, line_of, locate_in_file
+from busway._errors import ConfigError
+from busway.routers.durations import Duration, decode_hook, parse_duration
+from busway.routers.stages import StageConfig
+from busway.routers.subject import covers, is_valid_subject, overlaps
+
+__all__ = [
+    "CircuitConfig",
+    "Config",
+    "DeadLetterConfig",
+    "HttpConfig",
+    "NatsConfig",
+    "RetryPolicy",
+    "RouteConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "StreamConfig",
+    "decode_config",
+    "load_config",
+    "locate_in_file",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_T = TypeVar("_T")
+
+
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.%A-Za-z]+\]|[A-Za-z0-9_.\-]+)$")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`(host, port)` of a `host:port` listen address; ValueError saying what is expected."""
+    host, sep, port = listen.rpartition(":")
+    if (
+        not sep
+        or not _HOST.match(host)
+        or not port.isascii()
+        or not port.isdigit()
+        or not 0 <= int(port) <= 65535
+    ):
+        raise ValueError(f"expected host:port such as '127.0.0.1:8080', got {short(listen)!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_listen(listen: str) -> None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
+
+
+def _check_server_url(url: str) -> None:
+    """A `[nats] servers` entry as nats-py reads it: `[scheme://][user@]host[:port]`."""
+    parsed = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parsed = parsed._replace(netloc="")
+    if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+        raise ValueError(
+            f"servers: expected a URL such as 'nats://127.0.0.1:4222', got {short(url)!r}"
+        )
+
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+"""A positive count with a sanity ceiling (in-flight messages, batch sizes, attempts)."""
+
+
+class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config table: immutable, keyword-only, unknown keys rejected."""
+
+
+class RetryPolicy(_Strict, frozen=True, kw_only=True):
+    """How often and how patiently a failing message is retried before it is dead-lettered.
+
+    The n-th redelivery waits `min(backoff * 2**(n-1), max_backoff)`, with ±20 % jitter so a
+    burst of failures does not come back as a burst.
+    """
+
+    max_attempts: Count = 10
+    """Attempts before a message is dead-lettered: failures busway retried, and crashes of the
+    daemon while the message was processed alone; not JetStream's redeliveries (README,
+    Operations).
+    """
+    backoff: Duration = Duration(0.5)
+    """First retry delay; doubles per attempt (±20 % jitter) up to `max_backoff`."""
+    max_backoff: Duration = Duration(60.0)
+    """Longest delay between attempts."""
+    schedule: list[Duration] = []
+    """Explicit delays, one per retry (`["1s", "10s", "1m"]`, the last repeats); replaces
+    `backoff`."""
+    permanent: list[str] = []
+    """Error reasons to dead-letter at once instead of retrying (e.g. `["enrich"]`)."""
+    transient: list[str] = []
+    """Error reasons to retry although busway would dead-letter them at once (e.g.
+    `["validation"]` while a schema is being fixed)."""
+
+    def is_transient(self, reason: str, *, default: bool) -> bool:
+        """Whether a failure of kind `reason` is retried: the policy's lists, else `default`."""
+        if reason in self.permanent:
+            return False
+        if reason in self.transient:
+            return True
+        return default
+
+
+class NatsConfig(_Strict, frozen=True, kw_only=True):
+    """Where JetStream is. Without `servers`, busway runs an embedded nats-server."""
+
+    servers: list[str] | None = None
+    """NATS URLs (`nats://host:4222`); without it busway runs an embedded nats-server."""
+    data_dir: str = "var/nats"
+    """Embedded server: JetStream store, config, log, pid file and `busway.lock` (one daemon per
+    data_dir)."""
+    listen: str = "127.0.0.1:4222"
+    """Embedded server: client address (port 0 = any free port); a port another process holds
+    is a start-up error, never shared."""
+    sync: str = "always"
+    """Embedded server: `"always"` fsyncs before every PubAck; a duration such as `"1s"` trades
+    safety for speed.
+    """
+    name: str = "busway"
+    """Client connection name, as monitoring tools show it."""
+    user: str | None = None
+    """User for `servers` (with `password`); secrets via `${ENV}` or `${file:...}`."""
+    password: str | None = None
+    """Password of `user`."""
+    token: str | None = None
+    """Token authentication to `servers`."""
+    credentials: str | None = None
+    """A `.creds` file (user JWT + NKey seed) for `servers`, relative to the config file."""
+    nkey_seed: str | None = None
+    """A file holding an NKey user seed (`SU...`), for servers that list NKey users."""
+    connect_timeout: Duration = Duration(5.0)
+    """How long the first connection may take before start-up fails (at least 500ms: a TCP
+    and TLS handshake to a loaded server needs that much)."""
+    publish_timeout: Duration = Duration(10.0)
+    """How long to wait for a PubAck before a publish counts as failed."""
+    publish_window: Count = 1024
+    """PubAcks in flight per connection (the pipelining bound)."""
+
+    def __post_init__(self) -> None:
+        if self.servers is not None:
+            if not self.servers:
+                raise ValueError("servers is empty: list NATS URLs, or remove it to embed one")
+            for url in self.servers:
+                _check_server_url(url)
+        if self.sync != "always":
+            _check_sync(self.sync)
+        if not self.publish_timeout > 0:
+            raise ValueError("publish_timeout must be more than 0s")
+        if not self.connect_timeout >= _SHORTEST_CONNECT:
+            raise ValueError(
+                f"connect_timeout must be at least {_SHORTEST_CONNECT * 1000:g}ms, "
+                f"got {float(self.connect_timeout) * 1000:g}ms"
+            )
+        if _UNSAFE_IN_SERVER_CONFIG.search(self.data_dir):
+            raise ValueError(
+                f"data_dir {short(self.data_dir)!r}: quotes, backslashes and control "
+                "characters cannot go into the embedded server's config file"
+            )
+        if self.credentials is not None and self.nkey_seed is not None:
+            raise ValueError("give one of `credentials` (a .creds file) and `nkey_seed`")
+        _check_listen(self.listen)
+
+
+_SHORTEST_CONNECT = 0.5  # seconds
+
+# Characters that would break out of a quoted string in nats-server's config file.
+_UNSAFE_IN_SERVER_CONFIG = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def _check_sync(sync: str) -> None:
+    """`[nats] sync`: a duration nats-server understands too (it has no `d` unit), over 0."""
+    seconds = parse_duration(sync)
+    if sync.strip().endswith("d") or not seconds > 0:
+        raise ValueError(
+            f'sync must be "always" or a duration in ms, s, m or h over 0, got {short(sync)!r}'
+        )
+
+
+class HttpConfig(_Strict, frozen=True, kw_only=True):
+    """The shared HTTP listener: HTTP sources, `/metrics`, `/healthz`, `/readyz`."""
+
+    listen: str | None = "127.0.0.1:8080"
+    """Shared listener for HTTP sources, `/metrics`, `/healthz`, `/readyz`, `/status`; `""`
+    turns it off."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) file: with `tls_key`, the listener speaks HTTPS only."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _check_listen(self.listen)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both `tls_cert` and `tls_key`")
+
+
+_DUPLICATE_WINDOW = Duration(300.0)
+_MIN_MAX_AGE = 0.1  # JetStream's minimum max_age and duplicate window (error 10052)
+
+
+class StreamConfig(_Strict, frozen=True, kw_only=True):
+    """A JetStream stream busway creates (or, with `create = false`, expects to exist).
+
+    `duplicate_window` must cover a restart plus the consumers' `ack_wait`: a message redelivered
+    after a crash republishes its outputs with the same `Nats-Msg-Id`, which the stream drops only
+    while the first copy is inside the window.
+    """
+
+    name: str
+    """Stream name (letters, digits, `-`, `_`)."""
+    subjects: list[str]
+    """Subjects the stream captures (wildcards allowed); streams may not overlap."""
+    duplicate_window: Duration = _DUPLICATE_WINDOW
+    """How long `Nats-Msg-Id`s are remembered to drop copies: cover a restart plus `ack_wait`."""
+    storage: Literal["file", "memory"] = "file"
+    """File (durable) or memory."""
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    """Copies in a NATS cluster (1, 3 or 5)."""
+    max_age: Duration | None = None
+    """Discard messages older than this (default: keep)."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+    """Discard the oldest messages beyond this size (default: unlimited)."""
+    max_msgs: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+    """Discard the oldest messages beyond this count (default: unlimited)."""
+    create: bool = True
+    """`false`: the stream is managed elsewhere; busway only checks it exists."""
+
+    def __post_init__(self) -> None:
+        if not self.duplicate_window >= _MIN_MAX_AGE:
+            raise ValueError("duplicate_window must be at least 100ms (JetStream's minimum)")
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
+        if self.max_age and self.duplicate_window > self.max_age:
+            raise ValueError(
+                f"duplicate_window ({float(self.duplicate_window):g}s) is longer than max_age "
+                f"({float(self.max_age):g}s): JetStream refuses that; shorten duplicate_window"
+            )
+
+
+class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
+    """Where messages that cannot be handled go: `<subject_prefix>.<component name>`."""
+
+    stream: str = "BUSWAY_DEADLETTER"
+    """Stream holding every dead letter."""
+    subject_prefix: str = "busway.deadletter"
+    """Dead letters of component `x` go to `<subject_prefix>.x`."""
+    max_age: Duration = Duration(14 * 86400.0)
+    """How long dead letters are kept."""
+
+    def __post_init__(self) -> None:
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
+
+
+class _Consumer(_Strict, frozen=True, kw_only=True):
+    """What every component that reads from JetStream shares (routes and sinks)."""
+
+    name: str
+    """Unique name; also names the durable JetStream consumer (`busway-<kind>-<name>`)."""
+    from_: str = msgspec.field(name="from")
+    """Subject to consume (wildcards allowed); a declared stream must capture it."""
+    stream: str | None = None
+    """Stream to consume from (default: the stream capturing `from`)."""
+    dead_letter: str | None = None
+    """Dead-letter subject (default `<subject_prefix>.<name>`)."""
+    max_in_flight: Count = 1024
+    """Messages held un-acked at once (the consumer's `max_ack_pending`)."""
+    ack_wait: Duration = Duration(30.0)
+    """Redelivery delay of a message whose holder died."""
+    retry: RetryPolicy = RetryPolicy()
+    """Back-off of transient failures, then dead letter."""
+    start: str | None = None
+    """Where a new consumer begins: `"all"` (the whole stream: the default), `"new"` (messages
+    stored from now on) or an RFC 3339 time (`"2025-06-01T00:00:00Z"`). Applies only when the
+    consumer is created; see "Where a new route or sink starts"."""
+
+    def __post_init__(self) -> None:
+        if not self.ack_wait > 0:
+            raise ValueError("ack_wait must be more than 0s")
+        if self.start is not None:
+            start_time(self.start)
+
+
+class RouteConfig(_Consumer, frozen=True, kw_only=True):
+    """A route: read `from`, keep what `when` matches, reshape with `transform`, publish `to`."""
+
+    to: list[str] = []
+    """Publish every resulting message to each of these (required unless a `switch` or `reply`
+    stage decides).
+    """
+    when: str | None = None
+    """JMESPath predicate over the JSON body, run first; unmatched messages are filtered."""
+    transform: str | None = None
+    """JMESPath mapping run last; its result is the new body."""
+    stages: list[StageConfig] = []
+    """Run in order after `when` and before `transform`; see the README's stage reference."""
+    hop_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
+    """Route hops a message may make before this route dead-letters it (reason `hop_limit`);
+    only enforced on routes a cycle can pass through (see "Route cycles")."""
+
+
+class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every source adapter's config.
+
+    An adapter subclasses it as `class MyConfig(SourceConfig, tag="my-type", kw_only=True)`.
+    """
+
+    name: str
+    """Unique name of the source (metrics, dead letters, state keys)."""
+    subject: str
+    """Subject to publish to (some adapters allow templates)."""
+
+
+class CircuitConfig(_Strict, frozen=True, kw_only=True):
+    """A sink's circuit breaker: after `failures` consecutive failed deliveries, pause.
+
+    While open the sink takes no new messages for `cool_down`, then probes with one. `failures
+    = 0` disables it.
+    """
+
+    failures: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 5
+    """Consecutive failed deliveries that open the circuit (0 = never)."""
+    cool_down: Duration = Duration(30.0)
+    """How long an open circuit pauses before probing with one message."""
+
+
+class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every sink adapter's config.
+
+    An adapter subclasses it as `class MyConfig(SinkConfig, tag="my-type", kw_only=True)`.
+
+    A sink receives batches of up to `batch_size` messages, waiting at most `batch_wait` to fill
+    one, so a sink that fsyncs or commits per batch amortises it without adding latency at low
+    load.
+    """
+
+    batch_size: Count = 256
+    """Most messages handed to the adapter at once."""
+    batch_wait: Duration = Duration(0.005)
+    """Longest wait to fill a batch once its first message is there."""
+    circuit: CircuitConfig = CircuitConfig()
+    """Circuit breaker: pause delivery after consecutive failures."""
+
+
+class Config(_Strict, frozen=True, kw_only=True):
+    """A whole busway deployment: where NATS is, what streams exist, what flows where."""
+
+    nats: NatsConfig = NatsConfig()
+    http: HttpConfig = HttpConfig()
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
+    shutdown_timeout: Duration = Duration(15.0)
+    """How long a graceful stop (or a reload) waits for in-flight messages."""
+    state_bucket: str = "busway_state"
+    """JetStream key-value bucket where sources keep watermarks and cursors, and routes and
+    sinks count the attempts of redelivered messages (`isolation.*` keys)."""
+    pid_file: str = "var/busway.pid"
+    """Where `busway run` writes its pid, for `busway reload` (relative to the config file)."""
+    streams: list[StreamConfig] = []
+    routes: list[RouteConfig] = []
+    sources: tuple[SourceConfig, ...] = ()
+    sinks: tuple[SinkConfig, ...] = ()
+    base_dir: str = "."
+    """Directory relative paths are resolved against: the config file's own directory."""
+
+    def resolve_path(self, path: str) -> Path:
+        """`path` made absolute against the config file's directory."""
+        return (Path(self.base_dir) / os.path.expanduser(path)).resolve()
+
+    def stream_for(self, subject: str) -> StreamConfig | None:
+        """The declared stream that captures `subject` (a pattern is captured if covered)."""
+        for stream in self.streams:
+            if any(covers(pattern, subject) for pattern in stream.subjects):
+                return stream
+        if covers(f"{self.dead_letter.subject_prefix}.>", subject):
+            return self.dead_letter_stream
+        return None
+
+    @property
+    def dead_letter_stream(self) -> StreamConfig:
+        """The stream busway creates for dead letters of every route and sink."""
+        max_age = self.dead_letter.max_age
+        window = _DUPLICATE_WINDOW
+        return StreamConfig(
+            name=self.dead_letter.stream,
+            subjects=[f"{self.dead_letter.subject_prefix}.>"],
+            max_age=max_age,
+            # JetStream refuses a duplicate window longer than max_age.
+            duplicate_window=Duration(min(window, max_age)) if max_age else window,
+        )
+
+    def dead_letter_subject(self, component: _Consumer) -> str:
+        """Where `component` dead-letters: its own `dead_letter`, or the shared prefix."""
+        return component.dead_letter or f"{self.dead_letter.subject_prefix}.{component.name}"
+
+
+def start_time(start: str) -> datetime.datetime | None:
+    """The UTC time a `start = "<RFC 3339>"` names; None for `"all"` and `"new"`.
+
+    ValueError for anything else, including a time without a UTC offset (ambiguous).
+    """
+    if start in ("all", "new"):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(start)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ValueError(
+            f'start must be "all", "new" or an RFC 3339 time with its offset such as '
+            f'"2025-06-01T00:00:00Z", got {short(start)!r}'
+        )
+    return moment.astimezone(datetime.UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+SourceTypes = Callable[[str], type[SourceConfig] | None]
+SinkTypes = Callable[[str], type[SinkConfig] | None]
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    source_types: SourceTypes,
+    sink_types: SinkTypes,
+    environ: dict[str, str] | None = None,
+    outline: bool = False,
+) -> Config:
+    """Read and decode the TOML file at `path`; see `decode_config`."""
+    file = os.fspath(path)
+    try:
+        data = read_bounded(Path(file), MAX_CONFIG_BYTES, what="the config file")
+    except ConfigError as error:
+        raise ConfigError(error.detail, file=file) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): "
+            "save it as UTF-8",
+            file=file,
+            line=line,
+        ) from None
+    return decode_config(
+        text,
+        file=file,
+        base_dir=str(Path(file).resolve().parent),
+        source_types=source_types,
+        sink_types=sink_types,
+        environ=environ,
+        outline=outline,
+    )
+
+
+def decode_config(
+    text: str,
+    *,
+    file: str = "<config>",
+    base_dir: str = ".",
+    source_types: SourceTypes,
+    sink_types: SinkTypes,
+    environ: dict[str, str] | None = None,
+    outline: bool = False,
+) -> Config:
+    """Decode TOML `text` into a checked `Config`.
+
+    `source_types` / `sink_types` map a `type = "..."` name to its adapter's config struct (the
+    adapter registry provides them). Raises ConfigError naming file, key path and line; never
+    anything else, whatever `text` holds.
+
+    `outline = True` decodes only what operator commands (`busway status`, `busway dlq`) need:
+    every section but the components in full, and of each component its name, subjects and
+    consumer settings. Adapters' own keys are dropped and route logic (`when`, `transform`,
+    `stages`) is kept as written, neither resolved (`${...}`) nor compiled, so a secret only an
+    adapter uses need not be set to inspect dead letters. Sources and sinks come back as plain
+    `SourceConfig` / `SinkConfig` values, whatever their adapter: never build a plan from them.
+    """
+
+    def located(error: ConfigError) -> ConfigError:
+        if error.path is None:
+            return ConfigError(error.detail, file=file, line=error.line)
+        # A table's own check ("sync must be ...") is reported by msgspec at the table: point
+        # at the key it names when the file has that key.
+        named = re.match(r"`?([a-z_]+)`?:? ", error.detail)
+        if named and (line := key_line(text, error.path, named.group(1))) is not None:
+            return ConfigError(
+                error.detail, file=file, path=f"{error.path}.{named.group(1)}", line=line
+            )
+        line = error.line if error.line is not None else line_of(text, error.path)
+        return error.located(file=file, line=line)
+
+    try:
+        document = check_values(parse_toml(text))
+    except ConfigError as error:
+        raise located(error) from None
+    env = os.environ if environ is None else environ
+    skip = _route_logic if outline else None
+    try:
+        sources = _pop_list(document, "sources")
+        sinks = _pop_list(document, "sinks")
+        if outline:
+            sources = [_outline(raw, SourceConfig) for raw in sources]
+            sinks = [_outline(raw, SinkConfig) for raw in sinks]
+            source_types = _outline_types(SourceConfig)
+            sink_types = _outline_types(SinkConfig)
+        document = interpolate(document, "$", env, skip)
+        document["base_dir"] = base_dir
+        config = _convert(document, Config, "$")
+        config = msgspec.structs.replace(
+            config,
+            sources=tuple(
+                _convert_tagged(
+                    interpolate(raw, f"$.sources[{i}]", env),
+                    f"$.sources[{i}]",
+                    source_types,
+                    "source",
+                )
+                for i, raw in enumerate(sources)
+            ),
+            sinks=tuple(
+                _convert_tagged(
+                    interpolate(raw, f"$.sinks[{i}]", env), f"$.sinks[{i}]", sink_types, "sink"
+                )
+                for i, raw in enumerate(sinks)
+            ),
+        )
+        _check_topology(config)
+    except ConfigError as error:
+        raise located(error) from None
+    return config
+
+
+def _pop_list(document: dict[str, Any], key: str) -> list[Any]:
+    value = document.pop(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"expected an array of tables ([[{key}]]), got {_kind(value)}", path=f"$.{key}"
+        )
+    return value
+
+
+_ROUTE_LOGIC = re.compile(r"^\$\.routes\[\d+\]\.(when|transform|stages)$")
+
+
+def _route_logic(path: str) -> bool:
+    return _ROUTE_LOGIC.match(path) is not None
+
+
+def _outline(raw: object, base: type[msgspec.Struct]) -> object:
+    """A component's table with only the keys `base` (SourceConfig, SinkConfig) knows."""
+    if not isinstance(raw, dict):
+        return raw
+    keep = {field.encode_name for field in msgspec.structs.fields(base)} | {"type"}
+    return {key: value for key, value in raw.items() if key in keep}
+
+
+def _outline_types(base: type[_T]) -> Callable[[str], type[_T]]:
+    """Struct types decoding any adapter's `type` as plain `base` fields (see `outline`)."""
+
+    def outline_type(tag: str) -> type[_T]:
+        key = (base, tag)
+        if key not in _OUTLINE_TYPES:
+            _OUTLINE_TYPES[key] = msgspec.defstruct(
+                f"Outline{base.__name__}", [], bases=(base,), tag=tag, frozen=True, kw_only=True
+            )
+        struct: type[_T] = _OUTLINE_TYPES[key]
+        return struct
+
+    return outline_type
+
+
+_OUTLINE_TYPES: dict[tuple[type, str], Any] = {}
+
+
+def _convert(raw: object, kind: type[_T], path: str) -> _T:
+    try:
+        return msgspec.convert(raw, kind, dec_hook=decode_hook)
+    except msgspec.ValidationError as exc:
+        detail, _, where = str(exc).rpartition(" - at `")
+        if not detail:
+            detail, where = str(exc), "$`"
+        raise ConfigError(_explain(detail), path=path + where[1:-1]) from None
+    except Exception as exc:  # an adapter's check that raised something other than ValueError
+        raise ConfigError(f"invalid settings ({type(exc).__name__}: {exc})", path=path) from None
+
+
+def _convert_tagged(
+    raw: object, path: str, types: Callable[[str], type[_T] | None], role: str
+) -> _T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a table, got {_kind(raw)}", path=path)
+    name = raw.get("type")
+    if not isinstance(name, str):
+        raise ConfigError(f'every {role} needs `type = "..."` naming its adapter', path=path)
+    try:
+        struct = types(name)
+    except ConfigError as error:
+        raise ConfigError(error.detail, path=f"{path}.type") from None
+    if struct is None:
+        raise ConfigError(
+            f"unknown {role} type {name!r}: no installed adapter provides it "
+            f"(adapters register under the 'busway.adapters' entry-point group)",
+            path=f"{path}.type",
+        )
+    return _convert(raw, struct, path)
+
+
+def _explain(detail: str) -> str:
+    """msgspec's wording, plus what to do where that is not obvious."""
+    if detail.startswith("Object contains unknown field"):
+        return detail + ": remove it or check its spelling"
+    if detail.startswith("Object missing required field"):
+        return detail.replace("Object", "table", 1)
+    return detail
+
+
+def _kind(value: object) -> str:
+    names: dict[type, str] = {dict: "a table", list: "an array", str: "a string"}
+    return names.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-config checks
+
+
+def _check_topology(config: Config) -> None:
+    _check_busway_assets(config)
+    stream_names: set[str] = set()
+    for i, stream in enumerate(config.streams):
+        path = f"$.streams[{i}]"
+        if not _NAME.match(stream.name):
+            raise ConfigError(
+                f"stream name {stream.name!r} must be 1-64 letters, digits, '-' or '_'",
+                path=f"{path}.name",
+            )
+        if stream.name in stream_names or stream.name == config.dead_letter.stream:
+            raise ConfigError(f"stream name {stream.name!r} is used twice", path=f"{path}.name")
+        stream_names.add(stream.name)
+        if not stream.subjects:
+            raise ConfigError("a stream needs at least one subject", path=f"{path}.subjects")
+        for j, subject in enumerate(stream.subjects):
+            _check_subject(subject, f"{path}.subjects[{j}]", wildcards=True)
+            for theirs, whose in _reserved_subjects(config):
+                if overlaps(subject, theirs):
+                    raise ConfigError(
+                        f"subject {subject!r} overlaps {theirs!r}, where {whose}: JetStream "
+                        "refuses overlapping streams; narrow the subject",
+                        path=f"{path}.subjects[{j}]",
+                    )
+            for k, other in enumerate(config.streams[:i]):
+                if any(overlaps(subject, theirs) for theirs in other.subjects):
+                    raise ConfigError(
+                        f"subject {subject!r} overlaps stream {other.name!r} "
+                        f"($.streams[{k}]); JetStream refuses overlapping streams",
+                        path=f"{path}.subjects[{j}]",
+                    )
+
+    _check_unique_names("routes", [route.name for route in config.routes])
+    _check_unique_names("sources", [source.name for source in config.sources])
+    _check_unique_names("sinks", [sink.name for sink in config.sinks])
+
+    for i, route in enumerate(config.routes):
+        path = f"$.routes[{i}]"
+        _check_consumer(config, route, path)
+        if not route.to and not any(
+            stage.switch is not None or stage.reply is not None for stage in route.stages
+        ):
+            raise ConfigError(
+                "a route needs at least one subject in `to` (or a `switch` or `reply` stage)",
+                path=f"{path}.to",
+            )
+        for target, target_path in route_targets(route, path):
+            _check_subject(target, target_path, wildcards=False)
+            _check_captured(config, target, target_path)
+            if covers(route.from_, target):
+                raise ConfigError(
+                    f"route publishes to {target!r}, which its own `from` ({route.from_!r}) "
+                    "matches: it would route its outputs again forever",
+                    path=target_path,
+                )
+        for j, stage in enumerate(route.stages):
+            count = stage.aggregate.count if stage.aggregate is not None else None
+            if count is not None and count > route.max_in_flight:
+                raise ConfigError(
+                    f"aggregate count {count} exceeds max_in_flight {route.max_in_flight}: a "
+                    "group's inputs stay un-acked until it is published, so raise max_in_flight",
+                    path=f"{path}.stages[{j}].aggregate.count",
+                )
+            if stage.enrich is not None:
+                _check_subject(
+                    stage.enrich.request, f"{path}.stages[{j}].enrich.request", wildcards=False
+                )
+    for i, sink in enumerate(config.sinks):
+        _check_consumer(config, sink, f"$.sinks[{i}]")
+    for i, source in enumerate(config.sources):
+        path = f"$.sources[{i}]"
+        if "{" not in source.subject:
+            _check_subject(source.subject, f"{path}.subject", wildcards=False)
+            _check_captured(config, source.subject, f"{path}.subject")
+            continue
+        # A template (`orders.{region}`): its adapter checks the syntax; here, that a stream
+        # captures every subject it can make, with each templated token as a wildcard.
+        tokens = ["*" if "{" in token else token for token in source.subject.split(".")]
+        if any(token != "*" for token in tokens):
+            _check_captured(config, ".".join(tokens), f"{path}.subject")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BUCKET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_busway_assets(config: Config) -> None:
+    """busway's own dead-letter stream and state bucket: names JetStream accepts."""
+    if not _NAME.match(config.dead_letter.stream):
+        raise ConfigError(
+            f"stream name {short(config.dead_letter.stream)!r} must be 1-64 letters, digits, "
+            "'-' or '_'",
+            path="$.dead_letter.stream",
+        )
+    _check_subject(
+        config.dead_letter.subject_prefix, "$.dead_letter.subject_prefix", wildcards=False
+    )
+    if not _BUCKET.match(config.state_bucket):
+        raise ConfigError(
+            f"state_bucket {short(config.state_bucket)!r} must be 1-64 letters, digits, '-' or '_'",
+            path="$.state_bucket",
+        )
+
+
+def _reserved_subjects(config: Config) -> list[tuple[str, str]]:
+    """Subjects busway's own streams capture, which a declared stream must not overlap."""
+    return [
+        (f"{config.dead_letter.subject_prefix}.>", "dead letters go"),
+        (f"$KV.{config.state_bucket}.>", "the state bucket lives"),
+    ]
+
+
+def route_targets(route: RouteConfig, path: str) -> list[tuple[str, str]]:
+    """Every subject a route may publish to (stored in JetStream), with its config path."""
+    targets = [(target, f"{path}.to[{j}]") for j, target in enumerate(route.to)]
+    for j, stage in enumerate(route.stages):
+        where = f"{path}.stages[{j}]"
+        if stage.switch is not None:
+            for k, case in enumerate(stage.switch.cases):
+                targets += [
+                    (t, f"{where}.switch.cases[{k}].to[{m}]") for m, t in enumerate(case.to)
+                ]
+            targets += [
+                (t, f"{where}.switch.default[{m}]") for m, t in enumerate(stage.switch.default)
+            ]
+        if stage.wiretap is not None:
+            targets.append((stage.wiretap, f"{where}.wiretap"))
+    return targets
+
+
+def _check_unique_names(kind: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"name {name!r} must be 1-64 letters, digits, '-' or '_' "
+                "(it names the JetStream consumer)",
+                path=f"$.{kind}[{i}].name",
+            )
+        if name in seen:
+            raise ConfigError(
+                f"name {name!r} is used twice in [[{kind}]]", path=f"$.{kind}[{i}].name"
+            )
+        seen.add(name)
+
+
+def _check_consumer(config: Config, component: _Consumer, path: str) -> None:
+    _check_subject(component.from_, f"{path}.from", wildcards=True)
+    if component.stream is None:
+        _check_captured(config, component.from_, f"{path}.from")
+    else:
+        stream = next((s for s in config.streams if s.name == component.stream), None)
+        if stream is None:
+            raise ConfigError(
+                f"stream {component.stream!r} is not declared: add a [[streams]] table for it "
+                "(with `create = false` if it is managed elsewhere)",
+                path=f"{path}.stream",
+            )
+        if not any(covers(pattern, component.from_) for pattern in stream.subjects):
+            raise ConfigError(
+                f"stream {stream.name!r} does not capture {component.from_!r}: JetStream "
+                "refuses a consumer whose filter is outside its stream's subjects",
+                path=f"{path}.from",
+            )
+    dead_letter = config.dead_letter_subject(component)
+    _check_subject(dead_letter, f"{path}.dead_letter", wildcards=False)
+    _check_captured(config, dead_letter, f"{path}.dead_letter")
+
+
+def _check_subject(subject: str, path: str, *, wildcards: bool) -> None:
+    if not is_valid_subject(subject, wildcards=wildcards) or _CONTROL.search(subject):
+        expected = (
+            "dot-separated tokens; `*` for one token, `>` for the rest"
+            if wildcards
+            else "dot-separated tokens without wildcards"
+        )
+        raise ConfigError(f"invalid subject {short(subject)!r}: expected {expected}", path=path)
+
+
+def _check_captured(config: Config, subject: str, path: str) -> None:
+    if config.stream_for(subject) is None:
+        raise ConfigError(
+            f"no stream captures subject {subject!r}: add it to the `subjects` of a [[streams]] "
+            "table (messages are only durable inside a stream)",
+            path=path,
+        )

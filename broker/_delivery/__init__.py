@@ -1,0 +1,1 @@
+"""The delivery contract: a consumer's ack/nak/term, retries, dead letters, crash isolation."""

@@ -1,0 +1,309 @@
+"""Changing dead letters: replay them (republish, then delete) or purge them.
+
+Replay is at-least-once and never loses a dead letter: the body is republished (to its original
+subject or another) with a fresh deterministic `Nats-Msg-Id`, and the dead letter is deleted
+only after JetStream confirmed the copy. A replay interrupted between the two, or two replays
+running at once, store the copy once (within the target stream's `duplicate_window`): the run
+whose copy JetStream stored reports it replayed, the other skipped.
+
+A copy replayed to its original subject is addressed to the route or sink that gave up on it
+(`Busway-Replay-For`): the other consumers of that subject ack it unprocessed, so a healthy
+sibling does not get the message twice. Selection and reading are `busway._dlq.read`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Unpack
+
+import anyio
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from busway._config.model import Config
+from busway._dlq.read import (
+    _DELETE_FAILED,
+    _NO_MESSAGE,
+    _WINDOW,
+    DeadLetter,
+    DeadLetterError,
+    DeadLetterFilters,
+    ReplayOutcome,
+    ReplayReport,
+    _errors,
+    _Selection,
+    _walk,
+    iter_dead_letters,
+)
+from busway._errors import PublishError
+from busway._nats.jetstream import await_pub_ack, publish_error
+from busway.routers.subject import covers, is_valid_subject
+
+__all__ = ["purge_dead_letters", "replay_dead_letters"]
+
+
+async def replay_dead_letters(
+    js: JetStreamContext,
+    config: Config,
+    *,
+    to_subject: str | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
+    timeout: float | None = None,
+    **filters: Unpack[DeadLetterFilters],
+) -> ReplayReport:
+    """Republish the selected dead letters, then delete each one JetStream stored again.
+
+    Each goes to `to_subject`, or to its original subject; a dead letter without one (a
+    source's) is skipped unless `to_subject` is given. Headers: see `DeadLetter.replay_headers`.
+    Oldest first, in windows of pipelined publishes on one connection, so their order is kept.
+    `dry_run` only reports where each would go. `timeout` bounds each PubAck (default `[nats]
+    publish_timeout`).
+    """
+    prefix = config.dead_letter.subject_prefix
+    if to_subject is not None:
+        if not is_valid_subject(to_subject, wildcards=False):
+            raise ValueError(f"replay target {to_subject!r} is not a subject without wildcards")
+        if covers(f"{prefix}.>", to_subject):
+            raise ValueError(
+                f"replay target {to_subject!r} is a dead-letter subject ({prefix}.>): "
+                "replaying there would only move dead letters around"
+            )
+    wait = float(timeout if timeout is not None else config.nats.publish_timeout)
+    report = ReplayReport(dry_run=dry_run)
+    addressed = to_subject is None
+    window: list[tuple[DeadLetter, str]] = []
+    async for letter in iter_dead_letters(js, config, limit=limit, **filters):
+        target = to_subject or letter.original_subject
+        if target is None:
+            report.skipped.append(
+                _outcome(letter, None, "no original subject (a source's dead letter): use --to")
+            )
+        elif covers(f"{prefix}.>", target) or not is_valid_subject(target, wildcards=False):
+            report.skipped.append(
+                _outcome(letter, target, "the original subject is not a subject to replay to")
+            )
+        elif to_subject is None and (unread := _unread_by_addressee(config, letter, target)):
+            report.skipped.append(_outcome(letter, target, unread))
+        elif dry_run:
+            report.replayed.append(_outcome(letter, target, "dry run: not published"))
+        else:
+            window.append((letter, target))
+            if len(window) >= _WINDOW:
+                await _replay_window(js, window, wait, report, addressed=addressed)
+                window.clear()
+    if window:
+        await _replay_window(js, window, wait, report, addressed=addressed)
+    return report
+
+
+async def _replay_window(
+    js: JetStreamContext,
+    window: list[tuple[DeadLetter, str]],
+    timeout: float,
+    report: ReplayReport,
+    *,
+    addressed: bool,
+) -> None:
+    """Publish every letter of `window`, await the PubAcks, then delete the stored ones.
+
+    `addressed` copies (to their original subject) are for the failed component alone.
+    """
+    sent: list[tuple[DeadLetter, str, asyncio.Future[PubAck]]] = []
+    for letter, target in window:
+        headers = letter.replay_headers(addressed=addressed)
+        try:
+            future = await js.publish_async(
+                target, letter.body, headers=headers, wait_stall=timeout
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            report.failed.append(_outcome(letter, target, str(publish_error(exc, target))))
+        else:
+            sent.append((letter, target, future))
+    stored: list[tuple[DeadLetter, str, PubAck]] = []
+    for letter, target, future in sent:
+        try:
+            ack = await await_pub_ack(future, target, timeout)
+        except PublishError as exc:
+            report.failed.append(_outcome(letter, target, str(exc)))
+        else:
+            stored.append((letter, target, ack))
+    deleted = await _delete_all(js, [letter for letter, _, _ in stored])
+    for (letter, target, ack), problem in zip(stored, deleted, strict=True):
+        where = f"stored as {ack.stream} seq {ack.seq}"
+        if problem is None and ack.duplicate:
+            # Another replay (running now, or interrupted before its delete) stored this copy
+            # first: that run replayed it, this one only made sure the dead letter is gone.
+            report.skipped.append(
+                _outcome(
+                    letter,
+                    target,
+                    f"already replayed by another run ({where}): deduplicated, not stored again",
+                    ack.stream,
+                    ack.seq,
+                )
+            )
+        elif problem is None:
+            report.replayed.append(_outcome(letter, target, where, ack.stream, ack.seq))
+        else:
+            report.failed.append(
+                _outcome(
+                    letter,
+                    target,
+                    f"{where}, but deleting the dead letter failed ({problem}): a new replay "
+                    "within the target's duplicate_window is deduplicated",
+                    ack.stream,
+                    ack.seq,
+                )
+            )
+
+
+async def _delete_all(js: JetStreamContext, letters: list[DeadLetter]) -> list[str | None]:
+    """Delete `letters` concurrently; per letter None, or why it could not be deleted.
+
+    A letter already gone (deleted by a concurrent purge or replay) counts as deleted.
+    """
+    problems: list[str | None] = [None] * len(letters)
+
+    async def delete(index: int, letter: DeadLetter) -> None:
+        try:
+            await _delete_msg(js, letter.stream, letter.seq)
+        except nats.js.errors.APIError as exc:
+            if not _already_gone(exc):
+                problems[index] = f"{exc.description} (code {exc.err_code})"
+        except (nats.errors.Error, TimeoutError) as exc:
+            problems[index] = str(exc) or type(exc).__name__
+
+    async with anyio.create_task_group() as tg:
+        for index, letter in enumerate(letters):
+            tg.start_soon(delete, index, letter)
+    return problems
+
+
+def _already_gone(exc: nats.js.errors.APIError) -> bool:
+    """True if JetStream refused a delete because the message is not there (any more).
+
+    `STREAM.MSG.DELETE` answers 10057 with the description "no message found" for a message
+    deleted before (`STREAM.MSG.GET` says 10037); 10057 with another description is a real
+    failure (e.g. "stream store EOF" for a sequence past the end).
+    """
+    if exc.err_code == _NO_MESSAGE:
+        return True
+    return exc.err_code == _DELETE_FAILED and "no message found" in (exc.description or "")
+
+
+def _unread_by_addressee(config: Config, letter: DeadLetter, target: str) -> str | None:
+    """Why nothing would process `letter` replayed to `target` for its component, or None.
+
+    A replay to the original subject is processed by the route or sink named in it alone; if
+    that component is gone from the config (or no longer reads `target`), every consumer
+    would ack the copy unprocessed and the dead letter would be lost.
+    """
+    if letter.addressee is None:
+        return None
+    consumers = config.routes if letter.kind == "route" else config.sinks
+    for consumer in consumers:
+        if consumer.name == letter.component:
+            if covers(consumer.from_, target):
+                return None
+            return (
+                f"{letter.kind} {letter.component!r} no longer reads {target!r} "
+                f"(its `from` is {consumer.from_!r}): replay with --to SUBJECT"
+            )
+    return (
+        f"{letter.kind} {letter.component!r} is not in this config, so nothing would process "
+        "the replay: replay with --to SUBJECT"
+    )
+
+
+def _outcome(
+    letter: DeadLetter,
+    target: str | None,
+    detail: str,
+    stream: str | None = None,
+    seq: int | None = None,
+) -> ReplayOutcome:
+    return ReplayOutcome(
+        seq=letter.seq,
+        component=letter.component,
+        target=target,
+        detail=detail,
+        stored_stream=stream,
+        stored_seq=seq,
+    )
+
+
+async def purge_dead_letters(
+    js: JetStreamContext,
+    config: Config,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    **filters: Unpack[DeadLetterFilters],
+) -> int:
+    """Delete the selected dead letters; the number deleted (or, in a dry run, selected).
+
+    Without filters every dead letter goes. With only `component`, its whole subject is
+    purged in one request; otherwise the selected messages are deleted, a window at a time.
+    Raises DeadLetterError if one cannot be deleted (those before it are gone).
+    """
+    selection = _Selection(config, filters)
+    prefix = config.dead_letter.subject_prefix
+    default_subject = f"{prefix}.{selection.component}" if selection.component else f"{prefix}.>"
+    whole_subject = (
+        selection.only_component or selection.nothing
+    ) and selection.filter_subject == default_subject
+    if whole_subject and limit is None:
+        return await _purge_subject(js, selection.stream, selection.filter_subject, dry_run)
+    count = 0
+    window: list[DeadLetter] = []
+    async for letter in _walk(js, selection, limit):
+        count += 1
+        if not dry_run:
+            window.append(letter)
+            if len(window) >= _WINDOW:
+                await _delete_or_raise(js, window)
+                window.clear()
+    if window:
+        await _delete_or_raise(js, window)
+    return count
+
+
+async def _delete_msg(js: JetStreamContext, stream: str, seq: int) -> None:
+    """Delete message `seq` of `stream` without overwriting its bytes on disk (`no_erase`).
+
+    nats-py's `delete_msg` always asks for a secure erase, which made deleting about three
+    times slower here (`sync_interval: always`) and is not what a dead-letter purge promises.
+    """
+    request = orjson.dumps({"seq": seq, "no_erase": True})
+    answer = await js._nc.request(
+        f"{js._prefix}.STREAM.MSG.DELETE.{stream}", request, timeout=js._timeout
+    )
+    response = orjson.loads(answer.data)
+    if "error" in response:
+        nats.js.errors.APIError.from_error(response["error"])  # raises the matching error
+
+
+async def _delete_or_raise(js: JetStreamContext, letters: list[DeadLetter]) -> None:
+    for letter, problem in zip(letters, await _delete_all(js, letters), strict=True):
+        if problem is not None:
+            raise DeadLetterError(
+                f"cannot delete dead letter {letter.seq} from stream {letter.stream!r}: {problem}"
+            )
+
+
+async def _purge_subject(js: JetStreamContext, stream: str, subject: str, dry_run: bool) -> int:
+    """Purge `subject` up to the stream's current last sequence; the number purged.
+
+    The count and the bound come from one stream-info answer, so a dead letter stored while
+    this runs is neither purged nor counted.
+    """
+    with _errors(stream):
+        state = (await js.stream_info(stream, subjects_filter=subject)).state
+        count = sum((state.subjects or {}).values())
+        if count and not dry_run:
+            await js.purge_stream(stream, subject=subject, seq=state.last_seq + 1)
+    return count

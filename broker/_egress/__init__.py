@@ -1,0 +1,1 @@
+"""Sinks on JetStream: the sink worker (batching, settling) and the circuit breaker."""

@@ -1,0 +1,1 @@
+"""Metrics, status, logging and readiness."""
