@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -98,8 +99,14 @@ def run_cli(
 
 
 def decode_test_config(text: str, base_dir: Path) -> Config:
-    """A Config from TOML `text` whose relative paths start at `base_dir`."""
+    """A Config from TOML `text` whose relative paths start at `base_dir`.
+
+    A config without an `[http]` table gets a listener on a free port: busway's default,
+    127.0.0.1:8080, would collide between test runs sharing a machine.
+    """
     registry = default_registry()
+    if not re.search(r"^\[http\]", text, re.MULTILINE):
+        text += '\n[http]\nlisten = "127.0.0.1:0"\n'
     return decode_config(
         text,
         file="test.toml",

@@ -53,6 +53,7 @@ from busway._config.schema import (
     embed_reference,
 )
 from busway._errors import BuswayError, ConfigError
+from busway._nats.embedded import process_alive
 from busway._observe.logging import configure_logging
 from busway._observe.status import format_status
 from busway._registry import default_registry
@@ -337,7 +338,7 @@ def _reload_command(args: argparse.Namespace) -> int:
         outcome = _read_reload_result(results) or {}
         if outcome.get("pid") == pid and int(outcome.get("reload", 0)) > seen:
             break
-        if not _process_exists(pid):
+        if not process_alive(pid):
             print(f"busway: the daemon (pid {pid}) exited during the reload", file=sys.stderr)
             return EXIT_FAILURE
         if time.monotonic() > deadline:
@@ -351,16 +352,6 @@ def _reload_command(args: argparse.Namespace) -> int:
     code = int(outcome.get("exit", EXIT_FAILURE))
     print(f"busway (pid {pid}): {outcome.get('message', '')}", file=sys.stderr if code else None)
     return code
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _schema_command(args: argparse.Namespace) -> int:

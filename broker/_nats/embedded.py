@@ -44,7 +44,13 @@ import anyio
 from busway._config.model import NatsConfig, split_listen
 from busway._errors import StartupError
 
-__all__ = ["RESTART_DELAYS", "STABLE_AFTER", "EmbeddedNatsServer", "find_nats_server"]
+__all__ = [
+    "RESTART_DELAYS",
+    "STABLE_AFTER",
+    "EmbeddedNatsServer",
+    "find_nats_server",
+    "process_alive",
+]
 
 logger = logging.getLogger("busway.nats.embedded")
 
@@ -359,7 +365,7 @@ async def _lock_data_dir(data_dir: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(path)
-            if holder is not None and _alive(holder):
+            if holder is not None and process_alive(holder):
                 os.close(fd)
                 raise StartupError(
                     f"[nats] data_dir {data_dir} is in use by busway (pid {holder}): one "
@@ -386,7 +392,8 @@ def _read_pid(path: Path) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with `pid` exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
