@@ -432,6 +432,12 @@ def test_nats_runs_as_a_three_node_statefulset_that_busway_connects_to() -> None
     assert all(stream["replicas"] == 3 for stream in config["streams"])
 
 
+def test_compose_and_kubernetes_run_the_same_busway_config_but_for_the_servers() -> None:
+    compose, kubernetes = tomllib.loads(COMPOSE_CONFIG.read_text()), kubernetes_busway_config()
+    assert compose["nats"].pop("servers") != kubernetes["nats"].pop("servers")
+    assert compose == kubernetes, "one example config, two ways to deploy it: keep them equal"
+
+
 def nats_config_check(conf: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`nats-server -t`: parse the server config and exit, as the server would at start."""
     return subprocess.run(
