@@ -239,11 +239,16 @@ def _with_nested(
     struct: mi.StructType,
     fields: list[mi.Field],
     seen: dict[type, tuple[str, str]],
+    *,
+    table: str | None = None,
+    path: str = "",
 ) -> list[_Section]:
     """The section of a table, then one per struct-valued key inside it (retry, stages...).
 
+    Nested sections are titled by the table and the dotted key (`[[routes]] stages.python`).
     A struct already shown elsewhere (a sink's `retry` is a route's) is linked, not repeated.
     """
+    table = (table or title).replace(" (every type)", "")
     links: dict[str, str] = {}
     nested: list[_Section] = []
     for field in fields:
@@ -254,11 +259,14 @@ def _with_nested(
             other_title, other_anchor = seen[inner.cls]
             links[field.name] = f"[as `{other_title}`](#{other_anchor})"
             continue
-        inner_title = f"{title} {field.encode_name}".replace(" (every type)", "")
+        inner_path = f"{path}.{field.encode_name}" if path else field.encode_name
+        inner_title = f"{table} {inner_path}"
         inner_anchor = f"{anchor}-{field.encode_name}"
         seen[inner.cls] = (inner_title, inner_anchor)
         links[field.name] = f"[see below](#{inner_anchor})"
-        nested += _with_nested(inner_title, inner_anchor, inner, list(inner.fields), seen)
+        nested += _with_nested(
+            inner_title, inner_anchor, inner, list(inner.fields), seen, table=table, path=inner_path
+        )
     return [_section(title, anchor, struct.cls, fields, links), *nested]
 
 
@@ -288,16 +296,18 @@ def _section(
     lines += [f"## `{title}` {{#{anchor}}}", "", summary, ""]
     lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for field in fields:
+        kind = _show_type(field.type)
+        link = links.get(field.name)
         if field.required:
             default = "required"
-        elif field.name in links:
-            default = links[field.name]
+        elif link and isinstance(field.type, mi.StructType):
+            default, link = link, None  # a table with its own defaults: they are below
         else:
             default = _show_default(field)
+        if link:  # a list of tables, or a string or a table: the table's keys are elsewhere
+            kind = f"{kind} ({link})"
         meaning = docs.get(field.name, "").replace("|", "\\|")
-        lines.append(
-            f"| `{field.encode_name}` | {_show_type(field.type)} | {default} | {meaning} |"
-        )
+        lines.append(f"| `{field.encode_name}` | {kind} | {default} | {meaning} |")
     markdown = "\n".join(lines).replace("\n\n\n", "\n\n")
     undocumented = [f.encode_name for f in fields if not docs.get(f.name)]
     return _Section(title, summary, markdown, undocumented)
