@@ -45,7 +45,10 @@ class SwitchCase(_Table, frozen=True, kw_only=True):
     """One branch of a content-based router: where a message matching `when` goes."""
 
     when: str
+    """JMESPath predicate over the body (as the stages before left it); truthy = this case."""
     to: list[str]
+    """Subjects the message is published to when `when` matches; each must be captured by a
+    declared stream."""
 
 
 class SwitchStage(_Table, frozen=True, kw_only=True):
@@ -56,14 +59,21 @@ class SwitchStage(_Table, frozen=True, kw_only=True):
     """
 
     cases: list[SwitchCase]
+    """The branches, tried in order: `[{ when = "...", to = ["..."] }, ...]`."""
     default: list[str] = []
+    """Subjects for a message no case matched; empty = such a message is filtered (acked,
+    counted in `busway_messages_filtered_total`)."""
     all: bool = False
+    """`true`: every matching case adds its destinations (a recipient list, each subject
+    published once); `false`: the first match decides."""
 
 
 class SplitStage(_Table, frozen=True, kw_only=True):
     """One message per element of the array `on` evaluates to."""
 
     on: str
+    """Expression giving the array to split (`"lines"`); each element becomes one message's
+    body. A value that is not an array dead-letters the message."""
     correlation_id: str | None = None
     """Expression for the `Busway-Correlation-Id` header; default `<stream>:<seq>` of the input."""
 
@@ -76,10 +86,21 @@ class AggregateStage(_Table, frozen=True, kw_only=True):
     """
 
     by: str
+    """Expression giving the group key (`"order_id"`); messages with equal keys are collected
+    together."""
     count: int | None = None
+    """Complete a group once it holds this many messages; at most the route's
+    `max_in_flight` (inputs stay un-acked until the aggregate is stored)."""
     timeout: Duration | None = None
+    """Complete a group this long after its first message arrived (start times are kept in
+    the state bucket, so a restart does not reset them); keep it under `ack_wait` plus a
+    restart."""
     complete_when: str | None = None
+    """Predicate over `{key, count, messages}`, checked after each arrival: true completes
+    the group."""
     into: str | None = None
+    """Expression over `{key, count, messages}` giving the aggregate's body (default: that
+    object itself)."""
 
     def __post_init__(self) -> None:
         if self.count is None and self.timeout is None and self.complete_when is None:
@@ -97,16 +118,26 @@ class EnrichStage(_Table, frozen=True, kw_only=True):
     """
 
     request: str
+    """Subject the request is sent to (no wildcards): a route ending in a `reply` stage, or
+    any NATS service."""
     body: str | None = None
+    """Expression giving the request body (default: the whole message body)."""
     into: str | None = None
+    """Dotted path where the JSON answer is stored (`"customer"`); default: the answer's keys
+    are merged into the top-level object."""
     timeout: Duration = Duration(5.0)
+    """How long to wait for the answer; none in time = a transient failure, retried with
+    the route's back-off."""
 
 
 class DedupeStage(_Table, frozen=True, kw_only=True):
     """Drop a message whose `key` was already seen within `window` (kept in JetStream KV)."""
 
     key: str
+    """Expression giving the key two messages are the same by (`"event_id"`)."""
     window: Duration = Duration(600.0)
+    """How long a key is remembered (the TTL of the stage's KV bucket
+    `busway_dedupe_<route>_<stage>`); a repeat after that passes."""
 
 
 class PythonStage(_Table, frozen=True, kw_only=True):
@@ -138,8 +169,12 @@ class ThrottleStage(_Table, frozen=True, kw_only=True):
     """At most `rate` messages per `per` (per `key` value if given); excess waits, never drops."""
 
     rate: int
+    """Messages allowed per `per` (and the burst size); at least 1."""
     per: Duration = Duration(1.0)
+    """The window `rate` counts in."""
     key: str | None = None
+    """Expression giving a key to throttle each value separately (`"customer_id"`); default:
+    one limit for the whole route. Limits are per daemon."""
 
     def __post_init__(self) -> None:
         if self.rate < 1:
@@ -152,7 +187,10 @@ class ValidateStage(_Table, frozen=True, kw_only=True):
     """Check the body against a JSON Schema file or a msgspec type (`module:Type`)."""
 
     schema: str | None = None
+    """A JSON Schema file, relative to the config file; its `$schema` picks the draft
+    (default 2020-12). Checked at start-up."""
     type: str | None = None
+    """A msgspec type the body must decode as, `"module:Type"` (instead of `schema`)."""
 
     def __post_init__(self) -> None:
         if (self.schema is None) == (self.type is None):
@@ -163,21 +201,40 @@ class StageConfig(_Table, frozen=True, kw_only=True):
     """One stage: exactly one of these keys is set."""
 
     filter: str | None = None
+    """JMESPath predicate: keep what matches; a message with nothing left is acked as
+    filtered."""
     transform: str | None = None
+    """JMESPath mapping; its result is the new body."""
     set: dict[str, str] | None = None
+    """`{ "dotted.path" = "expression" }`: write each result at its path (all computed from
+    the body before the stage)."""
     remove: list[str] | None = None
+    """Dotted paths to delete (absent ones are fine)."""
     rename: dict[str, str] | None = None
+    """`{ new.path = "old.path" }`: move values between paths."""
     python: str | PythonStage | None = None
     """Your function: `"module:function"`, or a table with `function`, `timeout`, `threads`."""
     split: str | SplitStage | None = None
+    """One message per element of an array: the expression (`"lines"`), or a table with `on`
+    and `correlation_id`."""
     switch: SwitchStage | None = None
+    """Content-based router: the first matching case (or every one, with `all`) picks the
+    destinations instead of `to`."""
     aggregate: AggregateStage | None = None
+    """Collect messages with the same key into one."""
     enrich: EnrichStage | None = None
+    """Ask another route or NATS service and merge its JSON answer into the body."""
     wiretap: str | None = None
+    """Subject where a copy of the message, as it is at this stage, is stored; its failures
+    are counted, never hold the input back."""
     dedupe: DedupeStage | None = None
+    """Drop a message whose key was already seen within a window."""
     throttle: ThrottleStage | None = None
+    """At most `rate` messages per `per`; excess waits (back-pressure), never dropped."""
     validate: ValidateStage | None = None
+    """Check the body against a JSON Schema or a msgspec type; failures are dead-lettered."""
     set_headers: dict[str, str] | None = None
+    """`{ Header-Name = "expression" }`: add headers (non-strings as JSON; null = not set)."""
     reply: str | None = None
     """Answer a request: publish `reply` (an expression; `@` for the body) to its reply inbox."""
 

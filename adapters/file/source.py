@@ -56,25 +56,60 @@ class FileSourceConfig(SourceConfig, tag="file", frozen=True, kw_only=True):
     """A watched inbox directory (relative paths start at the config file's directory)."""
 
     path: str
+    """The inbox directory, created if missing; an inbox that cannot be created or written
+    stops start-up with the path and the system's error."""
     patterns: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    """Globs on file names (`["*.jsonl"]`); dot-files never match."""
     format: Literal["jsonl", "csv", "whole"] = "jsonl"
+    """`jsonl`: one message per non-blank JSON line; `csv`: one JSON object per data row,
+    keyed by the header row; `whole`: the file's bytes as one message."""
     ready: Literal["stable", "marker", "rename"] = "stable"
+    """When a file is complete: `stable` (size and mtime unchanged for `stable_for`),
+    `marker` (a `<name><marker_suffix>` file appears) or `rename` (writers rename complete
+    files into place)."""
     stable_for: Duration = Duration(2.0)
+    """`ready = "stable"`: how long a file must stay unchanged (a file already older is taken
+    at once); raise it for writers that pause mid-file."""
     marker_suffix: str = ".done"
+    """`ready = "marker"`: suffix of the marker file (starts with `.`), removed after the
+    claim."""
     rescan: Duration = Duration(30.0)
+    """Interval of the full directory scan behind the file-system events, so a lost event
+    delays a file, never loses it."""
     on_done: Literal["move", "delete"] = "move"
+    """After every record's PubAck: move the file to `done` or delete it."""
     on_error: Literal["dead-letter", "fail-file"] = "dead-letter"
+    """Bad records: `dead-letter` each and publish the rest, or `fail-file`: check the file
+    first and move it to `failed` (with `<name>.error`) at the first bad record, publishing
+    nothing."""
     processing: str = "processing"
+    """Folder (relative to the inbox, on its file system) where a claimed file is moved and
+    locked while it is published."""
     done: str = "done"
+    """Folder (relative to the inbox, on its file system) for published files
+    (`on_done = "move"`)."""
     failed: str = "failed"
+    """Folder (relative to the inbox, on its file system) for files that failed, beside
+    `<name>.error` saying why."""
     encoding: str = "utf-8-sig"
+    """`csv`: text encoding of the file (the default skips a UTF-8 BOM)."""
     delimiter: str = ","
+    """`csv`: field separator, one character."""
     quotechar: str = '"'
+    """`csv`: quote character, one character; quoted fields may hold delimiters, quotes and
+    newlines."""
     max_line: int = 1024 * 1024
+    """`jsonl`: longest line in bytes; a longer one is a bad record."""
     max_size: int = 1024 * 1024
+    """`whole`: largest file in bytes; a larger one fails."""
     window: int = 1024
+    """PubAcks awaited at once while a file is published (memory stays flat whatever the
+    file size)."""
     concurrency: int = 1
+    """Files published at once."""
     checkpoint_every: Duration = Duration(1.0)
+    """How often the position confirmed so far is saved in the state bucket; a restart
+    resumes there and the stream drops what is published twice."""
 
     def __post_init__(self) -> None:
         if not self.patterns:

@@ -76,14 +76,26 @@ class JwtConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Bearer tokens: where the keys are, and what a token must say."""
 
     issuer: str
+    """The token's `iss` must equal this."""
     audience: str | list[str]
+    """The token's `aud` must contain this (or one of these)."""
     jwks_file: str | None = None
+    """A JWKS file with the signing keys, relative to the config file (exactly one of
+    `jwks_file` and `jwks_url`)."""
     jwks_url: str | None = None
+    """An http(s) URL serving the JWKS with the signing keys."""
     algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256"])
+    """Allowed signature algorithms; `none` never is, and a token's `alg` must fit its key's
+    type."""
     leeway: Duration = Duration(10.0)
+    """Clock skew allowed when checking `exp` (required), `nbf` and `iat`."""
     refresh: Duration = Duration(600.0)
+    """How often the keys are reloaded; a failed reload keeps the known keys."""
     min_refresh: Duration = Duration(30.0)
+    """Least time between two reloads, also those an unknown `kid` triggers (so a flood of
+    forged tokens cannot hammer the key server)."""
     fetch_timeout: Duration = Duration(5.0)
+    """Longest wait for `jwks_url` to answer."""
 
     def __post_init__(self) -> None:
         if (self.jwks_file is None) == (self.jwks_url is None):
@@ -106,8 +118,12 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Per-source authentication: API keys, JWT, or both (either one admits a request)."""
 
     api_keys: list[str] = msgspec.field(default_factory=list)
+    """Hashes of the accepted keys, `"sha256:<64 lowercase hex>"` (`printf %s "$KEY" |
+    sha256sum`), never the keys themselves; compared in constant time."""
     api_key_header: str = "X-API-Key"
+    """Request header carrying the API key."""
     jwt: JwtConfig | None = None
+    """Accept bearer tokens (`Authorization: Bearer ...`) signed by these keys."""
 
     def __post_init__(self) -> None:
         if not self.api_keys and self.jwt is None:

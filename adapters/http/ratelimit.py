@@ -27,8 +27,12 @@ class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     """Token bucket parameters, the same for every client of one source."""
 
     rate: float
+    """Requests per second each client may send, sustained (over 0; fractions allowed)."""
     burst: int | None = None
+    """Requests a client may send at once after being idle (default: `rate` rounded up)."""
     max_clients: int = 10_000
+    """Clients whose buckets are remembered; past it the least recently seen one is dropped
+    and starts again with a full bucket."""
 
     def __post_init__(self) -> None:
         if not self.rate > 0:

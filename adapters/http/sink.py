@@ -51,24 +51,46 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Seconds to connect, between reads of the answer, and for a whole request."""
 
     connect: Duration = Duration(5.0)
+    """Longest wait to open a connection (TCP and TLS); a timeout is retried with back-off."""
     read: Duration = Duration(30.0)
+    """Longest silence between two reads of the answer; raise it for a partner that thinks
+    long before it answers."""
     total: Duration = Duration(60.0)
+    """Longest a whole request may take, connection and answer included."""
 
 
 class HttpSinkConfig(SinkConfig, tag="http", frozen=True, kw_only=True):
     """Deliver messages over HTTP."""
 
     url: str
+    """URL template (`https://crm.example/orders/{body.id}?region={subject[1]}`); scheme and
+    host must be literal, so a message cannot choose the server. Values are percent-encoded."""
     method: Literal["POST", "PUT", "PATCH"] = "POST"
+    """HTTP method of every request."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Header templates (`{ Authorization = "Bearer ${TOKEN}", X-Trace = "{header.X-Trace}" }`);
+    `Idempotency-Key` and `webhook-*` are set by the sink and cannot be given."""
     body: Literal["json", "raw"] = "json"
+    """`json`: the body must be JSON (otherwise dead-lettered), sent as `application/json`;
+    `raw`: the bytes as they are, with the message's `Content-Type`."""
     concurrency: int = 16
+    """Requests in flight at once for this sink, and the size of its keep-alive pool."""
     timeout: TimeoutsConfig = TimeoutsConfig()
+    """Per-request time limits: `{ connect = "5s", read = "30s", total = "60s" }`."""
     signing_secret: str | None = None
+    """`whsec_<base64>` secret: adds Standard Webhooks `webhook-id`, `webhook-timestamp` and
+    `webhook-signature` headers; keep it in `${file:...}` or `${ENV}`."""
     cloudevents: Literal["binary", "structured"] | None = None
+    """Send CloudEvents: `binary` (`ce-*` headers) or `structured`
+    (`application/cloudevents+json`); a plain message gets `id` = message id, `type` =
+    subject. Default: plain requests."""
     event_source: str | None = None
+    """CloudEvents `source` attribute of the events sent (default `urn:busway:sink:<name>`)."""
     batch: Literal["json-array", "ndjson"] | None = None
+    """Join the messages of a batch that share method, URL and headers into one request, as a
+    JSON array or NDJSON; default: one request per message."""
     batch_max: int = 100
+    """Most messages joined into one request with `batch`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

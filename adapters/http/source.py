@@ -92,15 +92,28 @@ class HttpSourceConfig(SourceConfig, tag="http", frozen=True, kw_only=True):
     """An ingest endpoint on the shared listener."""
 
     path: str
+    """URL path on the shared listener, a Starlette template (`/orders/{region}`); each
+    `{param}` may fill a whole token of `subject`."""
     methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
+    """Accepted methods, any of POST, PUT and PATCH; others get 405."""
     content: Literal["json", "bytes"] = "json"
+    """`json`: JSON bodies, NDJSON and structured CloudEvents; `bytes`: any body, stored as
+    is, with its `Content-Type` kept in a header."""
     ndjson: bool = True
+    """Accept `application/x-ndjson` (or `application/jsonl`): one message per line."""
     max_lines: int = 10_000
+    """Most lines of one NDJSON request."""
     cloudevents: bool = True
+    """Accept CloudEvents in binary (`ce-*` headers) and structured
+    (`application/cloudevents+json`) mode."""
     max_body: int = 1024 * 1024
+    """Largest request body in bytes; larger ones get 413."""
     retry_after: int = 1
+    """Seconds a 503 answer's `Retry-After` asks the client to wait."""
     auth: AuthConfig | None = None
+    """Require credentials: API keys, JWT, or both (either admits); default: none."""
     rate_limit: RateLimitConfig | None = None
+    """A token bucket per client (API key, JWT subject, else IP); excess gets 429."""
     reply_timeout: Duration | None = None
     """Request-reply mode: wait this long for a route's `reply` stage and answer with it."""
 

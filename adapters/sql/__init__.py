@@ -1,9 +1,9 @@
 """Database adapters: PostgreSQL, MySQL/MariaDB and SQLite sources and sinks.
 
-One module per engine (`postgres`, `mysql`, `sqlite`) holds its config structs, the only import
-of its driver, and the `adapter` its entry point names; everything else is shared:
+One module per engine (`postgres`, `mysql`, `sqlite`) holds the only import of its driver;
+everything else is shared:
 
-    _config     the keys every engine has (modes, watermark, columns, key, statement...)
+    _config     every config key (shared and per engine), importable without any driver
     _dialect    the SQL generated per engine: quoting, placeholders, upserts, claims
     _database   the small interface an engine implements, and how errors are classified
     _poller     incremental mode: rows past the watermark; the watermark after the PubAcks
@@ -14,5 +14,79 @@ of its driver, and the `adapter` its entry point names; everything else is share
     _subject    `subject = "orders.{region}"` templates over a row's columns
     _confirm    awaiting every PubAck of a poll before anything is committed
 
+The adapters below are what the entry points name. They carry the config structs and import
+their engine module (and so its driver) only when a component is built: `busway schema`
+documents every engine and a config decodes whether or not a driver is installed, and a
+component whose driver is missing fails `busway check` with the `pip install` to run.
 Nothing here is imported by the engine: a deployment without databases never loads a driver.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from busway import Adapter, BuildContext, ConfigError, Sink, Source
+from busway.adapters.sql._config import (
+    MySqlSinkConfig,
+    MySqlSourceConfig,
+    PostgresSinkConfig,
+    PostgresSourceConfig,
+    SqliteSinkConfig,
+    SqliteSourceConfig,
+)
+
+__all__ = ["mysql_adapter", "postgres_adapter", "sqlite_adapter"]
+
+
+def _engine(name: str) -> Any:
+    """The engine module `name`, imported now; ConfigError naming the extra if its driver is
+    missing (the engine module's ImportError already says which `pip install` to run)."""
+    try:
+        return importlib.import_module(f"busway.adapters.sql.{name}")
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _source_factory(name: str) -> Any:
+    def create_source(config: Any, context: BuildContext) -> Source:
+        source: Source = _engine(name).create_source(config, context)
+        return source
+
+    return create_source
+
+
+def _sink_factory(name: str) -> Any:
+    def create_sink(config: Any, context: BuildContext) -> Sink:
+        sink: Sink = _engine(name).create_sink(config, context)
+        return sink
+
+    return create_sink
+
+
+postgres_adapter = Adapter(
+    type="postgres",
+    source_config=PostgresSourceConfig,
+    create_source=_source_factory("postgres"),
+    sink_config=PostgresSinkConfig,
+    create_sink=_sink_factory("postgres"),
+)
+"""PostgreSQL (psycopg 3, `pip install 'busway[postgres]'`)."""
+
+mysql_adapter = Adapter(
+    type="mysql",
+    source_config=MySqlSourceConfig,
+    create_source=_source_factory("mysql"),
+    sink_config=MySqlSinkConfig,
+    create_sink=_sink_factory("mysql"),
+)
+"""MySQL >= 8.0 and MariaDB >= 10.6 (asyncmy, `pip install 'busway[mysql]'`)."""
+
+sqlite_adapter = Adapter(
+    type="sqlite",
+    source_config=SqliteSourceConfig,
+    create_source=_source_factory("sqlite"),
+    sink_config=SqliteSinkConfig,
+    create_sink=_sink_factory("sqlite"),
+)
+"""SQLite (aiosqlite, `pip install 'busway[sqlite]'`)."""

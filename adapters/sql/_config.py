@@ -9,18 +9,34 @@ A source runs in one of two modes:
 
 A sink writes each batch in one transaction, either mapped onto a table (`table`, `columns`,
 optional `key` for an upsert) or through a parameterised `statement` with `params`.
+
+The engines' own config structs (connection keys) live here too, not in the engine modules:
+this module imports no database driver, so `busway schema` documents every engine and
+`busway check` decodes its keys whether or not the driver is installed.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
 from busway import Duration, SinkConfig, SourceConfig
 
-__all__ = ["SqlSinkConfig", "SqlSourceConfig", "check_identifier"]
+__all__ = [
+    "MySqlSinkConfig",
+    "MySqlSourceConfig",
+    "PostgresSinkConfig",
+    "PostgresSourceConfig",
+    "SqlSinkConfig",
+    "SqlSourceConfig",
+    "SqliteSinkConfig",
+    "SqliteSourceConfig",
+    "check_identifier",
+    "parse_mysql_dsn",
+]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
@@ -43,6 +59,8 @@ class SqlSourceConfig(SourceConfig, frozen=True, kw_only=True):
     """Keys every database source has, whatever the engine."""
 
     mode: Literal["incremental", "outbox"] = "incremental"
+    """`incremental`: poll rows past a stored watermark; `outbox`: claim, publish and delete
+    (or mark) the rows of a transactional outbox table."""
     table: str | None = None
     """incremental: the table to read; outbox: the outbox table (default `busway_outbox`)."""
     query: str | None = None
@@ -54,7 +72,10 @@ class SqlSourceConfig(SourceConfig, frozen=True, kw_only=True):
     json_columns: list[str] = msgspec.field(default_factory=list)
     """Text columns holding JSON, embedded as JSON rather than as a string."""
     interval: Duration = Duration(1.0)
+    """Pause between polls that found less than a full batch (a full batch is followed at
+    once by the next); lower it for latency, raise it to spare the database."""
     batch_size: int = 500
+    """Rows per poll (incremental) or per claim transaction (outbox); at least 1."""
     on_publish: Literal["delete", "mark"] = "delete"
     """outbox: delete published rows, or set their `published_at`."""
 
@@ -90,6 +111,8 @@ class SqlSinkConfig(SinkConfig, frozen=True, kw_only=True):
     """Keys every database sink has, whatever the engine."""
 
     table: str | None = None
+    """The table each batch is written into, with `columns` (exactly one of `table` and
+    `statement`); a plain or schema-qualified identifier."""
     columns: dict[str, str] = msgspec.field(default_factory=dict)
     """column name -> JMESPath expression over the message's JSON body."""
     key: list[str] = msgspec.field(default_factory=list)
@@ -116,3 +139,114 @@ class SqlSinkConfig(SinkConfig, frozen=True, kw_only=True):
                 raise ValueError(f"key column(s) {missing} must also be mapped in `columns`")
         elif self.columns or self.key:
             raise ValueError("`columns` and `key` belong to `table`; a statement uses `params`")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engines' connection keys (their drivers are imported by the engine modules only)
+
+
+class PostgresSourceConfig(SqlSourceConfig, tag="postgres", frozen=True, kw_only=True):
+    """A PostgreSQL source: `dsn` is a libpq URL or `key=value` string."""
+
+    dsn: str
+    """libpq connection string: `postgresql://user:${PGPASSWORD}@host:5432/db` or
+    `host=... dbname=...`; keep the password in `${ENV}` or `${file:...}`."""
+    notify_channel: str | None = None
+    """LISTEN on this channel: a notification (`pg_notify` from a trigger) polls at once;
+    `interval` stays the safety net."""
+    pool_size: int = 2
+    """Most connections the source holds (the pool reconnects in the background); at least 1."""
+    connect_timeout: Duration = Duration(5.0)
+    """Limit of one connection attempt (rounded to whole seconds, at least 1); also how long
+    a poll waits for a pooled connection."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.notify_channel is not None:
+            check_identifier(self.notify_channel, "notify_channel")
+        if self.pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+
+
+class PostgresSinkConfig(SqlSinkConfig, tag="postgres", frozen=True, kw_only=True):
+    """A PostgreSQL sink; a `statement` uses `$1`, `$2`... placeholders."""
+
+    dsn: str
+    """libpq connection string: `postgresql://user:${PGPASSWORD}@host:5432/db` or
+    `host=... dbname=...`; keep the password in `${ENV}` or `${file:...}`."""
+    pool_size: int = 2
+    """Most connections the sink holds (the pool reconnects in the background); at least 1."""
+    connect_timeout: Duration = Duration(5.0)
+    """Limit of one connection attempt (rounded to whole seconds, at least 1); also how long
+    a write waits for a pooled connection."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+
+
+def parse_mysql_dsn(dsn: str) -> dict[str, Any]:
+    """asyncmy's connection arguments from `mysql://user:password@host:3306/database`."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("mysql", "mariadb") or not parts.hostname:
+        raise ValueError("dsn must look like mysql://user:password@host:3306/database")
+    return {
+        "host": parts.hostname,
+        "port": parts.port or 3306,
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "database": unquote(parts.path.lstrip("/")) or None,
+    }
+
+
+class MySqlSourceConfig(SqlSourceConfig, tag="mysql", frozen=True, kw_only=True):
+    """A MySQL/MariaDB source: `dsn = "mysql://user:password@host:3306/database"`."""
+
+    dsn: str
+    """`mysql://user:${MYSQL_PASSWORD}@host:3306/database` (`mariadb://` too; port 3306 by
+    default); percent-encode special characters of the user and password."""
+    pool_size: int = 2
+    """Most connections the source holds (the pool reconnects in the background)."""
+    connect_timeout: Duration = Duration(5.0)
+    """Limit of one connection attempt (rounded to whole seconds, at least 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_mysql_dsn(self.dsn)
+
+
+class MySqlSinkConfig(SqlSinkConfig, tag="mysql", frozen=True, kw_only=True):
+    """A MySQL/MariaDB sink; a `statement` uses `%s` placeholders."""
+
+    dsn: str
+    """`mysql://user:${MYSQL_PASSWORD}@host:3306/database` (`mariadb://` too; port 3306 by
+    default); percent-encode special characters of the user and password."""
+    pool_size: int = 2
+    """Most connections the sink holds (the pool reconnects in the background)."""
+    connect_timeout: Duration = Duration(5.0)
+    """Limit of one connection attempt (rounded to whole seconds, at least 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_mysql_dsn(self.dsn)
+
+
+class SqliteSourceConfig(SqlSourceConfig, tag="sqlite", frozen=True, kw_only=True):
+    """A SQLite source on the database file at `path`."""
+
+    path: str
+    """The database file, relative to the config file; opened in WAL mode."""
+    busy_timeout: Duration = Duration(5.0)
+    """How long to wait for another writer's lock (SQLite has one writer at a time) before
+    the poll or claim fails and is retried."""
+
+
+class SqliteSinkConfig(SqlSinkConfig, tag="sqlite", frozen=True, kw_only=True):
+    """A SQLite sink on the database file at `path`; a `statement` uses `?` placeholders."""
+
+    path: str
+    """The database file, relative to the config file; opened in WAL mode."""
+    busy_timeout: Duration = Duration(5.0)
+    """How long to wait for another writer's lock (SQLite has one writer at a time) before
+    the batch fails and is retried with back-off."""

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import anyio
 import orjson
@@ -39,8 +38,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         f"the mysql adapter needs asyncmy ({exc}): pip install 'busway[mysql]'"
     ) from exc
 
-from busway import Adapter, BuildContext, Duration, RetryableError
-from busway.adapters.sql._config import SqlSinkConfig, SqlSourceConfig
+from busway import BuildContext, RetryableError
+from busway.adapters.sql import mysql_adapter
+from busway.adapters.sql._config import MySqlSinkConfig, MySqlSourceConfig, parse_mysql_dsn
 from busway.adapters.sql._database import Connection, RowError, Rows
 from busway.adapters.sql._dialect import MYSQL
 from busway.adapters.sql._sink import SqlSink
@@ -61,43 +61,6 @@ __all__ = [
 _ROW_ERRORS = frozenset(
     {1048, 1062, 1264, 1265, 1292, 1366, 1406, 1451, 1452, 1690, 3140, 3819, 4025}
 )
-
-
-class MySqlSourceConfig(SqlSourceConfig, tag="mysql", frozen=True, kw_only=True):
-    """A MySQL/MariaDB source: `dsn = "mysql://user:password@host:3306/database"`."""
-
-    dsn: str
-    pool_size: int = 2
-    connect_timeout: Duration = Duration(5.0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _parse_dsn(self.dsn)
-
-
-class MySqlSinkConfig(SqlSinkConfig, tag="mysql", frozen=True, kw_only=True):
-    """A MySQL/MariaDB sink; a `statement` uses `%s` placeholders."""
-
-    dsn: str
-    pool_size: int = 2
-    connect_timeout: Duration = Duration(5.0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _parse_dsn(self.dsn)
-
-
-def _parse_dsn(dsn: str) -> dict[str, Any]:
-    parts = urlsplit(dsn)
-    if parts.scheme not in ("mysql", "mariadb") or not parts.hostname:
-        raise ValueError("dsn must look like mysql://user:password@host:3306/database")
-    return {
-        "host": parts.hostname,
-        "port": parts.port or 3306,
-        "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
-        "database": unquote(parts.path.lstrip("/")) or None,
-    }
 
 
 @contextlib.contextmanager
@@ -149,7 +112,7 @@ class MySqlDatabase:
     dialect = MYSQL
 
     def __init__(self, dsn: str, *, pool_size: int, connect_timeout: float) -> None:
-        self._options = _parse_dsn(dsn)
+        self._options = parse_mysql_dsn(dsn)
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._pool: Any = None
@@ -220,10 +183,5 @@ def create_sink(config: MySqlSinkConfig, context: BuildContext) -> SqlSink:
     return SqlSink(config, database, adapt=adapt)
 
 
-adapter = Adapter(
-    type="mysql",
-    source_config=MySqlSourceConfig,
-    create_source=create_source,
-    sink_config=MySqlSinkConfig,
-    create_sink=create_sink,
-)
+adapter = mysql_adapter
+"""The `mysql` adapter (the same value as `busway.adapters.sql.mysql_adapter`)."""

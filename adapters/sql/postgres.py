@@ -38,8 +38,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "pip install 'busway[postgres]'"
     ) from exc
 
-from busway import Adapter, BuildContext, Duration, RetryableError
-from busway.adapters.sql._config import SqlSinkConfig, SqlSourceConfig, check_identifier
+from busway import BuildContext, RetryableError
+from busway.adapters.sql import postgres_adapter
+from busway.adapters.sql._config import PostgresSinkConfig, PostgresSourceConfig
 from busway.adapters.sql._database import Connection, RowError, Rows
 from busway.adapters.sql._dialect import POSTGRES
 from busway.adapters.sql._sink import SqlSink
@@ -56,35 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("busway.adapters.sql.postgres")
-
-
-class PostgresSourceConfig(SqlSourceConfig, tag="postgres", frozen=True, kw_only=True):
-    """A PostgreSQL source: `dsn` is a libpq URL or `key=value` string."""
-
-    dsn: str
-    notify_channel: str | None = None
-    pool_size: int = 2
-    connect_timeout: Duration = Duration(5.0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.notify_channel is not None:
-            check_identifier(self.notify_channel, "notify_channel")
-        if self.pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
-
-
-class PostgresSinkConfig(SqlSinkConfig, tag="postgres", frozen=True, kw_only=True):
-    """A PostgreSQL sink; a `statement` uses `$1`, `$2`... placeholders."""
-
-    dsn: str
-    pool_size: int = 2
-    connect_timeout: Duration = Duration(5.0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
 
 
 class _TextLoader(Loader):
@@ -250,10 +222,5 @@ def create_sink(config: PostgresSinkConfig, context: BuildContext) -> SqlSink:
     return SqlSink(config, database, adapt=adapt)
 
 
-adapter = Adapter(
-    type="postgres",
-    source_config=PostgresSourceConfig,
-    create_source=create_source,
-    sink_config=PostgresSinkConfig,
-    create_sink=create_sink,
-)
+adapter = postgres_adapter
+"""The `postgres` adapter (the same value as `busway.adapters.sql.postgres_adapter`)."""

@@ -33,8 +33,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         f"the sqlite adapter needs aiosqlite ({exc}): pip install 'busway[sqlite]'"
     ) from exc
 
-from busway import Adapter, BuildContext, Duration, RetryableError
-from busway.adapters.sql._config import SqlSinkConfig, SqlSourceConfig
+from busway import BuildContext, RetryableError
+from busway.adapters.sql import sqlite_adapter
+from busway.adapters.sql._config import SqliteSinkConfig, SqliteSourceConfig
 from busway.adapters.sql._database import Connection, RowError, Rows
 from busway.adapters.sql._dialect import SQLITE
 from busway.adapters.sql._sink import SqlSink
@@ -48,20 +49,6 @@ __all__ = [
     "create_sink",
     "create_source",
 ]
-
-
-class SqliteSourceConfig(SqlSourceConfig, tag="sqlite", frozen=True, kw_only=True):
-    """A SQLite source on the database file at `path`."""
-
-    path: str
-    busy_timeout: Duration = Duration(5.0)
-
-
-class SqliteSinkConfig(SqlSinkConfig, tag="sqlite", frozen=True, kw_only=True):
-    """A SQLite sink on the database file at `path`; a `statement` uses `?` placeholders."""
-
-    path: str
-    busy_timeout: Duration = Duration(5.0)
 
 
 @contextlib.contextmanager
@@ -165,10 +152,5 @@ def create_sink(config: SqliteSinkConfig, context: BuildContext) -> SqlSink:
     return SqlSink(config, database, adapt=adapt)
 
 
-adapter = Adapter(
-    type="sqlite",
-    source_config=SqliteSourceConfig,
-    create_source=create_source,
-    sink_config=SqliteSinkConfig,
-    create_sink=create_sink,
-)
+adapter = sqlite_adapter
+"""The `sqlite` adapter (the same value as `busway.adapters.sql.sqlite_adapter`)."""

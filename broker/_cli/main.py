@@ -46,11 +46,8 @@ from busway._cli.support import (
 )
 from busway._config.model import Config, load_config, locate_in_file, split_listen
 from busway._config.schema import (
-    REFERENCE_END,
-    REFERENCE_START,
     config_reference,
     config_schema,
-    embed_reference,
 )
 from busway._errors import BuswayError, ConfigError
 from busway._nats.embedded import process_alive
@@ -94,10 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     schema.add_argument("--markdown", action="store_true", help="the reference, as Markdown")
     schema.add_argument(
-        "--update-readme",
-        metavar="README",
-        help="rewrite the reference between the config-reference markers of this file",
+        "--update-docs",
+        metavar="PAGE",
+        help="rewrite this page with the reference (docs/reference/config.md)",
     )
+    schema.add_argument("--update-readme", metavar="README", help=argparse.SUPPRESS)
     status = commands.add_parser(
         "status", help="show the running daemon's components: state, rates, backlog, errors"
     )
@@ -357,13 +355,16 @@ def _reload_command(args: argparse.Namespace) -> int:
 def _schema_command(args: argparse.Namespace) -> int:
     registry = default_registry()
     if args.update_readme:
-        path = Path(args.update_readme)
-        text = path.read_text()
-        updated = embed_reference(text, config_reference(registry))
-        if updated is None:
-            print(f"busway: {path} has no {REFERENCE_START} ... {REFERENCE_END}", file=sys.stderr)
-            return EXIT_FAILURE
-        path.write_text(updated)
+        print(
+            "busway: the config reference moved out of the README: run "
+            "`busway schema --update-docs docs/reference/config.md`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if args.update_docs:
+        path = Path(args.update_docs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(config_reference(registry))
         print(f"{path}: config reference updated")
     elif args.markdown:
         print(config_reference(registry), end="")

@@ -113,8 +113,8 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
 
     max_attempts: Count = 10
     """Attempts before a message is dead-lettered: failures busway retried, and crashes of the
-    daemon while the message was processed alone; not JetStream's redeliveries (README,
-    Operations).
+    daemon while the message was processed alone; not JetStream's redeliveries (see
+    "Poison messages"). Keep it above `circuit.failures` for sinks.
     """
     backoff: Duration = Duration(0.5)
     """First retry delay; doubles per attempt (±20 % jitter) up to `max_backoff`."""
@@ -301,15 +301,17 @@ class _Consumer(_Strict, frozen=True, kw_only=True):
     dead_letter: str | None = None
     """Dead-letter subject (default `<subject_prefix>.<name>`)."""
     max_in_flight: Count = 1024
-    """Messages held un-acked at once (the consumer's `max_ack_pending`)."""
+    """Messages held un-acked at once (the consumer's `max_ack_pending`): the back-pressure
+    bound and the memory bound; `1` gives strict stream order."""
     ack_wait: Duration = Duration(30.0)
-    """Redelivery delay of a message whose holder died."""
+    """Redelivery delay of a message whose holder died (held messages are kept alive, so a
+    slow stage or sink needs no longer one); a `stalled` report also waits this long."""
     retry: RetryPolicy = RetryPolicy()
     """Back-off of transient failures, then dead letter."""
     start: str | None = None
     """Where a new consumer begins: `"all"` (the whole stream: the default), `"new"` (messages
     stored from now on) or an RFC 3339 time (`"2025-06-01T00:00:00Z"`). Applies only when the
-    consumer is created; see "Where a new route or sink starts"."""
+    consumer is created (see "Where a new route or sink starts")."""
 
     def __post_init__(self) -> None:
         if not self.ack_wait > 0:
@@ -330,7 +332,8 @@ class RouteConfig(_Consumer, frozen=True, kw_only=True):
     transform: str | None = None
     """JMESPath mapping run last; its result is the new body."""
     stages: list[StageConfig] = []
-    """Run in order after `when` and before `transform`; see the README's stage reference."""
+    """Run in order after `when` and before `transform`: one-key tables such as
+    `{ filter = "..." }` (see the stages pages)."""
     hop_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
     """Route hops a message may make before this route dead-letters it (reason `hop_limit`);
     only enforced on routes a cycle can pass through (see "Route cycles")."""
@@ -383,8 +386,11 @@ class Config(_Strict, frozen=True, kw_only=True):
     """A whole busway deployment: where NATS is, what streams exist, what flows where."""
 
     nats: NatsConfig = NatsConfig()
+    """Where JetStream is: `[nats]`; without `servers`, an embedded nats-server."""
     http: HttpConfig = HttpConfig()
+    """The shared HTTP listener: `[http]`."""
     dead_letter: DeadLetterConfig = DeadLetterConfig()
+    """Where undeliverable messages go: `[dead_letter]`."""
     shutdown_timeout: Duration = Duration(15.0)
     """How long a graceful stop (or a reload) waits for in-flight messages."""
     state_bucket: str = "busway_state"
@@ -393,9 +399,13 @@ class Config(_Strict, frozen=True, kw_only=True):
     pid_file: str = "var/busway.pid"
     """Where `busway run` writes its pid, for `busway reload` (relative to the config file)."""
     streams: list[StreamConfig] = []
+    """The JetStream streams: `[[streams]]`; every subject read or written must be in one."""
     routes: list[RouteConfig] = []
+    """The routes: `[[routes]]`."""
     sources: tuple[SourceConfig, ...] = ()
+    """What takes messages in: `[[sources]]`, one table per source, its adapter by `type`."""
     sinks: tuple[SinkConfig, ...] = ()
+    """What delivers messages out: `[[sinks]]`, one table per sink, its adapter by `type`."""
     base_dir: str = "."
     """Directory relative paths are resolved against: the config file's own directory."""
 
