@@ -76,6 +76,7 @@ class KeyValueLease:
         """The revision that acquired the lease: greater than any earlier holder's."""
         self.revision = token
         """The revision of the last renewal; the next one must find it unchanged."""
+        self.renewals = 0
         self.lost = False
         self.reason = ""
 
@@ -217,6 +218,7 @@ class LeaseKeeper:
                     await anyio.sleep(min(0.2, max(0.0, valid_until - anyio.current_time())))
                     continue
                 lease.revision = revision
+                lease.renewals += 1
                 valid_until = sent + self.ttl * _VALID
                 break
 
