@@ -54,7 +54,9 @@ class SqlSourceConfig(SourceConfig, frozen=True, kw_only=True):
     json_columns: list[str] = msgspec.field(default_factory=list)
     """Text columns holding JSON, embedded as JSON rather than as a string."""
     interval: Duration = Duration(1.0)
+    """How long to wait after a poll that found fewer than `batch_size` rows."""
     batch_size: int = 500
+    """Rows read (or claimed) and published per poll, in one transaction."""
     on_publish: Literal["delete", "mark"] = "delete"
     """outbox: delete published rows, or set their `published_at`."""
     lease_ttl: Duration = Duration(10.0)
