@@ -15,6 +15,7 @@ from busway._bus import Bus, ReloadReport
 from busway._components import (
     BuildContext,
     DedupStore,
+    Lease,
     Message,
     PublishAck,
     Publisher,
@@ -22,6 +23,7 @@ from busway._components import (
     Sink,
     Source,
     SourceContext,
+    StateEntry,
     StateStore,
 )
 from busway._config.durations import Duration
@@ -84,6 +86,7 @@ __all__ = [
     "DeliveryError",
     "Duration",
     "HttpConfig",
+    "Lease",
     "Message",
     "NatsConfig",
     "PermanentError",
@@ -103,6 +106,7 @@ __all__ = [
     "SourceConfig",
     "SourceContext",
     "StartupError",
+    "StateEntry",
     "StateStore",
     "StreamConfig",
     "__version__",

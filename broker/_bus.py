@@ -26,6 +26,7 @@ import gc
 import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -38,7 +39,7 @@ from nats.js.kv import KeyValue
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from busway._components import DedupStore, Sink, Source, SourceContext
+from busway._components import DedupStore, Lease, Sink, Source, SourceContext
 from busway._config.model import (
     Config,
     RouteConfig,
@@ -68,6 +69,7 @@ from busway._nats.jetstream import (
     server_name_of,
     state_bucket,
 )
+from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
 from busway._registry import AdapterRegistry, default_registry
@@ -123,6 +125,8 @@ class Bus(AsyncContextManagerMixin):
         self._stop_requested = anyio.Event()
         self._embedded: EmbeddedNatsServer | None = None
         self._failure: BuswayError | None = None
+        self._holder_id = new_holder_id()
+        """This daemon's name in the leases it holds."""
 
     @classmethod
     def from_file(
@@ -420,6 +424,7 @@ class Bus(AsyncContextManagerMixin):
             http_routes=http_routes,
             requester=self._requester,
             open_dedup_store=functools.partial(self._open_dedup_store, source_config),
+            open_lease=functools.partial(self._open_lease, source_config.name),
         )
 
         async def run(*, task_status: TaskStatus[None]) -> None:
@@ -429,6 +434,19 @@ class Bus(AsyncContextManagerMixin):
             ("source", source_config.name), source_config, stats, run, None, http_routes
         )
         stats.ready = True
+
+    def _open_lease(self, source: str, name: str, ttl: float) -> AbstractAsyncContextManager[Lease]:
+        """`source`'s lease `name` in the state bucket (see `_nats/lease.py`)."""
+        assert self._state is not None
+        keeper = LeaseKeeper(
+            self._state,
+            lease_key(source, name),
+            ttl=ttl,
+            holder=self._holder_id,
+            log=logging.getLogger(f"busway.source.{source}"),
+            timeout=float(self.config.nats.publish_timeout),
+        )
+        return keeper.hold()
 
     async def _open_dedup_store(self, source: SourceConfig) -> DedupStore:
         """`source`'s dedup bucket, scoped like JetStream's dedup: by stream and source."""

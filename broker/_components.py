@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BuildContext",
     "DedupStore",
+    "Lease",
     "Message",
     "PublishAck",
     "Publisher",
@@ -43,6 +45,7 @@ __all__ = [
     "Sink",
     "Source",
     "SourceContext",
+    "StateEntry",
     "StateStore",
 ]
 
@@ -109,12 +112,33 @@ class Publisher(Protocol):
         ...
 
 
+@dataclass(slots=True, frozen=True)
+class StateEntry:
+    """A stored value and its revision (what `StateStore.compare_and_set` compares)."""
+
+    value: bytes
+    revision: int
+
+
 class StateStore(Protocol):
     """Small durable state a source keeps across restarts (watermarks, cursors).
 
     Backed by a JetStream key-value bucket, so it survives a crash and is shared by every
-    daemon of a cluster. Keys are namespaced per source by the engine.
+    daemon of a cluster. Keys are namespaced per source by the engine. Each method raises
+    RetryableError when JetStream does not answer.
     """
+
+    async def entry(self, key: str) -> StateEntry | None:
+        """The value under `key` with its revision, or None."""
+        ...
+
+    async def compare_and_set(self, key: str, value: bytes, *, revision: int) -> bool:
+        """Store `value` only if `key` is still at `revision` (0: absent); False if it moved.
+
+        What two daemons writing one key need: read the entry, decide, write back with its
+        revision, and read again on False.
+        """
+        ...
 
     async def get(self, key: str) -> bytes | None:
         """The value stored under `key`, or None."""
@@ -159,6 +183,21 @@ class DedupStore(Protocol):
         ...
 
 
+class Lease(Protocol):
+    """The cluster-wide right to act alone, held through `SourceContext.lease`.
+
+    `token` is the lease's fencing token: it grows with every new holder, so a value written
+    with the token beside it lets a later writer see that a newer holder exists and refuse
+    to overwrite its work. `lost` turns true when the lease was lost while held.
+    """
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def lost(self) -> bool: ...
+
+
 @dataclass(slots=True, frozen=True)
 class Reply:
     """The answer to `SourceContext.request`."""
@@ -180,6 +219,26 @@ class SourceContext:
     http_routes: list[BaseRoute] | None = field(default=None)
     requester: Requester | None = field(default=None)
     open_dedup_store: Callable[[], Awaitable[DedupStore]] | None = field(default=None)
+    open_lease: Callable[[str, float], AbstractAsyncContextManager[Lease]] | None = field(
+        default=None
+    )
+
+    def lease(self, name: str = "", *, ttl: float) -> AbstractAsyncContextManager[Lease]:
+        """Hold this source's cluster-wide lease `name`: one daemon at a time runs the block.
+
+            while True:
+                async with context.lease(ttl=10.0) as lease:
+                    await poll_forever(fence=lease.token)
+                # lost (another daemon took over): wait to win it again
+
+        Entering waits until this daemon holds the lease (a standby daemon waits here). The
+        block is cancelled when the lease is lost (not renewed in time, or taken over), and
+        then ends normally with `lease.lost` true. Leaving it releases the lease. A holder
+        that dies is replaced within `1.5 * ttl`.
+        """
+        if self.open_lease is None:
+            raise RuntimeError("a lease needs a running Bus")
+        return self.open_lease(name, ttl)
 
     async def dedup_store(self) -> DedupStore:
         """This source's `DedupStore`; open it at start-up (StartupError if it cannot be)."""

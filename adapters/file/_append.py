@@ -24,6 +24,18 @@ new live file created. A crash at any step leaves either the old live file with 
 or no live file and an index whose ids are all still valid: opening starts the new segment
 from there, so the messages of the rotated file are recognised when they come back.
 
+Several writers (two daemons, or two sinks, on one path) take turns: every open, batch and
+rotation runs under an exclusive `flock` on `<live file>.lock`, a file that is never renamed
+or replaced, so the lock outlives rotations and compactions. Under the lock a writer first
+catches up with what the others did since its last turn: if the live file or the index is
+another file now (rotated, compacted) or a tail it cannot follow (an intent cut by a crash),
+it opens both again as after a crash; otherwise it reads the intents appended to the index
+since its turn, so its end offset and its ids include the other writers' batches: the next
+batch goes after theirs, and a message one writer wrote is skipped when it comes again to
+another. The kernel drops the lock of a writer that dies, SIGKILL included. Locks are local
+to one kernel: writers on different hosts sharing a network file system need coherent locks
+(NFSv4), or per-daemon file names.
+
 After a power loss (not a process crash) the index may lack its newest intents while the
 live file, fsynced, has their lines: those complete lines are kept (they may have been
 acked), so such a loss can at worst duplicate the last batch, never lose an acked line.
@@ -33,16 +45,21 @@ Every method blocks: run them in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+import orjson
 
 from busway.adapters.file._index import (
     VERSION,
     IndexState,
+    Intent,
     carry_line,
     header_line,
     intent_holds,
@@ -77,6 +94,7 @@ class AppendWriter:
     ) -> None:
         self.path = path
         self.index_path = path.with_name(path.name + ".ids")
+        self.lock_path = path.with_name(path.name + ".lock")
         self.fsync = fsync
         self.rotate_bytes = rotate_bytes
         self.rotate_every = rotate_every
@@ -88,13 +106,80 @@ class AppendWriter:
         self._start = 0.0
         self._ids: dict[str, None] = {}
         self._index_entries = 0
+        self._lock_fd: int | None = None
+        self._index_known = 0
+        """The index's size after this writer's last turn: what it has read or written."""
+
+    # -- taking turns ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the path's exclusive lock, caught up with the other writers' batches."""
+        if self._lock_fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            if self._fd is not None and not self._caught_up():
+                self.close_files()
+            if self._fd is None:
+                self._open_locked()
+            yield
+            if self._index_fd is not None:
+                self._index_known = os.fstat(self._index_fd).st_size
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _caught_up(self) -> bool:
+        """Follow the other writers' batches since this writer's last turn; False: reopen."""
+        assert self._fd is not None
+        assert self._index_fd is not None
+        try:
+            live, index = os.stat(self.path), os.stat(self.index_path)
+        except FileNotFoundError:
+            return False
+        if (live.st_ino, index.st_ino) != (
+            os.fstat(self._fd).st_ino,
+            os.fstat(self._index_fd).st_ino,
+        ):
+            return False  # rotated or compacted by another writer
+        if index.st_size == self._index_known and live.st_size == self._end:
+            return True  # nobody else wrote
+        with open(self.index_path, "rb") as file:
+            file.seek(self._index_known)
+            tail = file.read(index.st_size - self._index_known)
+        intents: list[Intent] = []
+        for line in tail.splitlines():
+            try:
+                entry = orjson.loads(line)
+                intents.append(Intent(entry["at"], entry["end"], entry["crc"], entry["ids"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return False  # torn by a crash, or not an intent: recover as after a crash
+        end = self._end
+        for intent in intents:
+            if intent.at != end:
+                return False
+            end = intent.end
+        if end != live.st_size or (intents and not intent_holds(self._fd, intents[-1], end)):
+            return False  # a batch cut by its writer's crash
+        for intent in intents:
+            for key in intent.ids:
+                self._ids[key] = None
+            self._index_entries += len(intent.ids)
+        while len(self._ids) > self.index_size:
+            del self._ids[next(iter(self._ids))]
+        self._end = end
+        return True
 
     # -- opening and recovery ------------------------------------------------------------
 
     def open(self) -> None:
         """Open (or recover) the live file and its index; raises OSError."""
-        if self._fd is not None:
-            return
+        with self._turn():
+            pass
+
+    def _open_locked(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = read_index(self.index_path)
         try:
@@ -112,7 +197,7 @@ class AppendWriter:
             self._keep_ids(state.ids if state is not None else [])
             self._rewrite_index()
         except BaseException:
-            self.close()
+            self.close_files()
             raise
 
     def _begin_segment(self, ids: Iterable[str], start: float) -> None:
@@ -192,7 +277,10 @@ class AppendWriter:
         On OSError nothing of the batch remains: the live file and the index are cut back to
         where the batch began (or, if even that fails, at the next open).
         """
-        self.open()
+        with self._turn():
+            return self._write_locked(entries)
+
+    def _write_locked(self, entries: Sequence[tuple[str, bytes]]) -> int:
         ids = self._ids
         fresh: dict[str, None] = {}
         data = bytearray()
@@ -204,7 +292,7 @@ class AppendWriter:
         if not fresh:
             return 0
         if self._should_rotate(len(data)):
-            self.rotate()
+            self._rotate_locked()
         fd, index_fd = self._fd, self._index_fd
         assert fd is not None
         assert index_fd is not None
@@ -221,7 +309,7 @@ class AppendWriter:
                 os.ftruncate(index_fd, index_start)
             except OSError:
                 pass  # the next open cuts what the intent says is unfinished
-            self.close()
+            self.close_files()
             raise
         self._end = start + len(payload)
         ids = self._ids  # a rotation above started a new dict
@@ -254,11 +342,14 @@ class AppendWriter:
         The rename first, made durable; then the new segment, as `open` starts one when it
         finds no live file after a crash at this point.
         """
-        self.open()
+        with self._turn():
+            return self._rotate_locked()
+
+    def _rotate_locked(self) -> Segment:
         now = time.time()
         target = self._rotated_target(now)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.close()
+        self.close_files()
         os.rename(self.path, target)
         if self.fsync and target.parent != self.path.parent:
             sync_directory(target.parent)
@@ -287,7 +378,14 @@ class AppendWriter:
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the live file and its index."""
+        """Close the live file, its index and the lock file."""
+        self.close_files()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close_files(self) -> None:
+        """Close the live file and its index (the next turn opens them again)."""
         for attribute in ("_fd", "_index_fd"):
             fd = getattr(self, attribute)
             setattr(self, attribute, None)

@@ -19,7 +19,8 @@
 in the segment's id index (see `_append`), so a redelivery after a crash between the write and
 the ack is skipped rather than written twice, and a batch that failed halfway (disk full) is
 truncated away. A body that is not JSON is dead-lettered on its own while the rest of the
-batch is written.
+batch is written. Several daemons (or sinks) may append to one file: they take turns under a
+lock on `<file>.lock` (see `_append`), each batch whole, none lost or doubled.
 
 `per-message` writes each body as it is to its own file through a temporary name, fsync and
 rename (see `_per_message`): readers never see half a file.

@@ -78,12 +78,18 @@ class SqlSourceConfig(SourceConfig, frozen=True, kw_only=True):
     """Rows per poll (incremental) or per claim transaction (outbox); at least 1."""
     on_publish: Literal["delete", "mark"] = "delete"
     """outbox: delete published rows, or set their `published_at`."""
+    lease_ttl: Duration = Duration(10.0)
+    """incremental: with several daemons one polls, holding a lease it renews every quarter
+    of this; when it dies another takes over within 1.5 times this (a restarted daemon alone
+    also waits up to that long for its previous incarnation's lease)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if self.interval <= 0:
             raise ValueError("interval must be positive")
+        if self.lease_ttl < 0.2:
+            raise ValueError("lease_ttl must be at least 200ms")
         if self.mode == "incremental":
             if (self.table is None) == (self.query is None):
                 raise ValueError("an incremental source needs exactly one of `table` or `query`")

@@ -51,6 +51,9 @@ class OutboxClaimer:
         self._subject = SubjectTemplate(config.subject)
         self._subject.bind(_COLUMNS)
 
+    def lead(self, fence: int) -> None:
+        """Not used: daemons claim outbox rows side by side, without a lease."""
+
     async def load(self, context: SourceContext) -> None:
         """Nothing to resume: the outbox table itself is the state."""
 

@@ -5,8 +5,10 @@ as a JSON object with `Nats-Msg-Id = <source>:<table>:<key>[:<watermark>]` (`<so
 for a query), awaits every PubAck, and only then stores the last row's watermark in the state
 store. A crash anywhere before that store means the next poll reads the same rows again; the
 stream drops the copies it already has (within its `duplicate_window`), so nothing is lost and
-nothing is duplicated. The source name in the id keeps apart two sources that read tables of
-the same name in two databases into one stream.
+nothing is duplicated. With several daemons only the holder of the source's lease polls, and
+the watermark is stored fenced by the lease's token and never moved back (see `_watermark`).
+The source name in the id keeps apart two sources that read tables of the same name in two
+databases into one stream.
 """
 
 from __future__ import annotations
@@ -21,16 +23,10 @@ from busway.adapters.sql._config import SqlSourceConfig
 from busway.adapters.sql._confirm import Confirmations
 from busway.adapters.sql._database import Database
 from busway.adapters.sql._subject import SubjectTemplate
-from busway.adapters.sql._types import (
-    decode_watermark,
-    encode_row,
-    encode_watermark,
-    render_value,
-)
+from busway.adapters.sql._types import encode_row, render_value
+from busway.adapters.sql._watermark import load_watermark, store_watermark
 
 __all__ = ["IncrementalPoller"]
-
-_STATE_KEY = "watermark"
 
 
 class IncrementalPoller:
@@ -50,16 +46,25 @@ class IncrementalPoller:
         self._subject = SubjectTemplate(config.subject)
         self._json_columns = frozenset(config.json_columns)
         self._watermark: list[Any] | None = None
+        self._fence = 0
+        self._loaded = False
+
+    def lead(self, fence: int) -> None:
+        """This daemon now holds the lease with token `fence`: reload before the next poll."""
+        self._fence = fence
+        self._loaded = False
 
     async def load(self, context: SourceContext) -> None:
         """Read the stored watermark: reading resumes after it."""
-        stored = await context.state.get(_STATE_KEY)
-        self._watermark = decode_watermark(stored) if stored is not None else None
+        self._watermark = await load_watermark(context)
+        self._loaded = True
         if self._watermark is not None:
             context.logger.info("resuming after watermark %s", self._watermark)
 
     async def poll(self, context: SourceContext) -> int:
         """Publish the next rows and advance the watermark past them."""
+        if not self._loaded:
+            await self.load(context)
         if self._watermark is None:
             sql, params = self._first, []
         else:
@@ -81,8 +86,9 @@ class IncrementalPoller:
             await confirmations.wait()
         context.stats.published += len(confirmations)
         watermark = [rows[-1][i] for i in positions]
-        await context.state.put(_STATE_KEY, encode_watermark(watermark))
-        self._watermark = watermark
+        self._watermark = await store_watermark(
+            context, watermark, fence=self._fence, logger=context.logger
+        )
         return len(rows)
 
     async def _publish(

@@ -35,7 +35,7 @@ from nats.js.api import (
 from nats.js.api import StreamConfig as NatsStreamConfig
 from nats.js.kv import KeyValue
 
-from busway._components import PublishAck
+from busway._components import PublishAck, StateEntry
 from busway._config.model import NatsConfig, StreamConfig, start_time
 from busway._errors import PublishError, RetryableError, StartupError
 from busway._observe.readiness import WriteRefusals
@@ -521,6 +521,29 @@ class KeyValueState:
         except nats.errors.Error as exc:
             raise RetryableError(f"cannot read state {key!r}: {exc!r}") from exc
         return entry.value
+
+    async def entry(self, key: str) -> StateEntry | None:
+        """The value under `key` and its revision, or None if absent or deleted."""
+        try:
+            entry = await self._bucket.get(self._prefix + key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except nats.errors.Error as exc:
+            raise RetryableError(f"cannot read state {key!r}: {exc!r}") from exc
+        return StateEntry(value=entry.value or b"", revision=entry.revision or 0)
+
+    async def compare_and_set(self, key: str, value: bytes, *, revision: int) -> bool:
+        """Store `value` if `key` is still at `revision` (0: absent or deleted); else False."""
+        try:
+            if revision:
+                await self._bucket.update(self._prefix + key, value, last=revision)
+            else:
+                await self._bucket.create(self._prefix + key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.errors.Error as exc:
+            raise RetryableError(f"cannot store state {key!r}: {exc!r}") from exc
+        return True
 
     async def put(self, key: str, value: bytes) -> None:
         """Store `value` under `key`; RetryableError if JetStream did not confirm."""

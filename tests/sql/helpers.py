@@ -40,6 +40,20 @@ type = "{engine.type}"
 """
 
 
+def watermark_of(value: bytes | None) -> bytes:
+    """The watermark pairs of a stored watermark value, as the source encoded them.
+
+    The value is `{"fence": <lease token>, "watermark": [[type, text], ...]}`; the fence is
+    checked by the cluster tests, the pairs here.
+    """
+    if not value:
+        return b""
+    document = orjson.loads(value)
+    assert isinstance(document, dict) and isinstance(document["fence"], int), document
+    assert document["fence"] > 0, document
+    return orjson.dumps(document["watermark"])
+
+
 async def bodies(nc: NatsClient, stream: str) -> list[dict[str, object]]:
     """The JSON bodies of every message in `stream`, in order."""
     return [orjson.loads(m.data) for m in await stream_messages(nc, stream)]

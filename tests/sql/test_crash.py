@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from tests.sql.engines import Engine
+from tests.sql.helpers import watermark_of
 from tests.support import NatsServer, eventually, stream_messages
 from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
 
@@ -96,7 +97,7 @@ interval = "100ms"
             entry = await (await js.key_value("busway_state")).get(f"feed{unique}.watermark")
         except nats.js.errors.KeyNotFoundError:
             return False
-        return left == 0 and entry.value == f'[["int","{ROWS}"]]'.encode()
+        return left == 0 and watermark_of(entry.value) == f'[["int","{ROWS}"]]'.encode()
 
     try:
         first = Daemon(config)

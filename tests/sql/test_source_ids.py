@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus
 from tests.sql.engines import Engine
-from tests.sql.helpers import bus_config, count, messages, source_table
+from tests.sql.helpers import bus_config, count, messages, source_table, watermark_of
 from tests.support import NatsServer, decode_test_config, eventually
 
 pytestmark = pytest.mark.anyio
@@ -129,7 +129,7 @@ async def test_two_incremental_sources_of_same_named_tables_into_one_stream_lose
                     entry = await state.get(f"{name}{unique}.watermark")
                 except Exception:  # not stored yet
                     return False
-                if entry.value != f'[["int","{ROWS}"]]'.encode():
+                if watermark_of(entry.value) != f'[["int","{ROWS}"]]'.encode():
                     return False
             return True
 
