@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,8 +138,7 @@ class TestHttpSink(SinkConformance):
                 bodies = {
                     orjson.loads(seen.body)["key"]
                     for seen in receiver.seen
-                    if seen.headers.get("idempotency-key") == key
-                    and b'"refuse"' not in seen.body
+                    if seen.headers.get("idempotency-key") == key and b'"refuse"' not in seen.body
                 }
                 assert bodies == {key}, f"Idempotency-Key {key} is not its message's id"
                 keys.append(key)
@@ -164,7 +163,7 @@ _SINK_KEYS = 'columns = {{ item = "key" }}\nkey = ["item"]\ntable = "{table}"'
 
 class TestSqliteSink(SinkConformance):
     @pytest.fixture
-    def sink_case(self, tmp_path: Path) -> Iterator[SinkCase]:
+    def sink_case(self, tmp_path: Path) -> SinkCase:
         database = tmp_path / "sink.db"
         with sqlite3.connect(database) as connection:
             connection.execute("CREATE TABLE rows (item TEXT PRIMARY KEY NOT NULL)")
@@ -176,7 +175,7 @@ class TestSqliteSink(SinkConformance):
             reader.close()
             return found
 
-        yield SinkCase(
+        return SinkCase(
             type="sqlite",
             table=f'path = "{database}"\n' + _SINK_KEYS.format(table="rows"),
             delivered=delivered,
