@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
+from collections.abc import Iterable
 
 from busway._config.model import Config, decode_config
 from busway._registry import Adapter, AdapterRegistry
@@ -15,6 +17,7 @@ __all__ = [
     "UNKNOWN_KEY",
     "config_text",
     "decode",
+    "expect_once",
     "keys",
     "registry_for",
 ]
@@ -62,4 +65,19 @@ def decode(text: str, registry: AdapterRegistry, base_dir: str) -> Config:
         base_dir=base_dir,
         source_types=registry.source_config,
         sink_types=registry.sink_config,
+    )
+
+
+def expect_once(found: Iterable[str], wanted: Iterable[str], where: str) -> None:
+    """AssertionError, saying what is missing and what is extra, unless `found` holds each of
+    `wanted` exactly once. (The installed package's asserts are not rewritten by pytest: the
+    message must say it all.)"""
+    have, want = Counter(found), Counter(wanted)
+    if have == want:
+        return
+    missing = sorted((want - have).elements())
+    extra = sorted((have - want).elements())
+    raise AssertionError(
+        f"{where}: expected each of {sorted(want)} once; missing {missing}, "
+        f"extra or duplicated {extra}"
     )

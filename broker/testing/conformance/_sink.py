@@ -35,6 +35,7 @@ from busway.testing.conformance._common import (
     UNKNOWN_KEY,
     config_text,
     decode,
+    expect_once,
     keys,
     registry_for,
 )
@@ -143,7 +144,7 @@ class SinkConformance:
         wanted = keys(5)
         async with _opened(sink_case) as sink:
             await sink.write([_message(sink_case, key) for key in wanted])
-        assert sorted(await sink_case.delivered()) == sorted(wanted)
+        expect_once(await sink_case.delivered(), wanted, "after one batch, at the target")
 
     async def test_a_redelivered_batch_is_not_written_twice(self, sink_case: SinkCase) -> None:
         if not sink_case.idempotent:
@@ -155,7 +156,7 @@ class SinkConformance:
             await sink.write(_again(batch, 2))  # the ack was lost
         async with _opened(sink_case) as sink:  # a restarted daemon, a new sink instance
             await sink.write(_again(batch, 3))
-        assert sorted(await sink_case.delivered()) == sorted(wanted)
+        expect_once(await sink_case.delivered(), wanted, "after redeliveries, at the target")
 
     async def test_a_failing_message_is_reported_never_swallowed(self, sink_case: SinkCase) -> None:
         if sink_case.bad_payload is None:
@@ -168,7 +169,7 @@ class SinkConformance:
                 await sink.write(batch)
             failures = _errors(caught.value, len(batch))
             assert 1 in failures, f"the refused message is not reported: {caught.value!r}"
-            assert set(failures) <= {0, 1, 2}
+            assert set(failures) <= {0, 1, 2}, f"failures beyond the batch: {sorted(failures)}"
             for index, error in failures.items():
                 assert isinstance(error, DeliveryError), f"message {index}: {error!r}"
             assert isinstance(failures[1], RetryableError | PermanentError), failures[1]
@@ -177,10 +178,8 @@ class SinkConformance:
             if retry:
                 await sink.write(_again(retry, 2))
         found = await sink_case.delivered()
-        if sink_case.idempotent:
-            assert sorted(found) == sorted(good)
-        else:
-            assert sorted(set(found)) == sorted(good)
+        where = "after a partly refused batch and its redelivery, at the target"
+        expect_once(found if sink_case.idempotent else set(found), good, where)
 
     async def test_an_unreachable_target_refuses_start_or_fails_retryably(
         self, sink_case: SinkCase
@@ -206,7 +205,7 @@ class SinkConformance:
             assert sorted(failures) == [0, 1], f"every message must fail: {caught.value!r}"
             for error in failures.values():
                 assert isinstance(error, RetryableError), f"an outage is transient: {error!r}"
-                assert str(error).strip()
+                assert str(error).strip(), f"an error must say what is wrong: {error!r}"
             assert not sink.ready(), "ready() must be false while the target does not answer"
         finally:
             await sink.close()
@@ -218,7 +217,7 @@ class SinkConformance:
         await sink.write([_message(sink_case, key)])
         await sink.close()
         await sink.close()
-        assert await sink_case.delivered() == [key]
+        expect_once(await sink_case.delivered(), [key], "after close() twice, at the target")
 
     async def test_an_unknown_key_is_refused_by_name(self, sink_case: SinkCase) -> None:
         registry = registry_for(sink_case.adapter)
@@ -227,7 +226,7 @@ class SinkConformance:
         )
         with pytest.raises(ConfigError) as caught:
             decode(text, registry, str(sink_case.base_dir))
-        assert UNKNOWN_KEY in str(caught.value)
+        assert UNKNOWN_KEY in str(caught.value), f"the error does not name it: {caught.value}"
 
     async def test_delivers_through_a_running_bus(self, sink_case: SinkCase) -> None:
         wanted = keys(3)

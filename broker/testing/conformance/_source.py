@@ -24,6 +24,7 @@ from busway.testing.conformance._common import (
     UNKNOWN_KEY,
     config_text,
     decode,
+    expect_once,
     keys,
     registry_for,
 )
@@ -103,7 +104,7 @@ class SourceConformance:
         ):
             await source_case.feed(harness, wanted)
             stored = await got.wait(len(wanted), timeout=30)
-        assert sorted(source_case.key_of(message) for message in stored) == sorted(wanted)
+        expect_once((source_case.key_of(m) for m in stored), wanted, "stored on the stream")
         ids = [message.id for message in stored]
         assert len(set(ids)) == len(ids), f"two inputs share a message id: {ids}"
         for message in stored:
@@ -140,11 +141,15 @@ class SourceConformance:
 
             await eventually(consumed, timeout=30)
             stored = await harness.stored(STREAM)
-        assert [message.id for message in stored] == [message.id for message in first]
-        assert sorted(source_case.key_of(message) for message in stored) == sorted(wanted)
+        expect_once(
+            (m.id for m in stored),
+            (m.id for m in first),
+            "message ids stored after the same input came twice",
+        )
+        expect_once((source_case.key_of(m) for m in stored), wanted, "stored on the stream")
 
     async def test_an_unknown_key_is_refused_by_name(self, source_case: SourceCase) -> None:
         registry = registry_for(source_case.adapter)
         with pytest.raises(ConfigError) as caught:
             decode(_text(source_case, unknown_key=True), registry, str(source_case.directory))
-        assert UNKNOWN_KEY in str(caught.value)
+        assert UNKNOWN_KEY in str(caught.value), f"the error does not name it: {caught.value}"
