@@ -158,6 +158,18 @@ class SinkConformance:
             await sink.write(_again(batch, 3))
         expect_once(await sink_case.delivered(), wanted, "after redeliveries, at the target")
 
+    async def test_a_replayed_message_is_not_written_twice(self, sink_case: SinkCase) -> None:
+        """A replayed dead letter (or a message republished under its id) comes back as a new
+        stream message with the same `Message.id`: the id, not the sequence, names it."""
+        if not sink_case.idempotent:
+            pytest.skip("the adapter does not claim idempotent writes (SinkCase.idempotent)")
+        wanted = keys(2)
+        batch = [_message(sink_case, key) for key in wanted]
+        async with _opened(sink_case) as sink:
+            await sink.write(batch)
+            await sink.write([replace(message, sequence=next(_sequences)) for message in batch])
+        expect_once(await sink_case.delivered(), wanted, "after a replay, at the target")
+
     async def test_a_failing_message_is_reported_never_swallowed(self, sink_case: SinkCase) -> None:
         if sink_case.bad_payload is None:
             pytest.skip("no body the target refuses (SinkCase.bad_payload)")
