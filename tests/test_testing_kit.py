@@ -24,6 +24,7 @@ from busway import (
     Adapter,
     BuildContext,
     Message,
+    PermanentError,
     PublishAck,
     RetryableError,
     Sink,
@@ -160,6 +161,12 @@ async def test_collecting_a_subject_no_stream_captures_says_so() -> None:
                 pass
 
 
+async def test_an_assertion_failing_inside_the_block_comes_out_as_itself() -> None:
+    with pytest.raises(AssertionError, match="the test's own words"):
+        async with start_bus(ROUTED):
+            raise AssertionError("the test's own words")
+
+
 async def test_a_wait_that_times_out_says_how_many_came() -> None:
     async with start_bus(ROUTED) as harness, harness.collect("orders.big") as got:
         await harness.publish("orders.new", {"total": 200}, id="one")
@@ -194,6 +201,8 @@ class BrokenSink(Sink):
         self.how = config.how
 
     async def write(self, batch: Sequence[Message]) -> None:
+        if self.how == "outage-is-permanent":
+            raise PermanentError("target down")
         for message in batch:
             body = msgspec.json.decode(message.data)
             if "key" not in body:
@@ -210,7 +219,7 @@ class BrokenSink(Sink):
 BROKEN_SINK = Adapter(type="broken", sink_config=BrokenSinkConfig, create_sink=BrokenSink)
 
 
-def broken_sink_case(how: str, tmp_path: Path) -> SinkCase:
+def broken_sink_case(how: str, tmp_path: Path, *, unreachable: str | None = None) -> SinkCase:
     BrokenSink.target = []
 
     async def delivered() -> list[str]:
@@ -223,6 +232,7 @@ def broken_sink_case(how: str, tmp_path: Path) -> SinkCase:
         base_dir=tmp_path,
         adapter=BROKEN_SINK,
         bad_payload=b'{"no_key_here": 1}',
+        unreachable_table=unreachable,
     )
 
 
@@ -238,6 +248,14 @@ async def test_the_suite_fails_a_sink_that_claims_idempotency_and_duplicates(
     case = broken_sink_case("duplicates", tmp_path)
     with pytest.raises(AssertionError, match=r"extra or duplicated \['k"):
         await SinkConformance().test_a_redelivered_batch_is_not_written_twice(case)
+
+
+async def test_the_suite_fails_a_sink_that_dead_letters_during_an_outage(tmp_path: Path) -> None:
+    case = broken_sink_case(
+        "keeps-the-contract", tmp_path, unreachable='how = "outage-is-permanent"'
+    )
+    with pytest.raises(AssertionError, match="an outage is transient"):
+        await SinkConformance().test_an_unreachable_target_refuses_start_or_fails_retryably(case)
 
 
 async def test_the_suite_passes_the_same_sink_when_it_keeps_the_contract(tmp_path: Path) -> None:
@@ -264,6 +282,15 @@ class RandomIdSource(MemorySource):
         return await super().push(body, id=uuid.uuid4().hex, headers=headers, subject=subject)
 
 
+class EagerSource(MemorySource):
+    """Says started() before it takes input (it gets ready a moment later)."""
+
+    async def run(self, context: SourceContext, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await anyio.sleep(2)
+        await super().run(context, task_status=anyio.TASK_STATUS_IGNORED)
+
+
 class AnonymousSource(Source):
     """Publishes under ids that do not name the source."""
 
@@ -279,6 +306,10 @@ class AnonymousSource(Source):
 
 class RandomIdConfig(MemorySourceConfig, tag="random-id", frozen=True, kw_only=True):
     """The config of `RandomIdSource`."""
+
+
+class EagerConfig(MemorySourceConfig, tag="eager", frozen=True, kw_only=True):
+    """The config of `EagerSource`."""
 
 
 class AnonymousConfig(SourceConfig, tag="anonymous", frozen=True, kw_only=True):
@@ -314,6 +345,21 @@ async def test_the_suite_fails_a_source_whose_ids_change_between_runs(tmp_path: 
     case = source_case(adapter, built, tmp_path)
     with pytest.raises(AssertionError, match="message ids stored after the same input came twice"):
         await SourceConformance().test_the_same_input_twice_stores_nothing_twice(case)
+
+
+async def test_the_suite_fails_a_source_that_says_started_before_it_is_ready(
+    tmp_path: Path,
+) -> None:
+    built: dict[str, Any] = {}
+
+    def create(config: EagerConfig, context: BuildContext) -> EagerSource:
+        built["source"] = EagerSource(config, context)
+        return built["source"]  # type: ignore[no-any-return]
+
+    adapter = Adapter(type="eager", source_config=EagerConfig, create_source=create)
+    case = source_case(adapter, built, tmp_path)
+    with pytest.raises(RuntimeError, match="is not running"):
+        await SourceConformance().test_publishes_each_input_once_with_ids_naming_the_source(case)
 
 
 async def test_the_suite_fails_a_source_whose_ids_do_not_name_it(tmp_path: Path) -> None:

@@ -222,6 +222,13 @@ def _isolated(config: Config, directory: Path) -> Config:
     return msgspec.structs.replace(config, nats=nats, http=http)
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
 def _directory(directory: str | os.PathLike[str]) -> Path:
     path = Path(directory).resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -263,11 +270,19 @@ async def start_bus(
                 environ=environ,
             )
         bus = Bus(_isolated(config, path), registry=registry)
-        async with bus:
-            assert bus.nats_url is not None
-            tap = await Tap.connect(bus.config, bus.nats_url)
-            try:
-                yield Harness(bus=bus, tap=tap, hub=hub, path=path, registry=registry)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await tap.close()
+        try:
+            async with bus:
+                assert bus.nats_url is not None
+                tap = await Tap.connect(bus.config, bus.nats_url)
+                try:
+                    yield Harness(bus=bus, tap=tap, hub=hub, path=path, registry=registry)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await tap.close()
+        except BaseExceptionGroup as group:
+            # The bus's task group wraps what the test body raised: an assertion failing
+            # inside the block should read as that assertion, not as an ExceptionGroup.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
