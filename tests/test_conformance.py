@@ -21,7 +21,6 @@ import pytest
 from starlette.responses import Response
 
 from busway import default_registry
-from busway.adapters.sql.postgres import adapter as postgres_adapter
 from busway.testing import Harness, MemoryHub, MemorySink, MemorySinkConfig, memory_adapter
 from busway.testing.conformance import SinkCase, SinkConformance, SourceCase, SourceConformance
 from tests.http_support import Receiver, Seen, serving
@@ -328,7 +327,6 @@ class TestPostgresOutboxSource(SourceConformance):
                 feed=feed,
                 consumed=consumed,
                 directory=tmp_path,
-                adapter=postgres_adapter,
             )
         finally:
             await engine.close()

@@ -175,12 +175,12 @@ async def test_a_wait_that_times_out_says_how_many_came() -> None:
 
 
 def test_the_harness_runs_under_plain_asyncio() -> None:
-    async def main() -> list[str]:
+    async def main() -> list[Any]:
         async with start_bus(ROUTED) as harness:
             await harness.source("shop").push({"total": 150}, id="plain-asyncio")
-            return [m.id for m in await harness.sink("crm").wait(1)]
+            return [orjson_body(m) for m in await harness.sink("crm").wait(1)]
 
-    assert asyncio.run(main()) == ["ORDERS:1:big:0"]
+    assert asyncio.run(main()) == [{"total": 150}]
 
 
 # --------------------------------------------- the conformance suite must fail broken adapters
@@ -390,8 +390,8 @@ def test_the_docs_example_runs_as_a_test_module(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"\b\d+ passed\b", done.stdout), done.stdout
-    assert "failed" not in done.stdout and "error" not in done.stdout.lower()
+    # The route test and eight sink checks; the unreachable-target check has no case there.
+    assert re.search(r"\b8 passed, 1 skipped\b", done.stdout), done.stdout
 
 
 async def test_memory_hub_keeps_instances_apart_per_harness() -> None:
@@ -413,3 +413,14 @@ async def test_eventually_reports_the_condition_it_waited_for() -> None:
 
     with pytest.raises(TimeoutError, match=r"never not met within 0\.1s"):
         await eventually(never, timeout=0.1)
+
+
+def test_the_public_names_are_sorted_and_all_exported() -> None:
+    import busway.testing
+    import busway.testing.conformance
+
+    for module in (busway.testing, busway.testing.conformance):
+        assert module.__all__ == sorted(module.__all__)
+        public = {name for name in vars(module) if not name.startswith("_")}
+        assert public - {"annotations"} <= set(module.__all__) | {"conformance"}
+        assert all(hasattr(module, name) for name in module.__all__)

@@ -17,7 +17,8 @@ configure the adapter and how to see its target; every check then runs for it:
             )
 
 Sinks: every message of a batch is written; a redelivered batch (same ids) is not written
-twice where the adapter claims idempotency, also by a new instance; a refused message is
+twice where the adapter claims idempotency, also by a new instance, nor is a message coming
+back under its id with a new stream sequence (a replay); a refused message is
 reported (BatchError by index, or the whole batch as Retryable/PermanentError), never
 swallowed, and the others arrive; an unreachable target refuses start-up with StartupError or
 fails writes as retryable with `ready()` false; `close()` twice is harmless; an unknown config
