@@ -9,7 +9,9 @@ installed, failing under CI as the other SQL tests do).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +22,8 @@ import orjson
 import pytest
 from starlette.responses import Response
 
-from busway import default_registry
+from busway import RetryableError, default_registry
+from busway.adapters.sql.sqlite import SqliteDatabase
 from busway.testing import Harness, MemoryHub, MemorySink, MemorySinkConfig, memory_adapter
 from busway.testing.conformance import SinkCase, SinkConformance, SourceCase, SourceConformance
 from tests.http_support import Receiver, Seen, serving
@@ -364,3 +367,33 @@ def test_every_built_in_adapter_is_checked_here() -> None:
     """A new built-in adapter type fails this until a conformance class above covers it."""
     covered = {"file", "http", "sqlite", "postgres", "mysql"}
     assert set(default_registry().types) == covered
+
+
+def test_a_sqlite_file_that_cannot_be_opened_leaves_no_thread_behind(tmp_path: Path) -> None:
+    """Found by the unreachable-target check: a failed open left aiosqlite's worker thread to
+    finish on its own, and when the loop closed first (a daemon stopping, a test ending) the
+    thread died with a traceback ("Event loop is closed")."""
+    database = SqliteDatabase(str(tmp_path / "no" / "such" / "dir.db"), busy_timeout=1.0)
+    crashed: list[BaseException | None] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: crashed.append(args.exc_value)
+
+    async def open_and_fail() -> list[threading.Thread]:
+        before = set(threading.enumerate())
+        with pytest.raises(RetryableError, match="unable to open database file"):
+            await database.open()
+        return [
+            thread
+            for thread in threading.enumerate()
+            if thread not in before and "_connection_worker_thread" in thread.name
+        ]
+
+    try:
+        left = [asyncio.run(open_and_fail()) for _ in range(10)]
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join(timeout=5)
+    finally:
+        threading.excepthook = previous
+    assert left == [[]] * 10, f"threads still running after open() failed: {left}"
+    assert crashed == []
