@@ -29,9 +29,12 @@ from busway.testing.conformance import SinkCase, SinkConformance, SourceCase, So
 from tests.http_support import Receiver, Seen, serving
 from tests.sql.conftest import mariadb_server, postgres_server
 from tests.sql.engines import Engine, MariaDBEngine, PostgresEngine
+from tests.sql.servers import MariaDBServer, PostgresServer
 from tests.support import free_port
 
-__all__ = ["mariadb_server", "postgres_server"]  # session fixtures shared with tests/sql
+# The database servers of tests/sql serve the SQL classes here too (each started only when a
+# test here asks for it); exported so that the fixtures' names count as used.
+__all__ = ["mariadb_server", "postgres_server"]
 
 
 def _keys_in_lines(text: str) -> list[str]:
@@ -220,8 +223,10 @@ async def _server_sink_case(engine: Engine, tmp_path: Path) -> SinkCase:
 
 class TestPostgresSink(SinkConformance):
     @pytest.fixture
-    async def sink_case(self, postgres_server: object, tmp_path: Path) -> AsyncIterator[SinkCase]:
-        engine = PostgresEngine(postgres_server)  # type: ignore[arg-type]
+    async def sink_case(
+        self, postgres_server: PostgresServer, tmp_path: Path
+    ) -> AsyncIterator[SinkCase]:
+        engine = PostgresEngine(postgres_server)
         await engine.connect()
         try:
             yield await _server_sink_case(engine, tmp_path)
@@ -231,8 +236,10 @@ class TestPostgresSink(SinkConformance):
 
 class TestMariaDBSink(SinkConformance):
     @pytest.fixture
-    async def sink_case(self, mariadb_server: object, tmp_path: Path) -> AsyncIterator[SinkCase]:
-        engine = MariaDBEngine(mariadb_server)  # type: ignore[arg-type]
+    async def sink_case(
+        self, mariadb_server: MariaDBServer, tmp_path: Path
+    ) -> AsyncIterator[SinkCase]:
+        engine = MariaDBEngine(mariadb_server)
         await engine.connect()
         try:
             yield await _server_sink_case(engine, tmp_path)
@@ -303,9 +310,9 @@ class TestPostgresOutboxSource(SourceConformance):
 
     @pytest.fixture
     async def source_case(
-        self, postgres_server: object, tmp_path: Path
+        self, postgres_server: PostgresServer, tmp_path: Path
     ) -> AsyncIterator[SourceCase]:
-        engine = PostgresEngine(postgres_server)  # type: ignore[arg-type]
+        engine = PostgresEngine(postgres_server)
         await engine.connect()
         table = f"outbox_{uuid.uuid4().hex[:8]}"
         await engine.create_outbox(table)
