@@ -101,9 +101,16 @@ class SqliteDatabase:
         if self._connection is not None:
             return
         with _translated():
-            connection = await aiosqlite.connect(
-                self.path, isolation_level=None, timeout=self.busy_timeout
-            )
+            pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+            try:
+                connection = await pending
+            except BaseException:
+                # aiosqlite stops its worker thread on a failed connect without waiting for
+                # it; if the loop closes first (a daemon stopping), the thread dies with a
+                # traceback. Wait for it here.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(pending._thread.join, 5.0)
+                raise
             try:
                 await connection.execute("PRAGMA journal_mode = WAL")
                 await connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
