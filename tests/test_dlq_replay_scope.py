@@ -21,6 +21,7 @@ from starlette.responses import Response
 from busway import Bus
 from busway._dlq.read import list_dead_letters
 from busway._dlq.replay import replay_dead_letters
+from tests.configs import config_toml
 from tests.http_support import Receiver, Seen, serving
 from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 
@@ -31,13 +32,9 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
 
 def fan_out_config(server: NatsServer, unique: str, hook: str, audit: str) -> str:
     """`in<u>.orders` is read by a route (`copy`) and two HTTP sinks (`hook`, `audit`)."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
+    return (
+        config_toml(server)
+        + f"""
 [dead_letter]
 stream = "DL_{unique}"
 subject_prefix = "dl{unique}"
@@ -68,6 +65,7 @@ type = "http"
 from = "in{unique}.orders"
 url = "{audit}/audit"
 """
+    )
 
 
 async def settle(nc: NatsClient, unique: str) -> None:
@@ -137,14 +135,9 @@ async def test_a_replay_reaches_only_the_failed_sink_with_the_original_idempoten
 
 def chain_config(server: NatsServer, unique: str, url: str) -> str:
     """`fwd` forwards `in<u>.x` to `mid<u>.x` (a stream the test owns); `hook` delivers it."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "1s"
-
-[http]
-listen = "127.0.0.1:0"
-
+    return (
+        config_toml(server, publish_timeout="1s")
+        + f"""
 [dead_letter]
 stream = "DL_{unique}"
 subject_prefix = "dl{unique}"
@@ -170,6 +163,7 @@ type = "http"
 from = "mid{unique}.x"
 url = "{url}/hook"
 """
+    )
 
 
 async def test_a_replayed_routes_outputs_reach_their_consumers_unaddressed(
@@ -258,14 +252,9 @@ async def test_a_replay_for_a_component_no_longer_configured_is_skipped(
 
 def split_output_config(server: NatsServer, unique: str) -> str:
     """`both` writes each input to `ok<u>.x` (a stream with room) and `mid<u>.x` (the test's)."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "1s"
-
-[http]
-listen = "127.0.0.1:0"
-
+    return (
+        config_toml(server, publish_timeout="1s")
+        + f"""
 [dead_letter]
 stream = "DL_{unique}"
 subject_prefix = "dl{unique}"
@@ -289,6 +278,7 @@ from = "in{unique}.x"
 to = ["ok{unique}.x", "mid{unique}.x"]
 retry = {{ max_attempts = 2, backoff = "50ms", max_backoff = "100ms" }}
 """
+    )
 
 
 async def test_a_replayed_route_republishes_the_outputs_it_had_stored_under_the_same_ids(

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from busway import Bus, Config, StartupError
+from tests.configs import config_toml, stream_table
 from tests.nats_keys import Operator, user_key
 from tests.support import NatsServer, decode_test_config, eventually
 
@@ -24,24 +25,20 @@ pytestmark = pytest.mark.anyio
 
 
 def config_text(url: str, auth: str) -> str:
-    return f"""
-[nats]
-servers = ["{url}"]
-{auth}
-connect_timeout = "600s"
-
-[http]
-listen = ""
-
-[[streams]]
-name = "AUTH"
-subjects = ["auth.>"]
-
+    return (
+        config_toml(
+            url,
+            nats_options=f'{auth}\nconnect_timeout = "600s"',
+            http="",
+            streams=[stream_table("AUTH", "auth.>")],
+        )
+        + """
 [[routes]]
 name = "forward"
 from = "auth.in"
 to = ["auth.out"]
 """
+    )
 
 
 async def start(config: Config) -> None:

@@ -31,6 +31,7 @@ from busway import (
     decode_config,
     default_registry,
 )
+from tests.configs import config_toml, stream_table
 from tests.files_support import jsonl, source_config
 from tests.support import NatsServer, decode_test_config, eventually, stream_messages
 
@@ -89,17 +90,8 @@ def crashy_config(
     server: NatsServer, unique: str, registry: AdapterRegistry, extra: str = ""
 ) -> Config:
     return decode_config(
-        f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "CR_{unique}"
-subjects = ["cr{unique}.>"]
-
+        config_toml(server, streams=[stream_table(f"CR_{unique}", f"cr{unique}.>")])
+        + f"""
 [[sources]]
 name = "crashy{unique}"
 type = "crashy"

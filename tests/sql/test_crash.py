@@ -17,9 +17,9 @@ import nats.js.errors
 import orjson
 import pytest
 
+from tests.configs import config_toml, stream_table
 from tests.sql.engines import Engine
-from tests.support import NatsServer, eventually, stream_messages
-from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
+from tests.support import Daemons, NatsServer, eventually, stream_messages
 
 ROWS, OUTBOX = 6_000, 1_500
 
@@ -31,7 +31,7 @@ async def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
     nats_server: NatsServer,
     tmp_path: Path,
     unique: str,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     feed, box, stream = f"crash_{unique}", f"crashbox_{unique}", f"CRASH_{unique}"
     await engine.execute(f"CREATE TABLE {feed} (id bigint PRIMARY KEY, note text)")
@@ -46,18 +46,10 @@ async def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
     )
     config = tmp_path / "crash.toml"
     config.write_text(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "{stream}"
-subjects = ["crash{unique}.>"]
-duplicate_window = "10m"
-
+        config_toml(
+            nats_server, streams=[stream_table(stream, f"crash{unique}.>", duplicate_window="10m")]
+        )
+        + f"""
 [[sources]]
 name = "feed{unique}"
 type = "{engine.type}"
@@ -99,16 +91,14 @@ interval = "100ms"
         return left == 0 and entry.value == f'[["int","{ROWS}"]]'.encode()
 
     try:
-        first = Daemon(config)
-        daemons.append(first)
+        first = daemons.start(config)
         await anyio.to_thread.run_sync(first.wait_ready)
         await eventually(some_stored, timeout=60)
         first.kill()
         assert first.process.returncode == -signal.SIGKILL
         assert await stored() < ROWS + OUTBOX, "the kill must land mid-flow"
 
-        second = Daemon(config)
-        daemons.append(second)
+        second = daemons.start(config)
         await anyio.to_thread.run_sync(second.wait_ready)
         await eventually(done, timeout=120)
         second.process.send_signal(signal.SIGTERM)
