@@ -232,8 +232,8 @@ def started_daemons() -> Iterator[Daemons]:
 def decode_test_config(text: str, base_dir: Path) -> Config:
     """A Config from TOML `text` whose relative paths start at `base_dir`.
 
-    A config without an `[http]` table gets a listener on a free port: busway's default,
-    127.0.0.1:8080, would collide between test runs sharing a machine. For the same reason an
+    A config without an `[http]` table gets a listener on a free port: busway's default port,
+    8080, would collide between test runs sharing a machine. For the same reason an
     embedded nats-server on busway's default port (4222) is refused: `tests.configs.config_toml`
     writes configs that never take a fixed port.
     """

@@ -7,6 +7,7 @@ leaves exactly 10,000 outputs: none lost, none duplicated.
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -26,7 +27,11 @@ EXAMPLE = REPO / "deploy" / "busway.toml"
 def quickstart_config(tmp_path: Path) -> tuple[Path, int, int]:
     http_port, nats_port = free_port(), free_port()
     text = EXAMPLE.read_text()
-    text = text.replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{http_port}"')
+    # The example's [http] listener is the first `listen` line: move it to a free port.
+    text, moved = re.subn(
+        r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{http_port}"', text, count=1
+    )
+    assert moved == 1, "the example has no [http] listen line to move"
     text = text.replace(
         'data_dir = "var/nats"', f'data_dir = "var/nats"\nlisten = "127.0.0.1:{nats_port}"'
     )

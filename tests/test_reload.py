@@ -12,12 +12,13 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ConfigError
-from tests.configs import config_toml, io_streams
+from tests.configs import FREE, config_toml, io_streams
 from tests.support import (
     Daemons,
     NatsServer,
     decode_test_config,
     eventually,
+    free_port,
     run_cli,
     stream_messages,
     wait_settled,
@@ -98,7 +99,8 @@ async def test_a_reload_that_needs_a_restart_is_refused(
 ) -> None:
     text = config_text(nats_server, unique, route("main", unique, "@"))
     config = decode_test_config(text, tmp_path)
-    changed = decode_test_config(text.replace('"127.0.0.1:0"', '"127.0.0.1:1"'), tmp_path)
+    moved = text.replace(f'listen = "{FREE}"', f'listen = "127.0.0.1:{free_port()}"')
+    changed = decode_test_config(moved, tmp_path)
     async with Bus(config) as bus:
         with pytest.raises(ConfigError, match=r"\[http\] changed: that needs a restart"):
             await bus.reload(changed)
@@ -153,7 +155,8 @@ def test_busway_reload_reports_a_config_the_daemon_rejects(
     daemon = daemons.start(path)
     daemon.wait_ready()
 
-    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"'))
+    moved = f'listen = "127.0.0.1:{free_port()}"'
+    path.write_text(path.read_text().replace(f'listen = "{FREE}"', moved))
     rejected = run_cli("reload", str(path))
     assert rejected.returncode == 2, (rejected.stdout, rejected.stderr)
     assert "reload rejected, still running the previous config" in rejected.stderr
