@@ -68,6 +68,11 @@ def io_streams(unique: str, **options: TomlValue) -> list[str]:
     ]
 
 
+def dead_letter_table(token: str) -> str:
+    """A `[dead_letter]` table: stream `DL_<token>`, subjects under `dl<token>`."""
+    return f'[dead_letter]\nstream = "DL_{token}"\nsubject_prefix = "dl{token}"\n'
+
+
 def nats_table(
     nats: NatsServer | str | None,
     *,
@@ -98,12 +103,15 @@ def config_toml(
     data_dir: str | Path = "var/nats",
     nats_listen: str = FREE,
     top: Mapping[str, TomlValue] | str = "",
+    dead_letter: str | None = None,
 ) -> str:
     """A whole config as TOML text.
 
     `nats`: the test's server (or its URL); None starts an embedded server in `data_dir`
     (relative paths start at the config's directory) on `nats_listen`. `http`: the shared
     listener's address (`""` turns it off). `top`: top-level keys, written first as TOML wants.
+    `dead_letter`: a token naming the test's own dead-letter stream (`DL_<token>`) and subject
+    prefix (`dl<token>`), so what it lists and replays is only what it dead-lettered itself.
     `body`: the tables the test is about, appended as given.
     """
     nats_extra = keys(nats_options)
@@ -114,6 +122,7 @@ def config_toml(
         keys(top),
         nats_table(nats, data_dir=data_dir, listen=nats_listen, options=nats_extra),
         f"[http]\nlisten = {toml_value(http)}" + (f"\n{http_extra}" if http_extra else "") + "\n",
+        dead_letter_table(dead_letter) if dead_letter is not None else "",
         *streams,
         body,
     ]

@@ -54,12 +54,9 @@ def config_text(url: str | None, unique: str, *, nats_listen: str = FREE) -> str
             publish_timeout="2s" if url else None,
             nats_listen=nats_listen,
             streams=io_streams(unique),
+            dead_letter=unique,
         )
         + f"""
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
 [[routes]]
 name = "shape{unique}"
 from = "in{unique}.orders"

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus, Config, ConfigError, default_registry
 from busway._config.model import decode_config
-from tests.configs import config_toml
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, eventually, run_cli
 
 pytestmark = pytest.mark.anyio
@@ -25,16 +25,10 @@ pytestmark = pytest.mark.anyio
 
 def config_text(server: NatsServer, unique: str, secret: str) -> str:
     return (
-        config_toml(server)
+        config_toml(
+            server, dead_letter=unique, streams=[stream_table(f"IN_{unique}", f"in{unique}.>")]
+        )
         + f"""
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
 [[routes]]
 name = "shape{unique}"
 from = "in{unique}.orders"

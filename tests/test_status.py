@@ -11,7 +11,7 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus
 from busway._observe.status import format_status
-from tests.configs import config_toml, stream_table
+from tests.configs import config_toml, io_streams
 from tests.support import Daemons, NatsServer, decode_test_config, free_port, run_cli, wait_settled
 
 
@@ -20,10 +20,7 @@ def config_text(server: NatsServer, unique: str, listen: str = "127.0.0.1:0") ->
         config_toml(
             server,
             http=listen,
-            streams=[
-                stream_table(f"IN_{unique}", f"in{unique}.>"),
-                stream_table(f"OUT_{unique}", f"out{unique}.>"),
-            ],
+            streams=io_streams(unique),
         )
         + f"""
 [[routes]]
