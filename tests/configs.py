@@ -127,10 +127,3 @@ def config_toml(
         body,
     ]
     return "\n".join(part.strip("\n") + "\n" for part in parts if part.strip())
-
-
-def write_config(path: Path, text: str) -> Path:
-    """Write `text` to `path` (its folder created) and return `path`, for `busway` commands."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path

@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from busway import Config, default_registry
+from busway import Bus, Config, default_registry
 from busway._config.model import decode_config
 from busway._nats.embedded import find_nats_server
 
@@ -257,6 +258,12 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout}s")
         time.sleep(0.05)
+
+
+async def readyz(bus: Bus) -> httpx.Response:
+    """`GET /readyz` on the bus's own listener."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}") as http:
+        return await http.get("/readyz")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:

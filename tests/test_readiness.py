@@ -16,7 +16,7 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from busway import Bus
 from busway._observe.status import format_status
 from tests.configs import config_toml, stream_table
-from tests.support import NatsServer, decode_test_config, eventually, wait_settled
+from tests.support import NatsServer, decode_test_config, eventually, readyz, wait_settled
 
 pytestmark = pytest.mark.anyio
 
@@ -27,11 +27,6 @@ async def waits_for_the_test(body: dict[str, Any]) -> dict[str, Any]:
     """A stage that holds every message until the test releases it."""
     await _release.wait()
     return body
-
-
-async def readyz(bus: Bus) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}") as http:
-        return await http.get("/readyz")
 
 
 async def test_a_route_stuck_at_capacity_longer_than_ack_wait_is_not_ready(
