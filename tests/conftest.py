@@ -14,7 +14,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.support import NatsServer
+from tests.support import Daemons, NatsServer, started_daemons
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,9 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
     client = await nats.connect(nats_server.url)
     yield client
     await client.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Start `busway run` daemons with `daemons.start(config)`; any left running are killed."""
+    yield from started_daemons()

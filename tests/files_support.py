@@ -10,6 +10,7 @@ from nats.aio.msg import Msg
 
 from busway import Bus
 from busway.adapters.file import FileSource
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, stream_messages
 
 
@@ -17,17 +18,9 @@ def source_config(
     server: NatsServer, unique: str, inbox: Path, *, options: str = "", name: str = "inbox"
 ) -> str:
     """A config with one `file` source on `inbox` publishing to `in<unique>.files`."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
+    return (
+        config_toml(server, streams=[stream_table(f"IN_{unique}", f"in{unique}.>")])
+        + f"""
 [[sources]]
 name = "{name}{unique}"
 type = "file"
@@ -36,6 +29,7 @@ subject = "in{unique}.files"
 rescan = "1s"
 {options}
 """
+    )
 
 
 def drop(path: Path, data: bytes) -> Path:

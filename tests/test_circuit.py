@@ -24,6 +24,7 @@ from busway import (
     decode_config,
 )
 from busway._egress.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, eventually, wait_settled
 
 
@@ -88,14 +89,8 @@ async def test_an_open_circuit_stops_delivery_then_everything_arrives_once(
         [Adapter(type="down-then-up", sink_config=DownSinkConfig, create_sink=create)]
     )
     config = decode_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[[streams]]
-name = "S_{unique}"
-subjects = ["s{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"S_{unique}", f"s{unique}.>")])
+        + f"""
 [[sinks]]
 name = "k{unique}"
 type = "down-then-up"

@@ -24,11 +24,11 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus
 from busway._nats.jetstream import state_bucket
-from tests.faults.helpers import Daemon, message_id
+from tests.faults.helpers import message_id
 from tests.sql.engines import Engine, PostgresEngine, SqliteEngine
 from tests.sql.helpers import bus_config, source_table
 from tests.sql.servers import PostgresServer
-from tests.support import NatsServer, decode_test_config, eventually, stream_messages
+from tests.support import Daemon, NatsServer, decode_test_config, eventually, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -153,7 +153,7 @@ async def test_sigkill_of_the_polling_daemon_hands_over_within_the_lease_bound(
     )  # fmt: skip
     config = tmp_path / "kill.toml"
     config.write_text(bus_config(nats_server, stream, f"kill{unique}.>", source))
-    daemons = [Daemon(config, tmp_path / f"daemon{n}.log") for n in (1, 2)]
+    daemons = [Daemon(config, log=tmp_path / f"daemon{n}.log") for n in (1, 2)]
     log = WatermarkLog(nc, f"{name}.watermark")
     try:
         async with anyio.create_task_group() as tg:
@@ -161,7 +161,7 @@ async def test_sigkill_of_the_polling_daemon_hands_over_within_the_lease_bound(
             for daemon in daemons:
                 daemon.start()
             for daemon in daemons:
-                await daemon.wait_ready()
+                await daemon.ready()
 
             async def some_rows() -> bool:
                 return log.last >= 200
@@ -189,7 +189,7 @@ async def test_sigkill_of_the_polling_daemon_hands_over_within_the_lease_bound(
 
             await eventually(all_rows, timeout=60)
             tg.cancel_scope.cancel()
-        assert await standby.terminate() == 0, standby.output()
+        assert await standby.stop() == 0, standby.output()
     finally:
         for daemon in daemons:
             daemon.kill()

@@ -86,7 +86,7 @@ HOSTILE_VALUES = [
     '"a.>.b"',
     '"orders.>"',
     '"busway.deadletter.>"',
-    '"127.0.0.1:99999"',
+    '"127.0.0.1:99999"',  # never bound: an invalid port
     '"[::1]:0"',
     '"\\ud7ff"',
     '"💥"',
@@ -153,7 +153,7 @@ PLAUSIBLE = [
     '[{ reply = "@" }]',
     '[{ switch = { cases = [{ when = "a", to = ["orders.received"] }] } }]',
     '{ max_attempts = 2, schedule = ["1s", "inf"] }',
-    '["nats://127.0.0.1:4222"]',
+    '["nats://127.0.0.1:4222"]',  # never bound: accepted configs are compiled, not run
     '"1s"',
     '"ORDERS"',
 ]

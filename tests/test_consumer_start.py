@@ -16,27 +16,14 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ConfigError
+from tests.configs import config_toml, io_streams
 from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 
 pytestmark = pytest.mark.anyio
 
 
 def config_text(server: NatsServer, unique: str, routes: dict[str, str | None]) -> str:
-    text = f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-"""
+    text = config_toml(server, streams=io_streams(unique))
     for name, start in routes.items():
         text += f"""
 [[routes]]

@@ -7,12 +7,8 @@ leaves exactly 10,000 outputs: none lost, none duplicated.
 
 from __future__ import annotations
 
-import os
+import re
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -22,75 +18,26 @@ import nats.js.errors
 import orjson
 import pytest
 
-from tests.support import REPO, NatsServer, free_port, run_cli, stream_messages
+from tests.configs import config_toml, stream_table
+from tests.support import REPO, Daemons, NatsServer, free_port, run_cli, stream_messages, wait_for
 
 EXAMPLE = REPO / "deploy" / "busway.toml"
-
-
-class Daemon:
-    """`busway run CONFIG` in a child process, its output in a log file."""
-
-    def __init__(self, config: Path, *extra: str) -> None:
-        self.log = config.with_suffix(f".{time.monotonic_ns()}.log")
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "busway", "run", str(config), *extra],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while "busway ready" not in self.output():
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited with {self.process.returncode}:\n{self.output()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon not ready after {timeout}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def terminate(self, timeout: float = 40) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test started; any still running at the end are killed by pid."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def quickstart_config(tmp_path: Path) -> tuple[Path, int, int]:
     http_port, nats_port = free_port(), free_port()
     text = EXAMPLE.read_text()
-    text = text.replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{http_port}"')
+    # The example's [http] listener is the first `listen` line: move it to a free port.
+    text, moved = re.subn(
+        r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{http_port}"', text, count=1
+    )
+    assert moved == 1, "the example has no [http] listen line to move"
     text = text.replace(
         'data_dir = "var/nats"', f'data_dir = "var/nats"\nlisten = "127.0.0.1:{nats_port}"'
     )
     config = tmp_path / "busway.toml"
     config.write_text(text)
     return config, http_port, nats_port
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        time.sleep(0.05)
 
 
 def test_busway_check_accepts_the_bundled_example() -> None:
@@ -129,12 +76,11 @@ def test_busway_help_lists_the_commands() -> None:
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_survives_a_restart(tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_quickstart_end_to_end_survives_a_restart(tmp_path: Path, daemons: Daemons) -> None:
     config, http_port, nats_port = quickstart_config(tmp_path)
     out_file = tmp_path / "var" / "out" / "big-orders.jsonl"
 
-    daemon = Daemon(config)
-    daemons.append(daemon)
+    daemon = daemons.start(config)
     daemon.wait_ready()
     assert f"HTTP listening on http://127.0.0.1:{http_port}" in daemon.output()
     assert f"listening on nats://127.0.0.1:{nats_port}" in daemon.output()
@@ -148,8 +94,7 @@ def test_quickstart_end_to_end_survives_a_restart(tmp_path: Path, daemons: list[
     assert "stopped" in daemon.output()
     assert (tmp_path / "var" / "nats" / "jetstream").is_dir()
 
-    restarted = Daemon(config)
-    daemons.append(restarted)
+    restarted = daemons.start(config)
     restarted.wait_ready()
     assert httpx.post(url, json={**big, "id": 3}).status_code == 202
     wait_for(lambda: out_file.read_bytes().count(b"\n") == 2, "second line")
@@ -174,31 +119,24 @@ def test_quickstart_end_to_end_survives_a_restart(tmp_path: Path, daemons: list[
 
 @pytest.mark.slow
 def test_sigkill_mid_flow_loses_and_duplicates_nothing(
-    nats_server: NatsServer, tmp_path: Path, daemons: list[Daemon]
+    nats_server: NatsServer, tmp_path: Path, daemons: Daemons
 ) -> None:
     total = 10_000
     config = tmp_path / "crash.toml"
     config.write_text(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "CRASH_IN"
-subjects = ["crashin.>"]
-
-[[streams]]
-name = "CRASH_OUT"
-subjects = ["crashout.>"]
-
+        config_toml(
+            nats_server,
+            streams=[
+                stream_table("CRASH_IN", "crashin.>"),
+                stream_table("CRASH_OUT", "crashout.>"),
+            ],
+        )
+        + """
 [[routes]]
 name = "crash"
 from = "crashin.orders"
 when = "total > `-1`"
-transform = "{{id: id, total: total}}"
+transform = "{id: id, total: total}"
 to = ["crashout.orders"]
 ack_wait = "2s"
 """
@@ -238,8 +176,7 @@ ack_wait = "2s"
             await client.close()
 
     anyio.run(preload)
-    first = Daemon(config)
-    daemons.append(first)
+    first = daemons.start(config)
     first.wait_ready()
     wait_for(lambda: anyio.run(out_count) >= 1000, "1000 outputs before the kill", timeout=60)
     first.kill()
@@ -247,8 +184,7 @@ ack_wait = "2s"
     killed_at = anyio.run(out_count)
     assert killed_at < total, "the kill must land mid-flow"
 
-    second = Daemon(config)
-    daemons.append(second)
+    second = daemons.start(config)
     second.wait_ready()
     wait_for(lambda: anyio.run(consumer_settled), "consumer fully acked", timeout=120)
     ids = anyio.run(output_ids)

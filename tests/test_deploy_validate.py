@@ -43,8 +43,7 @@ import yaml
 
 from busway._config.durations import parse_duration
 from busway._nats.embedded import find_nats_server
-from tests.faults.helpers import Daemon
-from tests.support import REPO, free_port, run_cli
+from tests.support import REPO, Daemon, free_port, run_cli
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
@@ -649,10 +648,10 @@ async def test_the_compose_cluster_runs_busway_and_the_image_healthcheck_passes(
     config = replace_once(config, "0.0.0.0:8080", f"127.0.0.1:{http_port}")
     config = replace_once(config, "/tmp/busway.pid", str(tmp_path / "busway.pid"))
     (tmp_path / "busway.toml").write_text(config)
-    daemon = Daemon(tmp_path / "busway.toml", tmp_path / "busway.log")
+    daemon = Daemon(tmp_path / "busway.toml", log=tmp_path / "busway.log")
     daemon.start()
     try:
-        await daemon.wait_ready()
+        await daemon.ready()
         base = f"http://127.0.0.1:{http_port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             answer = await client.post(
@@ -680,7 +679,7 @@ async def test_the_compose_cluster_runs_busway_and_the_image_healthcheck_passes(
             healthy = await anyio.run_process(command, env=env, check=False)
         assert healthy.returncode == 0, healthy.stderr
 
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         with anyio.fail_after(30):
             unhealthy = await anyio.run_process(command, env=env, check=False)
         assert unhealthy.returncode != 0, "the check must fail when busway does not answer"

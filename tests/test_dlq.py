@@ -30,6 +30,7 @@ from busway._dlq.read import (
 )
 from busway._dlq.replay import _delete_all, purge_dead_letters, replay_dead_letters
 from busway._nats.jetstream import JetStreamPublisher, KeyValueState, state_bucket
+from tests.configs import FREE, config_toml, io_streams
 from tests.support import (
     NatsServer,
     decode_test_config,
@@ -42,29 +43,20 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 
-def config_text(url: str, unique: str, *, nats: str | None = None) -> str:
+def config_text(url: str | None, unique: str, *, nats_listen: str = FREE) -> str:
     """Three routes: `shape` fails on string names (expression), `parse` on bad JSON (decode),
-    `raw` forwards `in.fixed` untouched: the place to replay fixed messages to."""
-    nats = nats or f'servers = ["{url}"]\npublish_timeout = "2s"'
-    return f"""
-[nats]
-{nats}
+    `raw` forwards `in.fixed` untouched: the place to replay fixed messages to.
 
-[http]
-listen = "127.0.0.1:0"
-
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    `url` None: an embedded server listening on `nats_listen` (which nothing starts here)."""
+    return (
+        config_toml(
+            url,
+            publish_timeout="2s" if url else None,
+            nats_listen=nats_listen,
+            streams=io_streams(unique),
+            dead_letter=unique,
+        )
+        + f"""
 [[routes]]
 name = "shape{unique}"
 from = "in{unique}.orders"
@@ -82,6 +74,7 @@ name = "raw{unique}"
 from = "in{unique}.fixed"
 to = ["out{unique}.fixed"]
 """
+    )
 
 
 ADA = b'{"name": "Ada"}'
@@ -439,9 +432,7 @@ def test_cli_exit_codes_for_bad_config_and_no_server(
     assert "$.nats.servers" in result.stderr
 
     port = free_port()
-    embedded = write_config(
-        tmp_path, config_text(nats_server.url, unique, nats=f'listen = "127.0.0.1:{port}"')
-    )
+    embedded = write_config(tmp_path, config_text(None, unique, nats_listen=f"127.0.0.1:{port}"))
     result = run_cli("dlq", "list", str(embedded))
     assert result.returncode == 1
     assert f"nothing listens on nats://127.0.0.1:{port}" in result.stderr
@@ -456,7 +447,7 @@ def test_a_component_with_its_own_dead_letter_subject_is_looked_up_there(
     tmp_path: Path, unique: str
 ) -> None:
     """A route with its own `dead_letter` subject is looked up there when named."""
-    text = config_text("nats://127.0.0.1:4222", unique).replace(
+    text = config_text(None, unique).replace(
         f'name = "parse{unique}"', f'name = "parse{unique}"\ndead_letter = "out{unique}.dead"'
     )
     config = decode_test_config(text, tmp_path)

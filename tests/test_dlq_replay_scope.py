@@ -21,6 +21,7 @@ from starlette.responses import Response
 from busway import Bus
 from busway._dlq.read import list_dead_letters
 from busway._dlq.replay import replay_dead_letters
+from tests.configs import config_toml, io_streams, stream_table
 from tests.http_support import Receiver, Seen, serving
 from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 
@@ -31,25 +32,13 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
 
 def fan_out_config(server: NatsServer, unique: str, hook: str, audit: str) -> str:
     """`in<u>.orders` is read by a route (`copy`) and two HTTP sinks (`hook`, `audit`)."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(
+            server,
+            dead_letter=unique,
+            streams=io_streams(unique),
+        )
+        + f"""
 [[routes]]
 name = "copy{unique}"
 from = "in{unique}.orders"
@@ -68,6 +57,7 @@ type = "http"
 from = "in{unique}.orders"
 url = "{audit}/audit"
 """
+    )
 
 
 async def settle(nc: NatsClient, unique: str) -> None:
@@ -137,27 +127,17 @@ async def test_a_replay_reaches_only_the_failed_sink_with_the_original_idempoten
 
 def chain_config(server: NatsServer, unique: str, url: str) -> str:
     """`fwd` forwards `in<u>.x` to `mid<u>.x` (a stream the test owns); `hook` delivers it."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "1s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "MID_{unique}"
-subjects = ["mid{unique}.>"]
-create = false
-
+    return (
+        config_toml(
+            server,
+            publish_timeout="1s",
+            dead_letter=unique,
+            streams=[
+                stream_table(f"IN_{unique}", f"in{unique}.>"),
+                stream_table(f"MID_{unique}", f"mid{unique}.>", create=False),
+            ],
+        )
+        + f"""
 [[routes]]
 name = "fwd{unique}"
 from = "in{unique}.x"
@@ -170,6 +150,7 @@ type = "http"
 from = "mid{unique}.x"
 url = "{url}/hook"
 """
+    )
 
 
 async def test_a_replayed_routes_outputs_reach_their_consumers_unaddressed(
@@ -258,37 +239,25 @@ async def test_a_replay_for_a_component_no_longer_configured_is_skipped(
 
 def split_output_config(server: NatsServer, unique: str) -> str:
     """`both` writes each input to `ok<u>.x` (a stream with room) and `mid<u>.x` (the test's)."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "1s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OK_{unique}"
-subjects = ["ok{unique}.>"]
-
-[[streams]]
-name = "MID_{unique}"
-subjects = ["mid{unique}.>"]
-create = false
-
+    return (
+        config_toml(
+            server,
+            publish_timeout="1s",
+            dead_letter=unique,
+            streams=[
+                stream_table(f"IN_{unique}", f"in{unique}.>"),
+                stream_table(f"OK_{unique}", f"ok{unique}.>"),
+                stream_table(f"MID_{unique}", f"mid{unique}.>", create=False),
+            ],
+        )
+        + f"""
 [[routes]]
 name = "both{unique}"
 from = "in{unique}.x"
 to = ["ok{unique}.x", "mid{unique}.x"]
 retry = {{ max_attempts = 2, backoff = "50ms", max_backoff = "100ms" }}
 """
+    )
 
 
 async def test_a_replayed_route_republishes_the_outputs_it_had_stored_under_the_same_ids(

@@ -21,30 +21,29 @@ import pytest
 
 import busway._nats.embedded
 from busway import Bus, StartupError
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, decode_test_config, eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
 
 def config_text(port: int = 0) -> str:
-    return f"""
-[nats]
-listen = "127.0.0.1:{port}"
-data_dir = "nats"
-
-[http]
-listen = ""
-
-[[streams]]
-name = "ORDERS"
-subjects = ["orders.>"]
-
+    return (
+        config_toml(
+            None,
+            data_dir="nats",
+            nats_listen=f"127.0.0.1:{port}",
+            http="",
+            streams=[stream_table("ORDERS", "orders.>")],
+        )
+        + """
 [[routes]]
 name = "forward"
 from = "orders.in"
 to = ["orders.out"]
 ack_wait = "2s"
 """
+    )
 
 
 def server_pid(tmp_path: Path) -> int:

@@ -34,6 +34,7 @@ from busway import (
     SourceContext,
     decode_config,
 )
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, stream_messages, wait_settled
 
 pytestmark = pytest.mark.anyio
@@ -78,17 +79,8 @@ async def test_custom_sink_outcomes_are_acked_retried_or_dead_lettered(
         [Adapter(type="memory", sink_config=MemorySinkConfig, create_sink=MemorySink)]
     )
     config = decode_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "APP_{unique}"
-subjects = ["app{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"APP_{unique}", f"app{unique}.>")])
+        + f"""
 [[sinks]]
 name = "mem{unique}"
 type = "memory"
@@ -157,17 +149,8 @@ async def test_messages_held_longer_than_ack_wait_are_not_redelivered(
         [Adapter(type="slow", sink_config=SlowSinkConfig, create_sink=SlowSink)]
     )
     config = decode_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "SLOW_{unique}"
-subjects = ["slow{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"SLOW_{unique}", f"slow{unique}.>")])
+        + f"""
 [[sinks]]
 name = "slow{unique}"
 type = "slow"
@@ -226,19 +209,12 @@ async def test_source_publishes_pipelined_and_resumes_from_its_durable_state(
         [Adapter(type="counting", source_config=CountingSourceConfig, create_source=CountingSource)]
     )
     config = decode_config(
-        f"""
-state_bucket = "state_{unique}"
-
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "COUNT_{unique}"
-subjects = ["count{unique}.>"]
-
+        config_toml(
+            nats_server,
+            top={"state_bucket": f"state_{unique}"},
+            streams=[stream_table(f"COUNT_{unique}", f"count{unique}.>")],
+        )
+        + f"""
 [[sources]]
 name = "counter"
 type = "counting"

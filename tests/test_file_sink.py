@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from busway import BuildContext, Bus, ConfigError, Message, RetryableError
 from busway.adapters.file import FileSink, FileSinkConfig
 from busway.adapters.file._index import intent_line
+from tests.configs import config_toml, stream_table
 from tests.files_support import append, tree
 from tests.support import (
     NatsServer,
@@ -29,17 +30,9 @@ pytestmark = pytest.mark.anyio
 
 
 def sink_config(server: NatsServer, unique: str, path: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(server, streams=[stream_table(f"OUT_{unique}", f"out{unique}.>")])
+        + f"""
 [[sinks]]
 name = "file{unique}"
 type = "file"
@@ -47,6 +40,7 @@ from = "out{unique}.>"
 path = "{path}"
 retry = {{ max_attempts = 50, backoff = "50ms", max_backoff = "100ms" }}
 """
+    )
 
 
 async def test_messages_are_appended_as_json_lines(
@@ -114,17 +108,9 @@ async def test_unwritable_path_is_retried_until_it_works_and_readiness_shows_it(
 
 
 def file_sink_config(server: NatsServer, unique: str, options: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(server, streams=[stream_table(f"OUT_{unique}", f"out{unique}.>")])
+        + f"""
 [[sinks]]
 name = "file{unique}"
 type = "file"
@@ -132,6 +118,7 @@ from = "out{unique}.>"
 retry = {{ max_attempts = 50, backoff = "50ms", max_backoff = "100ms" }}
 {options}
 """
+    )
 
 
 def message(n: int, *, stream: str = "S", data: bytes | None = None) -> Message:

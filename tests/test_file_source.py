@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -26,8 +25,14 @@ from tests.files_support import (
     names,
     source_config,
 )
-from tests.support import NatsServer, decode_test_config, eventually, stream_messages
-from tests.test_daemon import Daemon, wait_for
+from tests.support import (
+    Daemons,
+    NatsServer,
+    decode_test_config,
+    eventually,
+    stream_messages,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -339,18 +344,9 @@ async def test_an_inbox_that_cannot_be_a_directory_refuses_to_start(
     assert f"cannot use inbox {blocker}/inbox: Not a directory" in str(error)
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test started; any still running at the end are killed by pid."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
-
-
 @pytest.mark.slow
 def test_sigkill_mid_file_and_a_restart_store_exactly_the_files_lines(
-    nats_server: NatsServer, unique: str, tmp_path: Path, daemons: list[Daemon]
+    nats_server: NatsServer, unique: str, tmp_path: Path, daemons: Daemons
 ) -> None:
     total = 20_000
     inbox = tmp_path / "inbox"
@@ -384,8 +380,7 @@ def test_sigkill_mid_file_and_a_restart_store_exactly_the_files_lines(
         finally:
             await client.close()
 
-    first = Daemon(config)
-    daemons.append(first)
+    first = daemons.start(config)
     first.wait_ready()
     wait_for(lambda: anyio.run(stored) >= 3000, "3000 lines stored before the kill", timeout=60)
     first.kill()
@@ -394,8 +389,7 @@ def test_sigkill_mid_file_and_a_restart_store_exactly_the_files_lines(
     assert killed_at < total, "the kill must land mid-file"
     assert names(inbox / "processing") == ["big.jsonl"]
 
-    second = Daemon(config)
-    daemons.append(second)
+    second = daemons.start(config)
     second.wait_ready()
     wait_for(lambda: names(inbox / "done") == ["big.jsonl"], "the file done", timeout=120)
     assert "resuming big.jsonl" in second.output()

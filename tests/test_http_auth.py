@@ -27,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.http_support import serving
 from tests.support import (
     NatsServer,
@@ -117,17 +118,8 @@ async def setup(
     async with serving(jwks.app()) as issuer:
         common = f'issuer = "{ISSUER}", audience = "{AUDIENCE}"'
         config = decode_test_config(
-            f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
+            config_toml(nats_server, streams=[stream_table(f"IN_{unique}", f"in{unique}.>")])
+            + f"""
 [[sources]]
 name = "file"
 type = "http"

@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.nats_proxy import PubAckHolder
 from tests.support import NatsServer, decode_test_config, stream_messages
 
@@ -28,19 +29,13 @@ def sha(text: str) -> str:
 
 def config_text(url: str, unique: str, *, auth: bool = False, publish_timeout: str = "5s") -> str:
     auth_line = f'auth = {{ api_keys = ["sha256:{sha(KEY_A)}", "sha256:{sha(KEY_B)}"] }}'
-    return f"""
-[nats]
-servers = ["{url}"]
-publish_timeout = "{publish_timeout}"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-duplicate_window = "90s"
-
+    return (
+        config_toml(
+            url,
+            publish_timeout=publish_timeout,
+            streams=[stream_table(f"IN_{unique}", f"in{unique}.>", duplicate_window="90s")],
+        )
+        + f"""
 [[sources]]
 name = "api"
 type = "http"
@@ -48,6 +43,7 @@ path = "/orders/{{region}}"
 subject = "in{unique}.orders.{{region}}"
 {auth_line if auth else ""}
 """
+    )
 
 
 @asynccontextmanager

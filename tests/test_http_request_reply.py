@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, decode_test_config, stream_messages
 
 pytestmark = pytest.mark.anyio
@@ -28,17 +29,9 @@ stages = [
   {{ reply = "{{sku: sku, total: qty}}" }},
 ]
 """
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "RQ_{unique}"
-subjects = ["rq{unique}.>"]
-
+    return (
+        config_toml(server, streams=[stream_table(f"RQ_{unique}", f"rq{unique}.>")])
+        + f"""
 [[sources]]
 name = "api{unique}"
 type = "http"
@@ -47,6 +40,7 @@ subject = "rq{unique}.quotes"
 reply_timeout = "{"10s" if with_route else "300ms"}"
 {route if with_route else ""}
 """
+    )
 
 
 async def test_the_route_answers_the_http_request(
@@ -109,17 +103,9 @@ async def test_a_retry_after_a_504_gets_the_recorded_answer_from_any_daemon(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
     gate = GATES[unique] = Gate()
-    text = f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "RQ_{unique}"
-subjects = ["rq{unique}.>"]
-
+    text = (
+        config_toml(nats_server, streams=[stream_table(f"RQ_{unique}", f"rq{unique}.>")])
+        + f"""
 [[sources]]
 name = "api"
 type = "http"
@@ -136,6 +122,7 @@ stages = [
   {{ reply = "{{sku: sku, total: qty}}" }},
 ]
 """
+    )
     key = {"Idempotency-Key": "quote-1"}
     body = {"gate": unique, "sku": "s1", "qty": 3}
     async with (

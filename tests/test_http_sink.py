@@ -16,6 +16,7 @@ from starlette.responses import Response
 from busway import Bus, ConfigError
 from busway.adapters.http.classify import parse_retry_after
 from busway.adapters.http.signing import WebhookSigner
+from tests.configs import config_toml, stream_table
 from tests.http_support import Receiver, Seen, serving
 from tests.support import (
     NatsServer,
@@ -32,17 +33,9 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
 
 
 def sink_config(server: NatsServer, unique: str, url: str, extra: str = "") -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(server, streams=[stream_table(f"OUT_{unique}", f"out{unique}.>")])
+        + f"""
 [[sinks]]
 name = "hook{unique}"
 type = "http"
@@ -51,6 +44,7 @@ url = "{url}"
 retry = {{ max_attempts = 50, backoff = "50ms", max_backoff = "2s" }}
 {extra}
 """
+    )
 
 
 async def publish(nc: NatsClient, subject: str, count: int, prefix: str = "m") -> list[str]:

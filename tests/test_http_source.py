@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, decode_test_config, eventually, stream_messages
 
 pytestmark = pytest.mark.anyio
@@ -21,18 +22,12 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def bus(nats_server: NatsServer, unique: str, tmp_path: Path) -> AsyncIterator[Bus]:
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-publish_timeout = "2s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
+        config_toml(
+            nats_server,
+            publish_timeout="2s",
+            streams=[stream_table(f"IN_{unique}", f"in{unique}.>")],
+        )
+        + f"""
 [[sources]]
 name = "api"
 type = "http"
@@ -149,23 +144,15 @@ async def rich(
         duplicate_window=60,
     )
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-publish_timeout = "2s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "CAP_{unique}"
-subjects = ["cap{unique}.>"]
-create = false
-
+        config_toml(
+            nats_server,
+            publish_timeout="2s",
+            streams=[
+                stream_table(f"IN_{unique}", f"in{unique}.>"),
+                stream_table(f"CAP_{unique}", f"cap{unique}.>", create=False),
+            ],
+        )
+        + f"""
 [[sources]]
 name = "regional"
 type = "http"
@@ -397,17 +384,8 @@ async def test_integers_beyond_64_bits_are_refused_and_those_within_arrive_exact
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"IN_{unique}", f"in{unique}.>")])
+        + f"""
 [[sources]]
 name = "api"
 type = "http"

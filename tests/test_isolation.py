@@ -19,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus
 from busway._delivery.isolation import IsolationGate
+from tests.configs import config_toml, stream_table
 from tests.support import (
     NatsServer,
     decode_test_config,
@@ -150,17 +151,8 @@ async def test_attempts_survive_a_restart_and_a_second_daemon_counts_on(
     is tried `max_attempts` times in all, not `max_attempts` more after each restart."""
     calls.clear()
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = ""
-
-[[streams]]
-name = "ISO_{unique}"
-subjects = ["iso{unique}.>"]
-
+        config_toml(nats_server, http="", streams=[stream_table(f"ISO_{unique}", f"iso{unique}.>")])
+        + f"""
 [[routes]]
 name = "busy{unique}"
 from = "iso{unique}.in"

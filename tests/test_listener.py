@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route
 
 from busway import Bus, ConfigError, StartupError
 from busway._ingress.listener import Listener
+from tests.configs import FREE, config_toml, stream_table
 from tests.support import NatsServer, decode_test_config, free_port
 
 pytestmark = pytest.mark.anyio
@@ -58,24 +59,23 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def http_config(server: NatsServer, unique: str, http: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-{http}
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
+def http_config(server: NatsServer, unique: str, listen: str, options: str = "") -> str:
+    """An `http` source on `/orders`; the listener on `listen`, with more `[http]` options."""
+    return (
+        config_toml(
+            server,
+            http=listen,
+            http_options=options,
+            streams=[stream_table(f"IN_{unique}", f"in{unique}.>")],
+        )
+        + f"""
 [[sources]]
 name = "api{unique}"
 type = "http"
 path = "/orders"
 subject = "in{unique}.orders"
 """
+    )
 
 
 async def test_tls_listener_serves_https_only(
@@ -86,7 +86,8 @@ async def test_tls_listener_serves_https_only(
         http_config(
             nats_server,
             unique,
-            'listen = "127.0.0.1:0"\ntls_cert = "cert.pem"\ntls_key = "key.pem"',
+            FREE,
+            'tls_cert = "cert.pem"\ntls_key = "key.pem"',
         ),
         tmp_path,
     )
@@ -111,7 +112,8 @@ async def test_a_bad_certificate_is_a_startup_error(
         http_config(
             nats_server,
             unique,
-            'listen = "127.0.0.1:0"\ntls_cert = "cert.pem"\ntls_key = "key.pem"',
+            FREE,
+            'tls_cert = "cert.pem"\ntls_key = "key.pem"',
         ),
         tmp_path,
     )
@@ -123,7 +125,7 @@ async def test_a_bad_certificate_is_a_startup_error(
 async def test_busway_mounted_in_an_application(
     nats_server: NatsServer, unique: str, tmp_path: Path
 ) -> None:
-    config = decode_test_config(http_config(nats_server, unique, ""), tmp_path)
+    config = decode_test_config(http_config(nats_server, unique, FREE), tmp_path)
     bus = Bus(config, serve_http=False)
 
     async def home(_: object) -> PlainTextResponse:
@@ -153,17 +155,11 @@ async def test_busway_mounted_in_an_application(
 async def test_an_empty_listen_turns_the_listener_off(
     nats_server: NatsServer, unique: str, tmp_path: Path
 ) -> None:
-    text = f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = ""
-"""
+    text = config_toml(nats_server, http="")
     async with Bus(decode_test_config(text, tmp_path)) as bus:
         assert bus.http_port is None
         assert bus.app is None
-    with_source = decode_test_config(http_config(nats_server, unique, 'listen = ""'), tmp_path)
+    with_source = decode_test_config(http_config(nats_server, unique, ""), tmp_path)
     with pytest.raises(ConfigError, match=r"\[http\] listen is not set"):
         async with Bus(with_source):
             pass

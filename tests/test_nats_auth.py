@@ -17,31 +17,28 @@ import orjson
 import pytest
 
 from busway import Bus, Config, StartupError
+from tests.configs import config_toml, stream_table
 from tests.nats_keys import Operator, user_key
-from tests.support import NatsServer, decode_test_config, eventually
+from tests.support import NatsServer, decode_test_config, eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
 
 def config_text(url: str, auth: str) -> str:
-    return f"""
-[nats]
-servers = ["{url}"]
-{auth}
-connect_timeout = "600s"
-
-[http]
-listen = ""
-
-[[streams]]
-name = "AUTH"
-subjects = ["auth.>"]
-
+    return (
+        config_toml(
+            url,
+            nats_options=f'{auth}\nconnect_timeout = "600s"',
+            http="",
+            streams=[stream_table("AUTH", "auth.>")],
+        )
+        + """
 [[routes]]
 name = "forward"
 from = "auth.in"
 to = ["auth.out"]
 """
+    )
 
 
 async def start(config: Config) -> None:
@@ -123,7 +120,7 @@ async def test_a_malformed_key_file_is_a_start_up_error(tmp_path: Path) -> None:
         ('nkey_seed = "garbage.nk"', "holds no valid NKey user seed"),
         ('nkey_seed = "missing.nk"', "cannot read [nats] nkey_seed file"),
     ]:
-        config = decode_test_config(config_text("nats://127.0.0.1:1", auth), tmp_path)
+        config = decode_test_config(config_text(f"nats://127.0.0.1:{free_port()}", auth), tmp_path)
         with anyio.fail_after(60), pytest.raises(StartupError) as caught:
             await start(config)
         assert message in str(caught.value), caught.value

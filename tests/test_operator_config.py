@@ -17,27 +17,18 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus, Config, ConfigError, default_registry
 from busway._config.model import decode_config
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, eventually, run_cli
 
 pytestmark = pytest.mark.anyio
 
 
 def config_text(server: NatsServer, unique: str, secret: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[dead_letter]
-stream = "DL_{unique}"
-subject_prefix = "dl{unique}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
+    return (
+        config_toml(
+            server, dead_letter=unique, streams=[stream_table(f"IN_{unique}", f"in{unique}.>")]
+        )
+        + f"""
 [[routes]]
 name = "shape{unique}"
 from = "in{unique}.orders"
@@ -60,6 +51,7 @@ dsn = "${{file:/nonexistent/{secret}}}"
 table = "orders"
 columns = {{ id = "id" }}
 """
+    )
 
 
 def decode(text: str, tmp_path: Path, environ: dict[str, str], *, outline: bool = False) -> Config:

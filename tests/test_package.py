@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from pathlib import Path
 
@@ -67,3 +68,23 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
             relative = init.parent.relative_to(folder)
             on_disk.add(".".join([package, *relative.parts]) if relative.parts else package)
     assert on_disk == listed
+
+
+FIXED_PORT = re.compile(r"(?:127\.0\.0\.1|localhost):(\d+)")
+NEVER_BOUND = "# never bound"
+"""A line carrying this comment holds an address nothing listens on (a value a test feeds to
+the config decoder); the comment says why."""
+
+
+def test_tests_never_name_a_fixed_loopback_port() -> None:
+    """A fixed port collides with whatever else runs on the machine (another test run, a dev
+    server on 8080): tests bind port 0 or `free_port()` and read the port back."""
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "tests").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if NEVER_BOUND not in line and any(port != "0" for port in FIXED_PORT.findall(line))
+    ]
+    assert not found, "fixed loopback ports in tests (use port 0 or free_port()):\n" + "\n".join(
+        found
+    )

@@ -15,7 +15,8 @@ from nats.js.api import DiscardPolicy, StreamConfig
 
 from busway import Bus
 from busway._observe.status import format_status
-from tests.support import NatsServer, decode_test_config, eventually, wait_settled
+from tests.configs import config_toml, stream_table
+from tests.support import NatsServer, decode_test_config, eventually, readyz, wait_settled
 
 pytestmark = pytest.mark.anyio
 
@@ -28,28 +29,14 @@ async def waits_for_the_test(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-async def readyz(bus: Bus) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}") as http:
-        return await http.get("/readyz")
-
-
 async def test_a_route_stuck_at_capacity_longer_than_ack_wait_is_not_ready(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
     global _release
     _release = anyio.Event()
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "ST_{unique}"
-subjects = ["st{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"ST_{unique}", f"st{unique}.>")])
+        + f"""
 [[routes]]
 name = "r{unique}"
 from = "st{unique}.in"
@@ -99,23 +86,15 @@ async def test_jetstream_refusing_writes_makes_readyz_503_until_there_is_room(
         )
     )
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-publish_timeout = "2s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "TINY_{unique}"
-subjects = ["tiny{unique}.>"]
-create = false
-
+        config_toml(
+            nats_server,
+            publish_timeout="2s",
+            streams=[
+                stream_table(f"IN_{unique}", f"in{unique}.>"),
+                stream_table(f"TINY_{unique}", f"tiny{unique}.>", create=False),
+            ],
+        )
+        + f"""
 [[routes]]
 name = "r{unique}"
 from = "in{unique}.orders"

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 
 pytestmark = pytest.mark.anyio
@@ -30,21 +31,10 @@ async def test_route_resumes_after_the_server_restarts(tmp_path: Path) -> None:
     server = NatsServer(store)
     try:
         config = decode_test_config(
-            f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "RIN"
-subjects = ["rin.>"]
-
-[[streams]]
-name = "ROUT"
-subjects = ["rout.>"]
-
+            config_toml(
+                server, streams=[stream_table("RIN", "rin.>"), stream_table("ROUT", "rout.>")]
+            )
+            + """
 [[routes]]
 name = "restart"
 from = "rin.x"

@@ -12,37 +12,23 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ConfigError
+from tests.configs import FREE, config_toml, io_streams
 from tests.support import (
+    Daemons,
     NatsServer,
     decode_test_config,
     eventually,
+    free_port,
     run_cli,
     stream_messages,
     wait_settled,
 )
-from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.anyio
 
 
 def config_text(server: NatsServer, unique: str, routes: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
-{routes}
-"""
+    return config_toml(server, streams=io_streams(unique), body=routes)
 
 
 def route(name: str, unique: str, transform: str, source: str = "orders") -> str:
@@ -113,7 +99,8 @@ async def test_a_reload_that_needs_a_restart_is_refused(
 ) -> None:
     text = config_text(nats_server, unique, route("main", unique, "@"))
     config = decode_test_config(text, tmp_path)
-    changed = decode_test_config(text.replace('"127.0.0.1:0"', '"127.0.0.1:1"'), tmp_path)
+    moved = text.replace(f'listen = "{FREE}"', f'listen = "127.0.0.1:{free_port()}"')
+    changed = decode_test_config(moved, tmp_path)
     async with Bus(config) as bus:
         with pytest.raises(ConfigError, match=r"\[http\] changed: that needs a restart"):
             await bus.reload(changed)
@@ -124,12 +111,11 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
     nats_server: NatsServer,
     unique: str,
     tmp_path: Path,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     path = tmp_path / "busway.toml"
     path.write_text(config_text(nats_server, unique, route("main", unique, "@")))
-    daemon = Daemon(path)
-    daemons.append(daemon)
+    daemon = daemons.start(path)
     daemon.wait_ready()
 
     path.write_text(
@@ -161,16 +147,16 @@ def test_busway_reload_reports_a_config_the_daemon_rejects(
     nats_server: NatsServer,
     unique: str,
     tmp_path: Path,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     """`busway check` accepts it, the daemon refuses it: the command says so and exits 2."""
     path = tmp_path / "busway.toml"
     path.write_text(config_text(nats_server, unique, route("main", unique, "@")))
-    daemon = Daemon(path)
-    daemons.append(daemon)
+    daemon = daemons.start(path)
     daemon.wait_ready()
 
-    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"'))
+    moved = f'listen = "127.0.0.1:{free_port()}"'
+    path.write_text(path.read_text().replace(f'listen = "{FREE}"', moved))
     rejected = run_cli("reload", str(path))
     assert rejected.returncode == 2, (rejected.stdout, rejected.stderr)
     assert "reload rejected, still running the previous config" in rejected.stderr

@@ -15,6 +15,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.support import (
     NatsServer,
     decode_test_config,
@@ -29,17 +30,11 @@ HOP_LIMIT = 5
 
 
 def cycle_config(server: NatsServer, unique: str, *, pong: bool = True) -> str:
-    text = f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "LOOP_{unique}"
-subjects = ["a{unique}.>", "b{unique}.>"]
-
+    text = (
+        config_toml(
+            server, streams=[stream_table(f"LOOP_{unique}", f"a{unique}.>", f"b{unique}.>")]
+        )
+        + f"""
 [[routes]]
 name = "ping{unique}"
 from = "a{unique}.in"
@@ -47,6 +42,7 @@ when = "again"
 to = ["b{unique}.in"]
 hop_limit = {HOP_LIMIT}
 """
+    )
     if pong:
         text += f"""
 [[routes]]
@@ -127,17 +123,10 @@ async def test_routes_outside_cycles_neither_add_nor_change_the_hop_header(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "LINE_{unique}"
-subjects = ["in{unique}.>", "out{unique}.>"]
-
+        config_toml(
+            nats_server, streams=[stream_table(f"LINE_{unique}", f"in{unique}.>", f"out{unique}.>")]
+        )
+        + f"""
 [[routes]]
 name = "line{unique}"
 from = "in{unique}.x"

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 
 from busway import Bus
 from busway._nats.jetstream import ensure_consumer, state_bucket
+from tests.configs import config_toml, io_streams
 from tests.support import (
     NatsServer,
     decode_test_config,
@@ -26,21 +27,7 @@ pytestmark = pytest.mark.anyio
 
 
 def config_text(server: NatsServer, unique: str, routes: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "2s"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
-{routes}
-"""
+    return config_toml(server, publish_timeout="2s", streams=io_streams(unique), body=routes)
 
 
 async def publish_all(nc: NatsClient, subject: str, bodies: list[Any]) -> None:

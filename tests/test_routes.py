@@ -10,6 +10,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import generate_latest
 
 from busway import Bus
+from tests.configs import config_toml, io_streams
 from tests.support import (
     NatsServer,
     consumer_settled,
@@ -23,28 +24,16 @@ pytestmark = pytest.mark.anyio
 
 
 def route_config(server: NatsServer, unique: str, route: str, *, extra: str = "") -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "2s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(server, publish_timeout="2s", streams=io_streams(unique))
+        + f"""
 [[routes]]
 name = "r{unique}"
 from = "in{unique}.orders"
 {route}
 {extra}
 """
+    )
 
 
 async def publish_inputs(nc: NatsClient, subject: str, bodies: list[bytes]) -> None:

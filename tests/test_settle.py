@@ -43,6 +43,7 @@ from busway._delivery.consumer import ConsumerComponent
 from busway._delivery.contract import ACK, DRAIN_NAK, TERM
 from busway._egress.worker import SinkWorker
 from busway.routers.route import Route
+from tests.configs import config_toml, io_streams, stream_table
 from tests.support import NatsServer, decode_test_config, eventually, stream_messages, wait_settled
 
 pytestmark = pytest.mark.anyio
@@ -141,22 +142,7 @@ async def dead_letters(nc: NatsClient, subject: str) -> list[Any]:
 
 
 def base_config(server: NatsServer, unique: str) -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-publish_timeout = "2s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-"""
+    return config_toml(server, publish_timeout="2s", streams=io_streams(unique))
 
 
 async def test_sync_route_exits_ack_filter_reject_retry_and_unexpected(
@@ -469,17 +455,8 @@ async def test_sink_exits_and_a_bug_while_settling_a_batch(
         [Adapter(type="settle-list", sink_config=ListSinkConfig, create_sink=ListSink)]
     )
     config = decode_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "SK_{unique}"
-subjects = ["sk{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"SK_{unique}", f"sk{unique}.>")])
+        + f"""
 [[sinks]]
 name = "list{unique}"
 type = "settle-list"

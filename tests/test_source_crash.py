@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import anyio
-import httpx
 import orjson
 import pytest
 from anyio.abc import TaskStatus
@@ -31,8 +30,9 @@ from busway import (
     decode_config,
     default_registry,
 )
+from tests.configs import config_toml, stream_table
 from tests.files_support import jsonl, source_config
-from tests.support import NatsServer, decode_test_config, eventually, stream_messages
+from tests.support import NatsServer, decode_test_config, eventually, readyz, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -89,17 +89,8 @@ def crashy_config(
     server: NatsServer, unique: str, registry: AdapterRegistry, extra: str = ""
 ) -> Config:
     return decode_config(
-        f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "CR_{unique}"
-subjects = ["cr{unique}.>"]
-
+        config_toml(server, streams=[stream_table(f"CR_{unique}", f"cr{unique}.>")])
+        + f"""
 [[sources]]
 name = "crashy{unique}"
 type = "crashy"
@@ -120,11 +111,6 @@ def drop_non_utf8_name(inbox: Path) -> None:
     """A complete JSONL file named `bad<0xff>.jsonl`: legal on Linux, not UTF-8."""
     with open(os.fsencode(inbox) + b"/bad\xff.jsonl", "wb") as bad:
         bad.write(jsonl(3))
-
-
-async def readyz(bus: Bus) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}") as http:
-        return await http.get("/readyz")
 
 
 def subjects(messages: list[object], subject: str) -> list[object]:

@@ -21,8 +21,8 @@ import httpx
 import nats
 import pytest
 
-from tests.support import NatsServer, free_port, run_cli, wait_for_port
-from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
+from tests.configs import config_toml
+from tests.support import Daemons, NatsServer, free_port, run_cli, wait_for_port
 
 STREAMS = """
 [[streams]]
@@ -39,14 +39,7 @@ to = ["orders.out"]
 def embedded_config(tmp_path: Path, nats_port: int, *, http: str = "127.0.0.1:0") -> Path:
     config = tmp_path / "busway.toml"
     config.write_text(
-        f"""
-[nats]
-listen = "127.0.0.1:{nats_port}"
-data_dir = "var/nats"
-
-[http]
-listen = "{http}"
-{STREAMS}"""
+        config_toml(None, nats_listen=f"127.0.0.1:{nats_port}", http=http, body=STREAMS)
     )
     return config
 
@@ -127,12 +120,11 @@ def test_embedded_port_held_by_a_plain_tcp_listener(
 
 def test_a_second_daemon_on_the_same_data_dir_is_refused(
     tmp_path: Path,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     http_port = free_port()
     first_config = embedded_config(tmp_path, 0, http=f"127.0.0.1:{http_port}")
-    first = Daemon(first_config)
-    daemons.append(first)
+    first = daemons.start(first_config)
     first.wait_ready()
     (tmp_path / "second").mkdir()
     second_config = tmp_path / "second" / "busway.toml"
@@ -254,12 +246,11 @@ def test_sigterm_while_connecting_stops_at_once(tmp_path: Path, listener: socket
 
 def test_busway_run_still_starts_on_the_port_it_is_given(
     tmp_path: Path,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     """The identity checks accept the server busway started, on a fixed port."""
     port = free_port()
-    daemon = Daemon(embedded_config(tmp_path, port))
-    daemons.append(daemon)
+    daemon = daemons.start(embedded_config(tmp_path, port))
     daemon.wait_ready()
     wait_for_port(port)
     assert f"listening on nats://127.0.0.1:{port}" in daemon.output()

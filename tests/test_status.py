@@ -11,26 +11,18 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus
 from busway._observe.status import format_status
-from tests.support import NatsServer, decode_test_config, free_port, run_cli, wait_settled
-from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
+from tests.configs import config_toml, io_streams
+from tests.support import Daemons, NatsServer, decode_test_config, free_port, run_cli, wait_settled
 
 
 def config_text(server: NatsServer, unique: str, listen: str = "127.0.0.1:0") -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "{listen}"
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(
+            server,
+            http=listen,
+            streams=io_streams(unique),
+        )
+        + f"""
 [[routes]]
 name = "r{unique}"
 from = "in{unique}.orders"
@@ -43,6 +35,7 @@ type = "file"
 from = "out{unique}.big"
 path = "out.jsonl"
 """
+    )
 
 
 @pytest.mark.anyio
@@ -81,15 +74,14 @@ def test_busway_status_reads_the_running_daemon(
     nats_server: NatsServer,
     unique: str,
     tmp_path: Path,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     path = tmp_path / "busway.toml"
     path.write_text(config_text(nats_server, unique, f"127.0.0.1:{free_port()}"))
     result = run_cli("status", str(path))
     assert result.returncode == 1
     assert "is `busway run` running?" in result.stderr
-    daemon = Daemon(path)
-    daemons.append(daemon)
+    daemon = daemons.start(path)
     daemon.wait_ready()
     result = run_cli("status", str(path))
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,6 @@
-"""What the fault scenarios share: the figures they print, a daemon to kill, RSS, stream reads.
+"""What the fault scenarios share: the figures they print, RSS, stream reads.
+
+The daemon to kill is `tests.support.Daemon`, shared with the other daemon tests.
 
 Every scenario ends with `Figures(...).report()`: one line of what was sent, delivered, lost
 and duplicated, printed (pytest shows it with `-s`, and in the summary of a failure) and
@@ -7,17 +9,11 @@ returned for the asserts.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
 import nats
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -76,71 +72,6 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS line in /proc/self/status")
-
-
-class Daemon:
-    """`busway run CONFIG` in a child process, its output appended to one log file.
-
-    The log keeps every incarnation's output (a kill and restart appends), so a failure shows
-    the whole history.
-    """
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self._offset = 0
-
-    def start(self) -> None:
-        """Start a new incarnation (the previous one must have exited)."""
-        assert self.process is None or self.process.poll() is not None
-        self._offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "busway", "run", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self.starts += 1
-
-    def output(self) -> str:
-        """This incarnation's output so far."""
-        with open(self.log, "rb") as log:
-            log.seek(self._offset)
-            return log.read().decode(errors="replace")
-
-    async def wait_ready(self, timeout: float = 60) -> None:
-        """Wait for the "busway ready" line; fail with the output if it exits or hangs."""
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while "busway ready" not in self.output():
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited with {self.process.returncode}:\n{self.output()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon not ready after {timeout}s:\n{self.output()}")
-            await anyio.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL this incarnation and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    async def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM (a graceful stop) and wait for the exit code."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while (code := self.process.poll()) is None:
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"daemon did not stop in {timeout}s:\n{self.output()}")
-            await anyio.sleep(0.05)
-        return code
 
 
 async def read_stream(url: str, stream: str) -> list[Msg]:

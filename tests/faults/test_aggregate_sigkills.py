@@ -22,8 +22,9 @@ import nats
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, consumer_settled, message_id, read_stream
-from tests.support import NatsServer, eventually
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, consumer_settled, message_id, read_stream
+from tests.support import Daemon, NatsServer, eventually
 
 pytestmark = [
     pytest.mark.anyio,
@@ -40,23 +41,13 @@ PACE = 0.005  # seconds between two lines
 
 
 def daemon_config(nats_url: str) -> str:
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "AGG_IN"
-subjects = ["aggin.>"]
-
-[[streams]]
-name = "AGG_OUT"
-subjects = ["aggout.>"]
-
+    return (
+        config_toml(
+            nats_url,
+            top='shutdown_timeout = "5s"',
+            streams=[stream_table("AGG_IN", "aggin.>"), stream_table("AGG_OUT", "aggout.>")],
+        )
+        + f"""
 [[routes]]
 name = "orders"
 from = "aggin.lines"
@@ -65,6 +56,7 @@ ack_wait = "1s"
 retry = {{ max_attempts = 100, backoff = "50ms", max_backoff = "200ms" }}
 stages = [{{ aggregate = {{ by = "order", count = {GROUP}, timeout = "20s", into = "{{order: key, lines: messages[].line}}" }} }}]
 """  # noqa: E501 - TOML inline tables cannot span lines
+    )
 
 
 class Lines:
@@ -102,7 +94,7 @@ async def test_ten_sigkills_inside_groups_split_and_duplicate_no_group(tmp_path:
     server = NatsServer(store, sync_always=True)
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url))
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     seed = int(os.environ.get("BUSWAY_FAULT_SEED") or random.randrange(1_000_000))
     rng = random.Random(seed)
     client = await nats.connect(server.url)
@@ -136,12 +128,12 @@ async def test_ten_sigkills_inside_groups_split_and_duplicate_no_group(tmp_path:
             daemon.kill()
             kills.append(lines.published)
             daemon.start()
-            await daemon.wait_ready()
+            await daemon.ready()
         stop.set()
 
     try:
         daemon.start()
-        await daemon.wait_ready()
+        await daemon.ready()
         async with anyio.create_task_group() as tg:
             tg.start_soon(lines.publish_until, stop)
             tg.start_soon(kill_repeatedly)
@@ -154,7 +146,7 @@ async def test_ten_sigkills_inside_groups_split_and_duplicate_no_group(tmp_path:
             await eventually(drained, timeout=120)
         except AssertionError:
             settled = False  # inputs stranded: reported with the figures below
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         outputs = await read_stream(server.url, "AGG_OUT")
     finally:
         await client.close()

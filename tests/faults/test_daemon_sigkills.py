@@ -19,8 +19,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, consumer_settled, message_id, read_stream
-from tests.support import NatsServer, eventually, free_port
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, consumer_settled, message_id, read_stream
+from tests.support import Daemon, NatsServer, eventually, free_port
 
 pytestmark = [
     pytest.mark.anyio,
@@ -35,23 +36,14 @@ CONCURRENCY = 16
 
 
 def daemon_config(nats_url: str, http_port: int) -> str:
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[[streams]]
-name = "KILL_IN"
-subjects = ["killin.>"]
-
-[[streams]]
-name = "KILL_OUT"
-subjects = ["killout.>"]
-
+    return (
+        config_toml(
+            nats_url,
+            top='shutdown_timeout = "5s"',
+            http=f"127.0.0.1:{http_port}",
+            streams=[stream_table("KILL_IN", "killin.>"), stream_table("KILL_OUT", "killout.>")],
+        )
+        + """
 [[sources]]
 name = "ingest"
 type = "http"
@@ -61,7 +53,7 @@ subject = "killin.orders"
 [[routes]]
 name = "forward"
 from = "killin.orders"
-transform = "{{id: id, total: total}}"
+transform = "{id: id, total: total}"
 to = ["killout.orders"]
 ack_wait = "2s"
 
@@ -72,6 +64,7 @@ from = "killout.orders"
 path = "out/orders.jsonl"
 ack_wait = "2s"
 """
+    )
 
 
 class Client:
@@ -122,7 +115,7 @@ async def test_twenty_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> Non
     http_port = free_port()
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url, http_port))
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     seed = int(os.environ.get("BUSWAY_FAULT_SEED") or random.randrange(1_000_000))
     rng = random.Random(seed)
     # Kill points, as counts of accepted messages, spread over the whole run.
@@ -144,11 +137,11 @@ async def test_twenty_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> Non
             kills.append(client.accepted)
             written.append(out.read_bytes().count(b"\n") if out.exists() else 0)
             daemon.start()
-            await daemon.wait_ready()
+            await daemon.ready()
 
     try:
         daemon.start()
-        await daemon.wait_ready()
+        await daemon.ready()
         async with anyio.create_task_group() as tg:
             tg.start_soon(killer)
             tg.start_soon(client.run)
@@ -159,7 +152,7 @@ async def test_twenty_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> Non
             ) and await consumer_settled(server.url, "KILL_OUT", "busway-sink-file")
 
         await eventually(drained, timeout=180)
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
 
         inputs = await read_stream(server.url, "KILL_IN")
         outputs = await read_stream(server.url, "KILL_OUT")

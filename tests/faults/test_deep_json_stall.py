@@ -18,6 +18,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures, read_stream
 from tests.support import NatsServer, decode_test_config, wait_settled
 
@@ -35,17 +36,8 @@ async def test_deep_bodies_are_dead_lettered_and_never_stall_the_route(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "DEEP_{unique}"
-subjects = ["deep{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"DEEP_{unique}", f"deep{unique}.>")])
+        + f"""
 [[routes]]
 name = "r{unique}"
 from = "deep{unique}.in"

@@ -24,6 +24,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures
 from tests.support import NatsServer, decode_test_config, eventually, wait_settled
 
@@ -98,17 +99,8 @@ async def test_disk_full_naks_keeps_whole_lines_and_recovers_exactly_once(
     disk = Disk(tmp_path / "volume")
     out = disk.directory / "orders.jsonl"
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "DF_{unique}"
-subjects = ["df{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"DF_{unique}", f"df{unique}.>")])
+        + f"""
 [[sinks]]
 name = "disk{unique}"
 type = "file"

@@ -20,8 +20,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, consumer_settled, message_id, read_stream
-from tests.support import eventually, free_port
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, consumer_settled, message_id, read_stream
+from tests.support import Daemon, eventually, free_port
 
 pytestmark = [
     pytest.mark.anyio,
@@ -36,24 +37,15 @@ CONCURRENCY = 16
 
 
 def daemon_config(nats_port: int, http_port: int) -> str:
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-listen = "127.0.0.1:{nats_port}"
-data_dir = "var/nats"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[[streams]]
-name = "EMB_IN"
-subjects = ["embin.>"]
-
-[[streams]]
-name = "EMB_OUT"
-subjects = ["embout.>"]
-
+    return (
+        config_toml(
+            None,
+            top='shutdown_timeout = "5s"',
+            nats_listen=f"127.0.0.1:{nats_port}",
+            http=f"127.0.0.1:{http_port}",
+            streams=[stream_table("EMB_IN", "embin.>"), stream_table("EMB_OUT", "embout.>")],
+        )
+        + """
 [[sources]]
 name = "ingest"
 type = "http"
@@ -63,10 +55,10 @@ subject = "embin.orders"
 [[routes]]
 name = "forward"
 from = "embin.orders"
-transform = "{{id: id}}"
+transform = "{id: id}"
 to = ["embout.orders"]
 ack_wait = "2s"
-retry = {{ max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }}
+retry = { max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }
 
 [[sinks]]
 name = "file"
@@ -74,9 +66,10 @@ type = "file"
 from = "embout.orders"
 path = "out/orders.jsonl"
 ack_wait = "2s"
-retry = {{ max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }}
-circuit = {{ failures = 0 }}
+retry = { max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }
+circuit = { failures = 0 }
 """
+    )
 
 
 class Client:
@@ -141,7 +134,7 @@ async def test_embedded_server_sigkills_lose_and_duplicate_nothing(tmp_path: Pat
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(nats_port, http_port))
     pid_file = tmp_path / "var" / "nats" / "nats-server.pid"
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     seed = int(os.environ.get("BUSWAY_FAULT_SEED") or random.randrange(1_000_000))
     rng = random.Random(seed)
     thresholds = sorted(rng.sample(range(TOTAL // 10, TOTAL * 8 // 10), KILLS))
@@ -169,7 +162,7 @@ async def test_embedded_server_sigkills_lose_and_duplicate_nothing(tmp_path: Pat
 
     try:
         daemon.start()
-        await daemon.wait_ready()
+        await daemon.ready()
         async with anyio.create_task_group() as watching:
             watching.start_soon(health.run)
             async with anyio.create_task_group() as tg:
@@ -186,7 +179,7 @@ async def test_embedded_server_sigkills_lose_and_duplicate_nothing(tmp_path: Pat
             outputs = await read_stream(url, "EMB_OUT")
             dead = await read_stream(url, "BUSWAY_DEADLETTER")
             watching.cancel_scope.cancel()
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
     finally:
         daemon.kill()
     log = daemon.output()

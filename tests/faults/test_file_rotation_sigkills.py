@@ -19,8 +19,9 @@ import nats
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, consumer_settled
-from tests.support import NatsServer, eventually
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, consumer_settled
+from tests.support import Daemon, NatsServer, eventually
 
 pytestmark = [
     pytest.mark.anyio,
@@ -35,19 +36,11 @@ ROTATE_BYTES = 2048
 
 
 def daemon_config(nats_url: str) -> str:
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "ROT_IN"
-subjects = ["rotin.>"]
-
+    return (
+        config_toml(
+            nats_url, top='shutdown_timeout = "5s"', streams=[stream_table("ROT_IN", "rotin.>")]
+        )
+        + f"""
 [[sinks]]
 name = "file"
 type = "file"
@@ -60,6 +53,7 @@ batch_wait = "1ms"
 max_in_flight = 64
 ack_wait = "1s"
 """
+    )
 
 
 def written(out: Path) -> list[int]:
@@ -81,7 +75,7 @@ async def test_ten_sigkills_around_rotations_duplicate_no_line(tmp_path: Path) -
     server = NatsServer(store, sync_always=True)
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url))
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     seed = int(os.environ.get("BUSWAY_FAULT_SEED") or random.randrange(1_000_000))
     rng = random.Random(seed)
     out = tmp_path / "out"
@@ -114,12 +108,12 @@ async def test_ten_sigkills_around_rotations_duplicate_no_line(tmp_path: Path) -
             daemon.kill()
             kills.append(line_count(out))
             daemon.start()
-            await daemon.wait_ready()
+            await daemon.ready()
         killing = False
 
     try:
         daemon.start()
-        await daemon.wait_ready()
+        await daemon.ready()
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish)
             tg.start_soon(kill_repeatedly)
@@ -128,7 +122,7 @@ async def test_ten_sigkills_around_rotations_duplicate_no_line(tmp_path: Path) -
             return await consumer_settled(server.url, "ROT_IN", "busway-sink-file")
 
         await eventually(drained, timeout=180)
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
     finally:
         await client.close()
         daemon.kill()

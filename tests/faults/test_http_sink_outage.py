@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures
 from tests.http_support import Receiver, serving
 from tests.support import NatsServer, decode_test_config, free_port, stream_messages, wait_settled
@@ -49,17 +50,8 @@ async def test_http_partner_down_then_back_gets_everything_once(
     ordered = Receiver()
     subject = f"hout{unique}.orders"
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "HOUT_{unique}"
-subjects = ["hout{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"HOUT_{unique}", f"hout{unique}.>")])
+        + f"""
 [[sinks]]
 name = "partner{unique}"
 type = "http"
@@ -150,14 +142,8 @@ async def test_an_outage_longer_than_the_retry_budget_dead_letters_nothing(
     receiver = Receiver()
     subject = f"hshort{unique}.orders"
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[[streams]]
-name = "HSHORT_{unique}"
-subjects = ["hshort{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(f"HSHORT_{unique}", f"hshort{unique}.>")])
+        + f"""
 [[sinks]]
 name = "partner{unique}"
 type = "http"

@@ -23,6 +23,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures, read_stream
 from tests.support import NatsServer, decode_test_config, eventually, wait_settled
 
@@ -66,21 +67,14 @@ async def test_hung_stages_time_out_retry_and_never_stop_the_daemon(
     _gate.clear()
     _blocked.clear()
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "HUNG_{unique}"
-subjects = ["hung{unique}.in.>"]
-
-[[streams]]
-name = "HUNGOUT_{unique}"
-subjects = ["hung{unique}.out.>"]
-
+        config_toml(
+            nats_server,
+            streams=[
+                stream_table(f"HUNG_{unique}", f"hung{unique}.in.>"),
+                stream_table(f"HUNGOUT_{unique}", f"hung{unique}.out.>"),
+            ],
+        )
+        + f"""
 [[routes]]
 name = "blocking{unique}"
 from = "hung{unique}.in.blocking"

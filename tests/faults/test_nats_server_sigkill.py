@@ -26,6 +26,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures, consumer_settled, message_id, read_stream
 from tests.support import NatsServer, decode_test_config, eventually
 
@@ -42,28 +43,18 @@ PRODUCERS = 32
 
 
 def bus_config(nats_url: str) -> str:
-    return f"""
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "NK_IN"
-subjects = ["nkin.>"]
-
-[[streams]]
-name = "NK_OUT"
-subjects = ["nkout.>"]
-
+    return (
+        config_toml(
+            nats_url, streams=[stream_table("NK_IN", "nkin.>"), stream_table("NK_OUT", "nkout.>")]
+        )
+        + """
 [[routes]]
 name = "forward"
 from = "nkin.orders"
-transform = "{{id: id}}"
+transform = "{id: id}"
 to = ["nkout.orders"]
 ack_wait = "2s"
-retry = {{ max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }}
+retry = { max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }
 
 [[sinks]]
 name = "file"
@@ -71,9 +62,10 @@ type = "file"
 from = "nkout.orders"
 path = "out/orders.jsonl"
 ack_wait = "2s"
-retry = {{ max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }}
-circuit = {{ failures = 0 }}
+retry = { max_attempts = 1000, backoff = "100ms", max_backoff = "1s" }
+circuit = { failures = 0 }
 """
+    )
 
 
 class Producer:

@@ -24,9 +24,10 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
+from tests.configs import config_toml, stream_table
 from tests.faults import crash_sink
-from tests.faults.helpers import Daemon, Figures, consumer_settled, read_stream
-from tests.support import REPO, NatsServer, eventually, free_port
+from tests.faults.helpers import Figures, consumer_settled, read_stream
+from tests.support import REPO, Daemon, NatsServer, eventually, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -54,23 +55,13 @@ def price(body: dict[str, Any]) -> dict[str, Any]:
 def daemon_config(nats_url: str, component: str, *, http: bool = True) -> str:
     """`http = False` leaves the listener off, so several daemons can share the config."""
     listen = f"127.0.0.1:{free_port()}" if http else ""
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "{listen}"
-
-[[streams]]
-name = "CRASH_IN"
-subjects = ["crashin.>"]
-
-[[streams]]
-name = "CRASH_OUT"
-subjects = ["crashout.>"]
-{component}"""
+    return config_toml(
+        nats_url,
+        top='shutdown_timeout = "5s"',
+        http=listen,
+        streams=[stream_table("CRASH_IN", "crashin.>"), stream_table("CRASH_OUT", "crashout.>")],
+        body=component,
+    )
 
 
 ROUTE = f"""
@@ -168,11 +159,11 @@ async def test_a_crashing_route_stage_is_dead_lettered_and_spares_the_messages_b
     server = NatsServer(store)
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url, ROUTE))
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     try:
         await publish_orders(server.url)
         crashes = await supervise(daemon, server.url, "busway-route-price")
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         outputs = await read_stream(server.url, "CRASH_OUT")
         dead = dead_letters_of(await read_stream(server.url, "BUSWAY_DEADLETTER"), "price")
     finally:
@@ -206,11 +197,11 @@ async def test_a_crashing_sink_write_is_dead_lettered_and_spares_the_messages_be
     server = NatsServer(store)
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url, SINK))
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     try:
         await publish_orders(server.url)
         crashes = await supervise(daemon, server.url, "busway-sink-ledger")
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         dead = dead_letters_of(await read_stream(server.url, "BUSWAY_DEADLETTER"), "ledger")
     finally:
         daemon.kill()

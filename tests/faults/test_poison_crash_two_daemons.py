@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, read_stream
+from tests.faults.helpers import Figures, read_stream
 from tests.faults.test_poison_crash import (
     FLAKY,
     INNOCENT,
@@ -35,7 +35,7 @@ from tests.faults.test_poison_crash import (
     publish_orders,
     supervise_all,
 )
-from tests.support import REPO, NatsServer
+from tests.support import REPO, Daemon, NatsServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -50,14 +50,14 @@ async def test_two_daemons_dead_letter_a_crashing_message_once_and_spare_the_res
     server = NatsServer(store)
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url, ROUTE, http=False))  # one config for both
-    daemons = [Daemon(config, tmp_path / f"daemon-{n}.log") for n in (1, 2)]
+    daemons = [Daemon(config, log=tmp_path / f"daemon-{n}.log") for n in (1, 2)]
     try:
         await publish_orders(server.url)
         crashes = await supervise_all(
             daemons, server.url, "busway-route-price", max_crashes=MAX_ATTEMPTS + 3
         )
         for daemon in daemons:
-            assert await daemon.terminate() == 0
+            assert await daemon.stop() == 0
         outputs = await read_stream(server.url, "CRASH_OUT")
         dead = dead_letters_of(await read_stream(server.url, "BUSWAY_DEADLETTER"), "price")
     finally:

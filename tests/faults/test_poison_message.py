@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures
 from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 
@@ -41,21 +42,14 @@ async def test_poison_message_is_dead_lettered_after_max_attempts_and_the_rest_f
 ) -> None:
     calls.clear()
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "PIN_{unique}"
-subjects = ["pin{unique}.>"]
-
-[[streams]]
-name = "POUT_{unique}"
-subjects = ["pout{unique}.>"]
-
+        config_toml(
+            nats_server,
+            streams=[
+                stream_table(f"PIN_{unique}", f"pin{unique}.>"),
+                stream_table(f"POUT_{unique}", f"pout{unique}.>"),
+            ],
+        )
+        + f"""
 [[routes]]
 name = "price{unique}"
 from = "pin{unique}.orders"

@@ -17,8 +17,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, consumer_settled, read_stream
-from tests.support import eventually, free_port, run_cli
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, consumer_settled, read_stream
+from tests.support import Daemon, eventually, free_port, run_cli
 
 pytestmark = [
     pytest.mark.anyio,
@@ -31,18 +32,15 @@ TOTAL = 2000
 
 
 def daemon_config(nats_port: int, http_port: int, data_dir: Path, out: Path) -> str:
-    return f"""
-[nats]
-listen = "127.0.0.1:{nats_port}"
-data_dir = "{data_dir}"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[[streams]]
-name = "CLASH_IN"
-subjects = ["clashin.>"]
-
+    return (
+        config_toml(
+            None,
+            data_dir=data_dir,
+            nats_listen=f"127.0.0.1:{nats_port}",
+            http=f"127.0.0.1:{http_port}",
+            streams=[stream_table("CLASH_IN", "clashin.>")],
+        )
+        + f"""
 [[sources]]
 name = "ingest"
 type = "http"
@@ -61,6 +59,7 @@ type = "file"
 from = "clashin.routed"
 path = "{out}"
 """
+    )
 
 
 async def test_a_second_deployment_on_the_same_port_takes_nothing(tmp_path: Path) -> None:
@@ -69,7 +68,7 @@ async def test_a_second_deployment_on_the_same_port_takes_nothing(tmp_path: Path
     first_config, second_config = tmp_path / "a.toml", tmp_path / "b.toml"
     first_config.write_text(daemon_config(nats_port, http_port, tmp_path / "a-nats", first_out))
     second_config.write_text(daemon_config(nats_port, free_port(), tmp_path / "b-nats", second_out))
-    first = Daemon(first_config, tmp_path / "a.log")
+    first = Daemon(first_config, log=tmp_path / "a.log")
     url = f"nats://127.0.0.1:{nats_port}"
     accepted = 0
     second_result = None
@@ -97,7 +96,7 @@ async def test_a_second_deployment_on_the_same_port_takes_nothing(tmp_path: Path
 
     try:
         first.start()
-        await first.wait_ready()
+        await first.ready()
         async with anyio.create_task_group() as tg:
             tg.start_soon(send)
             tg.start_soon(start_the_second_deployment)
@@ -109,7 +108,7 @@ async def test_a_second_deployment_on_the_same_port_takes_nothing(tmp_path: Path
 
         await eventually(drained, timeout=120)
         stored = await read_stream(url, "CLASH_IN")
-        assert await first.terminate() == 0
+        assert await first.stop() == 0
     finally:
         first.kill()
 

@@ -17,8 +17,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, consumer_settled, read_stream
-from tests.support import NatsServer, eventually, free_port, run_cli
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, consumer_settled, read_stream
+from tests.support import Daemon, NatsServer, eventually, free_port, run_cli
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults]
 
@@ -26,23 +27,17 @@ HOP_LIMIT = 32  # the default
 
 
 def daemon_config(nats_url: str, http_port: int) -> str:
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[[streams]]
-name = "CYCLE_IN"
-subjects = ["cyclein.>"]
-
-[[streams]]
-name = "CYCLE_OUT"
-subjects = ["cycleout.>"]
-
+    return (
+        config_toml(
+            nats_url,
+            top='shutdown_timeout = "5s"',
+            http=f"127.0.0.1:{http_port}",
+            streams=[
+                stream_table("CYCLE_IN", "cyclein.>"),
+                stream_table("CYCLE_OUT", "cycleout.>"),
+            ],
+        )
+        + """
 [[sources]]
 name = "ingest"
 type = "http"
@@ -52,7 +47,7 @@ subject = "cyclein.orders"
 [[routes]]
 name = "price"
 from = "cyclein.orders"
-transform = "{{id: id, price: abs(total)}}"
+transform = "{id: id, price: abs(total)}"
 to = ["cycleout.priced"]
 
 [[routes]]
@@ -60,6 +55,7 @@ name = "refeed"
 from = "busway.deadletter.price"
 to = ["cyclein.orders"]
 """
+    )
 
 
 async def test_one_bad_post_in_a_dead_letter_cycle_costs_a_bounded_number_of_messages(
@@ -76,7 +72,7 @@ async def test_one_bad_post_in_a_dead_letter_cycle_costs_a_bounded_number_of_mes
     assert "note: route 'price' → route 'refeed' → route 'price' can form a cycle" in (
         checked.stdout
     )
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
 
     async def dead_lettered_by_refeed() -> bool:
         return any(
@@ -91,7 +87,7 @@ async def test_one_bad_post_in_a_dead_letter_cycle_costs_a_bounded_number_of_mes
 
     try:
         daemon.start()
-        await daemon.wait_ready()
+        await daemon.ready()
         async with httpx.AsyncClient(timeout=10) as http:
             url = f"http://127.0.0.1:{http_port}/orders"
             bad = await http.post(url, json={"id": "bad", "total": "ten"})
@@ -99,7 +95,7 @@ async def test_one_bad_post_in_a_dead_letter_cycle_costs_a_bounded_number_of_mes
         assert (bad.status_code, good.status_code) == (202, 202)
         await eventually(dead_lettered_by_refeed)
         await eventually(settled)
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         inputs = await read_stream(server.url, "CYCLE_IN")
         outputs = await read_stream(server.url, "CYCLE_OUT")
         dead = await read_stream(server.url, "BUSWAY_DEADLETTER")

@@ -28,6 +28,7 @@ from busway import (
     SinkConfig,
     decode_config,
 )
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures, rss_mib
 from tests.support import NatsServer, wait_settled
 
@@ -111,17 +112,8 @@ async def test_backlog_behind_a_slow_sink_keeps_memory_bounded(
         [Adapter(type="paced", sink_config=PacedSinkConfig, create_sink=PacedSink)]
     )
     config = decode_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "{stream}"
-subjects = ["slowmem{unique}.>"]
-
+        config_toml(nats_server, streams=[stream_table(stream, f"slowmem{unique}.>")])
+        + f"""
 [[sinks]]
 name = "paced{unique}"
 type = "paced"

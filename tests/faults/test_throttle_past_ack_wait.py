@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from tests.configs import config_toml, stream_table
 from tests.faults.helpers import Figures, read_stream
 from tests.support import NatsServer, decode_test_config, wait_settled
 
@@ -28,18 +29,14 @@ async def test_throttled_messages_outlive_ack_wait_without_redelivery(
     nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
 ) -> None:
     config = decode_test_config(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[[streams]]
-name = "THR_{unique}"
-subjects = ["thr{unique}.in"]
-
-[[streams]]
-name = "THROUT_{unique}"
-subjects = ["thr{unique}.out"]
-
+        config_toml(
+            nats_server,
+            streams=[
+                stream_table(f"THR_{unique}", f"thr{unique}.in"),
+                stream_table(f"THROUT_{unique}", f"thr{unique}.out"),
+            ],
+        )
+        + f"""
 [[routes]]
 name = "r{unique}"
 from = "thr{unique}.in"

@@ -20,8 +20,9 @@ import anyio.to_thread
 import orjson
 import pytest
 
-from tests.faults.helpers import Daemon, Figures, message_id, read_stream
-from tests.support import REPO, NatsServer, eventually, free_port
+from tests.configs import config_toml, stream_table
+from tests.faults.helpers import Figures, message_id, read_stream
+from tests.support import REPO, Daemon, NatsServer, eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -45,20 +46,12 @@ interval = "50ms"
 """
         for name, path in databases.items()
     )
-    return f"""
-shutdown_timeout = "5s"
-
-[nats]
-servers = ["{nats_url}"]
-
-[http]
-listen = "127.0.0.1:{free_port()}"
-
-[[streams]]
-name = "EVENTS"
-subjects = ["events.>"]
-duplicate_window = "10m"
-{sources}"""
+    return config_toml(
+        nats_url,
+        top='shutdown_timeout = "5s"',
+        streams=[stream_table("EVENTS", "events.>", duplicate_window="10m")],
+        body=sources,
+    )
 
 
 def create_outbox(path: Path) -> None:
@@ -98,7 +91,7 @@ async def test_two_outboxes_into_one_stream_survive_sigkills_without_loss(
         create_outbox(path)
     config = tmp_path / "busway.toml"
     config.write_text(daemon_config(server.url, databases))
-    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, log=tmp_path / "daemon.log")
     seed = int(os.environ.get("BUSWAY_FAULT_SEED") or random.randrange(1_000_000))
     rng = random.Random(seed)
     thresholds = sorted(rng.sample(range(ROWS // 10, ROWS - ROWS // 10), KILLS))
@@ -125,11 +118,11 @@ async def test_two_outboxes_into_one_stream_survive_sigkills_without_loss(
             daemon.kill()
             kills.append(inserted)
             daemon.start()
-            await daemon.wait_ready()
+            await daemon.ready()
 
     try:
         daemon.start()
-        await daemon.wait_ready()
+        await daemon.ready()
         async with anyio.create_task_group() as tg:
             tg.start_soon(killer)
             tg.start_soon(applications)
@@ -139,7 +132,7 @@ async def test_two_outboxes_into_one_stream_survive_sigkills_without_loss(
             return counts == [0] * len(databases)
 
         await eventually(drained, timeout=120)
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         stored = await read_stream(server.url, "EVENTS")
     finally:
         daemon.kill()

@@ -6,25 +6,16 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from tests.configs import config_toml, stream_table
 from tests.sql.engines import Engine
 from tests.support import NatsServer, stream_messages
 
 
 def bus_config(server: NatsServer, stream: str, subjects: str, body: str) -> str:
     """A config on the test nats-server with one stream and the given sources/sinks."""
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "{stream}"
-subjects = ["{subjects}"]
-duplicate_window = "10m"
-{body}
-"""
+    return config_toml(
+        server, streams=[stream_table(stream, subjects, duplicate_window="10m")], body=body
+    )
 
 
 def source_table(engine: Engine, name: str, extra: str = "", **keys: str) -> str:

@@ -17,10 +17,10 @@ import nats.js.errors
 import orjson
 import pytest
 
+from tests.configs import config_toml, stream_table
 from tests.sql.engines import Engine
 from tests.sql.helpers import watermark_of
-from tests.support import NatsServer, eventually, stream_messages
-from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
+from tests.support import Daemons, NatsServer, eventually, stream_messages
 
 ROWS, OUTBOX = 6_000, 1_500
 
@@ -32,7 +32,7 @@ async def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
     nats_server: NatsServer,
     tmp_path: Path,
     unique: str,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     feed, box, stream = f"crash_{unique}", f"crashbox_{unique}", f"CRASH_{unique}"
     await engine.execute(f"CREATE TABLE {feed} (id bigint PRIMARY KEY, note text)")
@@ -47,18 +47,10 @@ async def test_sigkill_mid_flow_then_restart_loses_and_duplicates_no_row(
     )
     config = tmp_path / "crash.toml"
     config.write_text(
-        f"""
-[nats]
-servers = ["{nats_server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-[[streams]]
-name = "{stream}"
-subjects = ["crash{unique}.>"]
-duplicate_window = "10m"
-
+        config_toml(
+            nats_server, streams=[stream_table(stream, f"crash{unique}.>", duplicate_window="10m")]
+        )
+        + f"""
 [[sources]]
 name = "feed{unique}"
 type = "{engine.type}"
@@ -100,16 +92,14 @@ interval = "100ms"
         return left == 0 and watermark_of(entry.value) == f'[["int","{ROWS}"]]'.encode()
 
     try:
-        first = Daemon(config)
-        daemons.append(first)
+        first = daemons.start(config)
         await anyio.to_thread.run_sync(first.wait_ready)
         await eventually(some_stored, timeout=60)
         first.kill()
         assert first.process.returncode == -signal.SIGKILL
         assert await stored() < ROWS + OUTBOX, "the kill must land mid-flow"
 
-        second = Daemon(config)
-        daemons.append(second)
+        second = daemons.start(config)
         await anyio.to_thread.run_sync(second.wait_ready)
         await eventually(done, timeout=120)
         second.process.send_signal(signal.SIGTERM)
