@@ -220,7 +220,7 @@ def create_sink(config: MySqlSinkConfig, context: BuildContext) -> SqlSink:
     return SqlSink(config, database, adapt=adapt)
 
 
-adapter = Adapter(
+adapter: Adapter[MySqlSourceConfig, MySqlSinkConfig] = Adapter(
     type="mysql",
     source_config=MySqlSourceConfig,
     create_source=create_source,

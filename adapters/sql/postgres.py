@@ -250,7 +250,7 @@ def create_sink(config: PostgresSinkConfig, context: BuildContext) -> SqlSink:
     return SqlSink(config, database, adapt=adapt)
 
 
-adapter = Adapter(
+adapter: Adapter[PostgresSourceConfig, PostgresSinkConfig] = Adapter(
     type="postgres",
     source_config=PostgresSourceConfig,
     create_source=create_source,

@@ -165,7 +165,7 @@ def create_sink(config: SqliteSinkConfig, context: BuildContext) -> SqlSink:
     return SqlSink(config, database, adapt=adapt)
 
 
-adapter = Adapter(
+adapter: Adapter[SqliteSourceConfig, SqliteSinkConfig] = Adapter(
     type="sqlite",
     source_config=SqliteSourceConfig,
     create_source=create_source,
