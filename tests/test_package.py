@@ -14,6 +14,8 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 import busway
 import busway.routers.expression
 from tests.support import decode_test_config, run_cli
@@ -153,6 +155,7 @@ def test_version_comes_from_the_package_metadata() -> None:
     assert result.stdout == f"busway {installed}\n"
 
 
+@pytest.mark.slow
 def test_adapter_factories_are_type_checked_against_their_config(tmp_path: Path) -> None:
     """`Adapter` is generic over its config structs: mypy rejects a factory that takes
     another struct, and infers the config type a registry hands back."""
