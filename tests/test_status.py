@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -12,7 +13,14 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ComponentStatus, StatusReport
 from busway._observe.status import format_status
-from tests.support import NatsServer, decode_test_config, free_port, run_cli, wait_settled
+from tests.support import (
+    NatsServer,
+    decode_test_config,
+    eventually,
+    free_port,
+    run_cli,
+    wait_settled,
+)
 from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
 
 
@@ -136,8 +144,15 @@ async def test_status_json_keeps_its_keys_order_and_types(
     async with Bus(config) as bus, httpx.AsyncClient() as client:
         posted = await client.post(f"http://127.0.0.1:{bus.http_port}/in", json={"total": 5})
         assert posted.status_code == 202
-        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-f{unique}")
-        report = (await client.get(f"http://127.0.0.1:{bus.http_port}/status")).json()
+        report: dict[str, Any] = {}
+
+        async def sink_done() -> bool:
+            nonlocal report
+            report = (await client.get(f"http://127.0.0.1:{bus.http_port}/status")).json()
+            sink = next(c for c in report["components"] if c["kind"] == "sink")
+            return (sink["published"], sink["in_flight"], sink["ack_pending"]) == (1, 0, 0)
+
+        await eventually(sink_done)
     assert list(report) == ["status", "nats", "not_ready", "components"]
     assert (report["status"], report["nats"], report["not_ready"]) == ("ready", True, {})
     by_kind = {c["kind"]: c for c in report["components"]}
@@ -180,6 +195,14 @@ async def test_status_is_a_typed_report_that_serialises_to_the_status_json(
         await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
         await wait_settled(nc, f"OUT_{unique}", f"busway-sink-f{unique}")
         report = await bus.status()
+
+        async def sink_done() -> bool:
+            nonlocal report
+            report = await bus.status()
+            sink = report.component("sink", f"f{unique}")
+            return sink is not None and (sink.published, sink.in_flight) == (1, 0)
+
+        await eventually(sink_done)
         async with httpx.AsyncClient() as client:
             served = (await client.get(f"http://127.0.0.1:{bus.http_port}/status")).json()
     assert isinstance(report, StatusReport) and report.ready
