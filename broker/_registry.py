@@ -113,6 +113,8 @@ class AdapterRegistry:
         self._unloaded: dict[str, EntryPoint] = {}
         # Type names that two installed distributions both claim: every entry point of each.
         self._ambiguous: dict[str, list[EntryPoint]] = {}
+        # Where each adapter loaded from an entry point came from, to name it in errors.
+        self._loaded_from: dict[str, EntryPoint] = {}
         for adapter in adapters:
             self.register(adapter)
 
@@ -144,6 +146,7 @@ class AdapterRegistry:
         registry._adapters = dict(self._adapters)
         registry._unloaded = dict(self._unloaded)
         registry._ambiguous = {name: list(entries) for name, entries in self._ambiguous.items()}
+        registry._loaded_from = dict(self._loaded_from)
         for adapter in adapters:
             registry.register(adapter)
         return registry
@@ -152,8 +155,11 @@ class AdapterRegistry:
         self, adapter: Adapter[SourceConfig, SinkConfig], *, replace: bool = False
     ) -> None:
         """Add `adapter`. A type name already registered is a ConfigError naming both adapters,
-        unless `replace=True` (an application that deliberately swaps a built-in)."""
+        unless `replace=True` (an application that deliberately swaps a built-in). Registering
+        an equal adapter again (same type, structs and factories) changes nothing."""
         if not replace and adapter.type in self:
+            if self._registered(adapter.type) == adapter:
+                return
             raise ConfigError(
                 f"adapter type {adapter.type!r} is registered twice: by {adapter.origin} and by "
                 f"{self._origin_of(adapter.type)}; give one of them another type name, or "
@@ -161,6 +167,7 @@ class AdapterRegistry:
             )
         self._unloaded.pop(adapter.type, None)
         self._ambiguous.pop(adapter.type, None)
+        self._loaded_from.pop(adapter.type, None)
         self._adapters[adapter.type] = adapter
 
     def get(self, type_name: str) -> Adapter[SourceConfig, SinkConfig] | None:
@@ -194,7 +201,7 @@ class AdapterRegistry:
                 f"entry point {type_name!r} ({entry.value}) names an adapter of type "
                 f"{loaded.type!r}; the entry point's name must be the adapter's type"
             )
-        del self._unloaded[type_name]
+        self._loaded_from[type_name] = self._unloaded.pop(type_name)
         self._adapters[type_name] = loaded
         return loaded
 
@@ -222,11 +229,17 @@ class AdapterRegistry:
         adapter = self.get(type_name)
         return adapter.sink_config if adapter else None
 
+    def _registered(self, type_name: str) -> Adapter[SourceConfig, SinkConfig] | None:
+        """The adapter registered as `type_name`, loading its entry point; None if that fails
+        (the caller reports the clash, not the load error)."""
+        try:
+            return self.get(type_name)
+        except ConfigError:
+            return None
+
     def _origin_of(self, type_name: str) -> str:
-        adapter = self._adapters.get(type_name)
-        if adapter is not None:
-            return adapter.origin
-        return _describe(self._unloaded[type_name])
+        entry = self._loaded_from.get(type_name) or self._unloaded.get(type_name)
+        return _describe(entry) if entry is not None else self._adapters[type_name].origin
 
 
 def _describe(entry: EntryPoint) -> str:

@@ -8,6 +8,7 @@ does with each: delivered = acked, retryable = redelivered later, permanent = de
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import re
 import subprocess
@@ -366,6 +367,10 @@ def test_a_duplicate_adapter_type_is_an_error_naming_both() -> None:
     assert "adapter type 'file' is registered twice" in message
     assert "tests.test_embedding.CollectSink" in message
     assert "the entry point busway.adapters.file:adapter (installed by busway " in message
+    loaded = AdapterRegistry.default()
+    assert loaded.sink_config("file") is not None  # the entry point is loaded now
+    with pytest.raises(ConfigError, match=r"and by the entry point busway\.adapters\.file:adapter"):
+        loaded.with_adapters(mine)
 
     twin = Adapter(type="collect", sink_config=MemorySinkConfig, create_sink=MemorySink)
     with pytest.raises(ConfigError, match=r"by tests\.test_embedding\.MemorySink and by "):
@@ -445,6 +450,7 @@ path = "out.jsonl"
 # Loaded at start-up by the daemon's interpreter (PYTHONPATH): records each gc.freeze() call.
 RECORD_FREEZE = r"""
 import gc
+import importlib
 import os
 
 _freeze = gc.freeze
@@ -537,3 +543,12 @@ def test_the_embedding_guide_runs_as_written(tmp_path: Path) -> None:
 
     assert run("app.py") == printed.group(1)
     assert run("app_asyncio.py") == 'big order: {"total": 500}\nready: True\n'
+
+
+def test_registering_the_same_adapter_again_changes_nothing() -> None:
+    registry = AdapterRegistry([COLLECT])
+    registry.register(
+        Adapter(type="collect", sink_config=CollectSinkConfig, create_sink=CollectSink)
+    )
+    registry.register(importlib.import_module("busway.adapters.file").adapter)
+    assert registry.types == ["collect", "file"]
