@@ -127,13 +127,20 @@ def _public_hints(cls: type) -> dict[str, object]:
     return hints
 
 
-def test_bus_exposes_no_private_type() -> None:
-    """What an application reads off a `Bus` is typed with what `import busway` offers."""
+def test_bus_exposes_no_private_type(tmp_path: Path) -> None:
+    """What an application reads off a `Bus` is typed with what `import busway` offers: the
+    declared types of its members, and the classes of the values its attributes hold."""
     leaks = [
         f"Bus.{member}: {cls.__module__}.{cls.__qualname__}"
         for member, hint in _public_hints(busway.Bus).items()
         for cls in _classes_in(hint)
         if _private(cls)
+    ]
+    bus = busway.Bus(decode_test_config("", tmp_path))
+    leaks += [
+        f"bus.{name} holds a {type(value).__module__}.{type(value).__qualname__}"
+        for name, value in vars(bus).items()
+        if name[0] != "_" and _private(type(value))
     ]
     assert leaks == []
 
