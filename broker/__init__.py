@@ -9,7 +9,11 @@ The public API. Everything else lives in `busway._*` modules and may change with
             await bus.wait_until_stopped()
 
     anyio.run(main)
+
+docs/embedding.md shows more: an application's own adapters, the typed status report, asyncio.
 """
+
+import importlib.metadata as _metadata
 
 from busway._bus import Bus, ReloadReport
 from busway._components import (
@@ -41,6 +45,7 @@ from busway._config.model import (
     decode_config,
     load_config,
 )
+from busway._config.plan import Plan
 from busway._dlq.read import (
     DeadLetter,
     DeadLetterError,
@@ -62,10 +67,15 @@ from busway._errors import (
     RetryableError,
     StartupError,
 )
-from busway._observe.metrics import ComponentStats
+from busway._observe.metrics import ComponentStats, MetricsCollector
+from busway._observe.status import ComponentStatus, StatusReport
 from busway._registry import Adapter, AdapterRegistry, default_registry
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("busway")
+    """The installed distribution's version (pyproject.toml's), as `busway --version` prints."""
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Adapter",
@@ -76,6 +86,7 @@ __all__ = [
     "BuswayError",
     "CircuitConfig",
     "ComponentStats",
+    "ComponentStatus",
     "Config",
     "ConfigError",
     "DeadLetter",
@@ -88,8 +99,10 @@ __all__ = [
     "HttpConfig",
     "Lease",
     "Message",
+    "MetricsCollector",
     "NatsConfig",
     "PermanentError",
+    "Plan",
     "PublishAck",
     "PublishError",
     "Publisher",
@@ -108,6 +121,7 @@ __all__ = [
     "StartupError",
     "StateEntry",
     "StateStore",
+    "StatusReport",
     "StreamConfig",
     "__version__",
     "decode_config",

@@ -22,22 +22,24 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import gc
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 import anyio
+import msgspec
 from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from prometheus_client.registry import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from busway._components import DedupStore, Lease, Sink, Source, SourceContext
 from busway._config.model import (
@@ -72,7 +74,8 @@ from busway._nats.jetstream import (
 from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
-from busway._registry import AdapterRegistry, default_registry
+from busway._observe.status import ComponentStatus, StatusReport
+from busway._registry import Adapter, AdapterRegistry, default_registry
 from busway._routing.requests import Requester
 from busway._routing.services import NatsRouteServices
 from busway._routing.worker import RouteWorker
@@ -88,22 +91,49 @@ class Bus(AsyncContextManagerMixin):
 
     Construction compiles the config (expressions, adapters) and raises ConfigError; entering
     the context starts everything and raises StartupError if any part cannot start.
+
+    `adapters` are added to `registry` (default: every installed adapter); a type name taken
+    twice is a ConfigError naming both. The bus leaves process-wide decisions to the
+    application: it installs no signal handler, configures no logging and never calls
+    `gc.freeze()` (`busway run` does all three; an embedding application decides for itself).
     """
+
+    # Every public attribute is declared here, typed with public types only (re-exported from
+    # `busway`): tests/test_package.py checks it, so an application can rely on each one.
+    config: Config
+    """The running config (replaced by a successful `reload`)."""
+    serve_http: bool
+    """False: do not bind `[http] listen`; the application mounts `asgi` in its own server."""
+    registry: AdapterRegistry
+    """The adapters this bus builds its sources and sinks with."""
+    plan: Plan
+    """The compiled routes and the built sources and sinks of `config`, in config order."""
+    metrics: MetricsCollector
+    """The counters of every running component (`metrics.stats`), a Prometheus collector."""
+    metrics_registry: CollectorRegistry
+    """The Prometheus registry `/metrics` serves."""
+    nats_url: str | None
+    """The NATS server busway connected to (the embedded one's URL when it runs one)."""
+    http_port: int | None
+    """The port `[http] listen` bound (the one picked for `:0`); None while not serving."""
+    app: Starlette | None
+    """busway's current HTTP app; None until the bus has started."""
 
     def __init__(
         self,
         config: Config,
         *,
         registry: AdapterRegistry | None = None,
+        adapters: Iterable[Adapter[SourceConfig, SinkConfig]] = (),
         serve_http: bool = True,
     ) -> None:
         self.config = config
         self.serve_http = serve_http
-        """False: do not bind `[http] listen`; the application mounts `asgi` in its own server."""
-        self.asgi = DeferredApp()
-        """busway's HTTP app (sources, /metrics, /healthz, /readyz) for mounting in yours."""
-        self.registry = registry or default_registry()
-        self.plan: Plan = build_plan(config, self.registry)
+        self._asgi = DeferredApp()
+        base = registry or default_registry()
+        added = list(adapters)
+        self.registry = base.with_adapters(*added) if added else base
+        self.plan = build_plan(config, self.registry)
         self.metrics = MetricsCollector()
         self.metrics_registry = new_registry(self.metrics)
         self.nats_url: str | None = None
@@ -130,10 +160,18 @@ class Bus(AsyncContextManagerMixin):
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike[str], *, registry: AdapterRegistry | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        registry: AdapterRegistry | None = None,
+        adapters: Iterable[Adapter[SourceConfig, SinkConfig]] = (),
     ) -> Bus:
-        """A bus for the TOML config at `path`; ConfigError names file, key and line."""
+        """A bus for the TOML config at `path`, with `adapters` added to `registry` (default:
+        every installed adapter); ConfigError names file, key and line."""
         registry = registry or default_registry()
+        added = list(adapters)
+        if added:
+            registry = registry.with_adapters(*added)
         config = load_config(
             path, source_types=registry.source_config, sink_types=registry.sink_config
         )
@@ -141,6 +179,15 @@ class Bus(AsyncContextManagerMixin):
             return cls(config, registry=registry)
         except ConfigError as error:
             raise locate_in_file(error, path) from None
+
+    @property
+    def asgi(self) -> ASGIApp:
+        """busway's HTTP app (sources, /metrics, /healthz, /readyz) for mounting in yours.
+
+        Stable for the bus's lifetime: mount it before the bus starts; it answers 503 (with
+        `Retry-After`) until the bus serves and again once it stops.
+        """
+        return self._asgi
 
     def stop(self) -> None:
         """Ask the bus to stop; `wait_until_stopped` returns and the context exits gracefully."""
@@ -240,10 +287,6 @@ class Bus(AsyncContextManagerMixin):
                 self._serve_app()
                 if self.serve_http and config.http.listen:
                     await self._start_listener(tg)
-                # Everything allocated so far lives as long as the bus: take it out of the
-                # cyclic GC's generations so collections triggered by per-message garbage stay
-                # cheap.
-                gc.freeze()
                 for note in self.plan.cycles.notes:
                     logger.warning("%s", note)
                 logger.info(
@@ -258,56 +301,69 @@ class Bus(AsyncContextManagerMixin):
                     with anyio.CancelScope(shield=True):
                         await self._drain()
                         await self._ledger.close(timeout=2.0)
-                    self.asgi.app = None  # a mounted app answers 503 from now on
+                    self._asgi.app = None  # a mounted app answers 503 from now on
                     tg.cancel_scope.cancel()
             if self._failure is not None:
                 raise self._failure
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> StatusReport:
         """Per component: state, counters, rates, consumer backlog, circuit, last error.
 
-        What `/status` and `busway status` show. Backlog figures come from JetStream
-        (`num_pending`: not yet delivered; `num_ack_pending`: delivered, not acked).
+        What `/status` serves (as `msgspec.to_builtins(report)`) and `busway status` shows.
+        Backlog figures come from JetStream (`num_pending`: not yet delivered;
+        `num_ack_pending`: delivered, not acked).
         """
-        components = []
-        for (kind, name), running in list(self._components.items()):
-            stats = running.stats
-            entry: dict[str, Any] = {
-                "kind": kind,
-                "name": name,
-                "ready": component_reason(stats) is None,
-                "received": stats.received,
-                "published": stats.published,
-                "filtered": stats.filtered,
-                "dead_lettered": stats.dead_lettered,
-                "retried": stats.retried,
-                "in_flight": stats.in_flight,
-                "rate_in": round(stats.rate_in, 1),
-                "rate_out": round(stats.rate_out, 1),
-                "errors": dict(stats.errors),
-                "last_error": stats.last_error or None,
-                "last_error_at": _iso(stats.last_error_at),
-            }
-            if kind == "sink":
-                entry["circuit"] = STATE_NAMES[stats.circuit]
-            worker = running.worker
-            if worker is not None and self._js is not None:
-                try:
-                    info = await self._js.consumer_info(worker.stream, worker.durable)
-                except Exception as exc:
-                    entry["consumer_error"] = str(exc) or type(exc).__name__
-                else:
-                    entry["pending"] = info.num_pending
-                    entry["ack_pending"] = info.num_ack_pending
-                    entry["redelivered"] = info.num_redelivered
-            components.append(entry)
+        components = [
+            await self._component_status(kind, name, running)
+            for (kind, name), running in list(self._components.items())
+        ]
         reasons = self.readiness_reasons()
-        return {
-            "status": "ready" if not any(reasons.values()) else "not ready",
-            "nats": reasons["nats"] is None,
-            "not_ready": {name: reason for name, reason in reasons.items() if reason},
-            "components": components,
-        }
+        return StatusReport(
+            status="ready" if not any(reasons.values()) else "not ready",
+            nats=reasons["nats"] is None,
+            not_ready={name: reason for name, reason in reasons.items() if reason},
+            components=components,
+        )
+
+    async def _component_status(self, kind: str, name: str, running: _Running) -> ComponentStatus:
+        stats = running.stats
+        consumer_error: str | None = None
+        pending = ack_pending = redelivered = None
+        worker = running.worker
+        if worker is not None and self._js is not None:
+            try:
+                info = await self._js.consumer_info(worker.stream, worker.durable)
+            except Exception as exc:
+                consumer_error = str(exc) or type(exc).__name__
+            else:
+                pending, ack_pending = info.num_pending, info.num_ack_pending
+                redelivered = info.num_redelivered
+        return ComponentStatus(
+            kind=stats.kind,
+            name=name,
+            ready=component_reason(stats) is None,
+            received=stats.received,
+            published=stats.published,
+            filtered=stats.filtered,
+            dead_lettered=stats.dead_lettered,
+            retried=stats.retried,
+            in_flight=stats.in_flight,
+            rate_in=round(stats.rate_in, 1),
+            rate_out=round(stats.rate_out, 1),
+            errors=dict(stats.errors),
+            last_error=stats.last_error or None,
+            last_error_at=_iso(stats.last_error_at),
+            circuit=STATE_NAMES[stats.circuit] if kind == "sink" else None,
+            consumer_error=consumer_error,
+            pending=pending,
+            ack_pending=ack_pending,
+            redelivered=redelivered,
+        )
+
+    async def _status_json(self) -> dict[str, Any]:
+        """`status()` as the `/status` JSON object."""
+        report: dict[str, Any] = msgspec.to_builtins(await self.status())
+        return report
 
     async def _sample_rates(self, interval: float = 5.0) -> None:
         """Every `interval`, turn counter deltas into per-second rates for `status()`, and
@@ -514,10 +570,10 @@ class Bus(AsyncContextManagerMixin):
             routes,
             registry=self.metrics_registry,
             readiness=self.readiness_reasons,
-            status=self.status,
+            status=self._status_json,
             health=self.health,
         )
-        self.asgi.app = self.app
+        self._asgi.app = self.app
 
     @property
     def _workers(self) -> list[ConsumerComponent]:

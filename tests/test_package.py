@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import inspect
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import tomllib
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 import busway
 import busway.routers.expression
+from tests.support import decode_test_config, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {
@@ -88,3 +99,145 @@ def test_tests_never_name_a_fixed_loopback_port() -> None:
     assert not found, "fixed loopback ports in tests (use port 0 or free_port()):\n" + "\n".join(
         found
     )
+
+
+# --- The typed public surface (#13 item 4) ---------------------------------------------------
+
+
+def _classes_in(hint: object) -> Iterator[type]:
+    """Every class a type hint mentions, through unions, generics and callables."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        yield hint
+    origin = typing.get_origin(hint)
+    if isinstance(origin, type):
+        yield origin
+    for arg in typing.get_args(hint):
+        if isinstance(arg, list):  # Callable's parameter list
+            for item in arg:
+                yield from _classes_in(item)
+        else:
+            yield from _classes_in(arg)
+
+
+def _private(cls: type) -> bool:
+    """True for a class from a module path with a `_segment`, unless `busway` re-exports it."""
+    if getattr(busway, cls.__name__, None) is cls:
+        return False
+    return any(part.startswith("_") for part in cls.__module__.split("."))
+
+
+def _public_hints(cls: type) -> dict[str, object]:
+    """`member: hint` for every public attribute, property, method parameter and return of
+    `cls`, and the parameters of its constructor."""
+    namespace = vars(sys.modules[cls.__module__])
+    hints: dict[str, object] = {
+        # The class's own declarations (its bases' private ones are not its surface).
+        name: eval(hint, namespace) if isinstance(hint, str) else hint
+        for name, hint in vars(cls).get("__annotations__", {}).items()
+        if name[0] != "_"
+    }
+    for name in ["__init__", *(n for n in dir(cls) if not n.startswith("_"))]:
+        member = inspect.getattr_static(cls, name)
+        if isinstance(member, property):
+            member = member.fget
+        elif isinstance(member, classmethod | staticmethod):
+            member = member.__func__
+        if inspect.isfunction(member):
+            for param, hint in typing.get_type_hints(member).items():
+                hints[f"{name}({param})"] = hint
+    return hints
+
+
+def test_bus_exposes_no_private_type(tmp_path: Path) -> None:
+    """What an application reads off a `Bus` is typed with what `import busway` offers: the
+    declared types of its members, and the classes of the values its attributes hold."""
+    leaks = [
+        f"Bus.{member}: {cls.__module__}.{cls.__qualname__}"
+        for member, hint in _public_hints(busway.Bus).items()
+        for cls in _classes_in(hint)
+        if _private(cls)
+    ]
+    bus = busway.Bus(decode_test_config("", tmp_path))
+    leaks += [
+        f"bus.{name} holds a {type(value).__module__}.{type(value).__qualname__}"
+        for name, value in vars(bus).items()
+        if name[0] != "_" and _private(type(value))
+    ]
+    assert leaks == []
+
+
+def test_every_public_attribute_of_a_bus_is_declared(tmp_path: Path) -> None:
+    """An attribute assigned in `__init__` but not declared on the class would escape the check
+    above: every public one must be declared (and so typed)."""
+    bus = busway.Bus(decode_test_config("", tmp_path))
+    declared = vars(busway.Bus)["__annotations__"]
+    undeclared = sorted(name for name in vars(bus) if name[0] != "_" and name not in declared)
+    assert undeclared == []
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    installed = importlib.metadata.version("busway")
+    assert busway.__version__ == installed
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"busway {installed}\n"
+
+
+@pytest.mark.slow
+def test_adapter_factories_are_type_checked_against_their_config(tmp_path: Path) -> None:
+    """`Adapter` is generic over its config structs: mypy rejects a factory that takes
+    another struct, and infers the config type a registry hands back."""
+    tree = tmp_path / "types" / "busway"
+    tree.mkdir(parents=True)
+    for item in (REPO / "broker").iterdir():
+        (tree / item.name).symlink_to(item)
+    (tree / "routers").symlink_to(REPO / "routers")
+    (tree / "adapters").symlink_to(REPO / "adapters")
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(
+            """
+            from busway import Adapter, BuildContext, Sink, SinkConfig
+            from busway.adapters.file import FileSinkConfig, FileSourceConfig, adapter
+
+
+            class MyConfig(SinkConfig, tag="mine", frozen=True, kw_only=True):
+                pass
+
+
+            def create(config: FileSinkConfig, context: BuildContext) -> Sink:
+                raise NotImplementedError
+
+
+            mine = Adapter(type="mine", sink_config=MyConfig, create_sink=create)
+            reveal_type(adapter)
+            """
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--config-file",
+            str(REPO / "pyproject.toml"),
+            str(tmp_path / "app.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(tree.parent)},
+        timeout=300,
+        check=False,
+    )
+    lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
+    assert lines == [
+        'error: Argument "create_sink" to "Adapter" has incompatible type '
+        '"Callable[[FileSinkConfig, BuildContext], Sink]"; expected '
+        '"Callable[[MyConfig, BuildContext], Sink] | None"  [arg-type]',
+        'note: Revealed type is "busway._registry.Adapter[busway.adapters.file.source.'
+        'FileSourceConfig, busway.adapters.file.sink.FileSinkConfig]"',
+    ], result.stdout + result.stderr

@@ -61,7 +61,7 @@ stages = [{{ python = {{ function = "tests.test_readiness:waits_for_the_test", t
         assert body["checks"][check] is False
         assert body["reasons"][check].startswith("stalled: all 2 in-flight slot(s) taken")
         assert "ack_wait 1s" in body["reasons"][check]
-        assert (await bus.status())["not_ready"] == {check: body["reasons"][check]}
+        assert (await bus.status()).not_ready == {check: body["reasons"][check]}
 
         _release.set()
         await wait_settled(nc, f"ST_{unique}", f"busway-route-r{unique}")

@@ -141,7 +141,7 @@ async def test_a_source_crashing_after_start_is_restarted_and_the_rest_keeps_run
         assert body["checks"][check] is False
         assert body["reasons"][check].startswith("crashed (1 time(s))")
         assert "RuntimeError" not in body["reasons"][check]  # no internals to anonymous callers
-        assert (await bus.status())["not_ready"] == {check: body["reasons"][check]}
+        assert (await bus.status()).not_ready == {check: body["reasons"][check]}
         stats = next(s for s in bus.metrics.stats if s.name == f"crashy{unique}")
         assert stats.errors == {"source_crashed": 1}
         assert stats.last_error.startswith("crashed: RuntimeError: the peer sent something")

@@ -6,7 +6,7 @@ from busway.adapters.file.source import FileSource, FileSourceConfig
 
 __all__ = ["FileSink", "FileSinkConfig", "FileSource", "FileSourceConfig", "adapter"]
 
-adapter = Adapter(
+adapter: Adapter[FileSourceConfig, FileSinkConfig] = Adapter(
     type="file",
     source_config=FileSourceConfig,
     create_source=FileSource,

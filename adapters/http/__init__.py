@@ -7,7 +7,7 @@ from busway.adapters.http.source import HttpSource, HttpSourceConfig
 
 __all__ = ["HttpSink", "HttpSinkConfig", "HttpSource", "HttpSourceConfig", "adapter"]
 
-adapter = Adapter(
+adapter: Adapter[HttpSourceConfig, HttpSinkConfig] = Adapter(
     type="http",
     source_config=HttpSourceConfig,
     create_source=HttpSource,

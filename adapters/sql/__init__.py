@@ -24,7 +24,8 @@ Nothing here is imported by the engine: a deployment without databases never loa
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from busway import Adapter, BuildContext, ConfigError, Sink, Source
 from busway.adapters.sql._config import (
@@ -38,6 +39,8 @@ from busway.adapters.sql._config import (
 
 __all__ = ["mysql_adapter", "postgres_adapter", "sqlite_adapter"]
 
+C = TypeVar("C")
+
 
 def _engine(name: str) -> Any:
     """The engine module `name`, imported now; ConfigError naming the extra if its driver is
@@ -48,45 +51,45 @@ def _engine(name: str) -> Any:
         raise ConfigError(str(exc)) from None
 
 
-def _source_factory(name: str) -> Any:
-    def create_source(config: Any, context: BuildContext) -> Source:
+def _source_factory(name: str, config_type: type[C]) -> Callable[[C, BuildContext], Source]:
+    def create_source(config: C, context: BuildContext) -> Source:
         source: Source = _engine(name).create_source(config, context)
         return source
 
     return create_source
 
 
-def _sink_factory(name: str) -> Any:
-    def create_sink(config: Any, context: BuildContext) -> Sink:
+def _sink_factory(name: str, config_type: type[C]) -> Callable[[C, BuildContext], Sink]:
+    def create_sink(config: C, context: BuildContext) -> Sink:
         sink: Sink = _engine(name).create_sink(config, context)
         return sink
 
     return create_sink
 
 
-postgres_adapter = Adapter(
+postgres_adapter: Adapter[PostgresSourceConfig, PostgresSinkConfig] = Adapter(
     type="postgres",
     source_config=PostgresSourceConfig,
-    create_source=_source_factory("postgres"),
+    create_source=_source_factory("postgres", PostgresSourceConfig),
     sink_config=PostgresSinkConfig,
-    create_sink=_sink_factory("postgres"),
+    create_sink=_sink_factory("postgres", PostgresSinkConfig),
 )
 """PostgreSQL (psycopg 3, `pip install 'busway[postgres]'`)."""
 
-mysql_adapter = Adapter(
+mysql_adapter: Adapter[MySqlSourceConfig, MySqlSinkConfig] = Adapter(
     type="mysql",
     source_config=MySqlSourceConfig,
-    create_source=_source_factory("mysql"),
+    create_source=_source_factory("mysql", MySqlSourceConfig),
     sink_config=MySqlSinkConfig,
-    create_sink=_sink_factory("mysql"),
+    create_sink=_sink_factory("mysql", MySqlSinkConfig),
 )
 """MySQL >= 8.0 and MariaDB >= 10.6 (asyncmy, `pip install 'busway[mysql]'`)."""
 
-sqlite_adapter = Adapter(
+sqlite_adapter: Adapter[SqliteSourceConfig, SqliteSinkConfig] = Adapter(
     type="sqlite",
     source_config=SqliteSourceConfig,
-    create_source=_source_factory("sqlite"),
+    create_source=_source_factory("sqlite", SqliteSourceConfig),
     sink_config=SqliteSinkConfig,
-    create_sink=_sink_factory("sqlite"),
+    create_sink=_sink_factory("sqlite", SqliteSinkConfig),
 )
 """SQLite (aiosqlite, `pip install 'busway[sqlite]'`)."""

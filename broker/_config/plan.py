@@ -6,9 +6,10 @@ because of an expression or an adapter's settings fails before anything connects
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar
 
 from busway._components import BuildContext, Sink, Source
 from busway._config.cycles import CycleReport, check_cycles
@@ -18,6 +19,9 @@ from busway._registry import AdapterRegistry
 from busway.routers.route import Route, RouteCompileError, compile_route
 
 __all__ = ["Plan", "build_plan", "component_type"]
+
+C = TypeVar("C", SourceConfig, SinkConfig)
+T = TypeVar("T", Source, Sink)
 
 
 @dataclass(frozen=True)
@@ -63,30 +67,28 @@ def build_plan(config: Config, registry: AdapterRegistry, *, file: str | None = 
     sources = [
         (
             source,
-            cast(Source, _construct(registry, source, "source", f"$.sources[{i}]", file, context)),
+            _construct(registry[component_type(source)].build_source, source, context, i, file),
         )
         for i, source in enumerate(config.sources)
     ]
     sinks = [
-        (sink, cast(Sink, _construct(registry, sink, "sink", f"$.sinks[{i}]", file, context)))
+        (sink, _construct(registry[component_type(sink)].build_sink, sink, context, i, file))
         for i, sink in enumerate(config.sinks)
     ]
     return Plan(config=config, routes=routes, sources=sources, sinks=sinks, cycles=cycles)
 
 
 def _construct(
-    registry: AdapterRegistry,
-    config: SourceConfig | SinkConfig,
-    role: str,
-    path: str,
-    file: str | None,
+    build: Callable[[C, BuildContext], T],
+    config: C,
     context: BuildContext,
-) -> Source | Sink:
-    adapter = registry[component_type(config)]
-    factory = adapter.create_source if role == "source" else adapter.create_sink
-    assert factory is not None  # the config decoded, so the adapter provides this role
+    index: int,
+    file: str | None,
+) -> T:
+    """`build(config, context)`, its errors located at the component's key path."""
+    path = f"$.{'sources' if isinstance(config, SourceConfig) else 'sinks'}[{index}]"
     try:
-        return factory(config, context)
+        return build(config, context)
     except ConfigError as exc:
         raise exc.located(file=file, path_prefix=path) from None
     except BuswayError as exc:

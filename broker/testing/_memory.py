@@ -225,7 +225,7 @@ class MemoryHub:
         return source
 
 
-def memory_adapter(hub: MemoryHub | None = None) -> Adapter:
+def memory_adapter(hub: MemoryHub | None = None) -> Adapter[MemorySourceConfig, MemorySinkConfig]:
     """The `memory` adapter, recording the components it builds in `hub`."""
     hub = hub if hub is not None else MemoryHub()
     return Adapter(
