@@ -51,12 +51,14 @@ def harness_registry(
 ) -> AdapterRegistry:
     """Every installed adapter, plus `memory` (recording into `hub`) and `adapters`.
 
-    A new registry each call: the process-wide `busway.default_registry()` is not changed.
+    A new registry each call: the process-wide `busway.default_registry()` is not changed. A
+    `memory` adapter among `adapters` (one recording into the test's own hub) replaces the
+    harness's; any other type name registered twice is a ConfigError.
     """
     registry = AdapterRegistry.from_entry_points()
     registry.register(memory_adapter(hub))
     for adapter in adapters:
-        registry.register(adapter)
+        registry.register(adapter, replace=adapter.type == "memory")
     return registry
 
 
