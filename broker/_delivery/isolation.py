@@ -47,7 +47,8 @@ from nats.js import JetStreamContext
 
 from busway._delivery.contract import delivery_of, nak_payload
 from busway._errors import RetryableError, StartupError
-from busway._nats.jetstream import KeyValueState, state_bucket
+from busway._nats.jetstream import open_state
+from busway._nats.kv import KeyValueState
 
 if TYPE_CHECKING:
     from busway._delivery.consumer import ConsumerComponent
@@ -238,7 +239,7 @@ class AttemptLedger:
     async def _store(self) -> KeyValueState:
         if self._state is None:
             try:
-                bucket = await state_bucket(self._js, self._bucket)
+                bucket = await open_state(self._js, self._bucket)
             except StartupError as exc:
                 raise RetryableError(str(exc)) from exc
             self._state = KeyValueState(bucket, _KEY_PREFIX)

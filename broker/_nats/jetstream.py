@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,30 +38,30 @@ from nats.js.kv import KeyValue
 
 from busway._components import PublishAck
 from busway._config.model import NatsConfig, StreamConfig, start_time
-from busway._errors import PublishError, RetryableError, StartupError
+from busway._errors import PublishError, StartupError
+from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
+from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
 from busway._observe.readiness import WriteRefusals
 
 __all__ = [
+    "ConsumerState",
     "JetStreamPublisher",
     "KeyValueDedupStore",
     "KeyValueState",
     "await_pub_ack",
     "connect",
+    "consumer_state",
     "dedup_store",
     "ensure_consumer",
     "ensure_stream",
     "nats_auth",
+    "open_state",
     "publish_error",
     "server_name_of",
     "state_bucket",
 ]
 
 logger = logging.getLogger("busway.nats")
-
-# JetStream's error codes for "no room": account resources (10002), insufficient resources
-# (10023), memory or storage resources exceeded (10028, 10047), a stream limit with
-# discard-new (10077: maximum messages / bytes / messages per subject exceeded).
-_STORE_FULL_CODES = frozenset({10002, 10023, 10028, 10047, 10077})
 
 
 async def connect(
@@ -244,23 +245,11 @@ async def _abandon(client: NatsClient) -> None:
                 await transport.wait_closed()  # type: ignore[no-untyped-call]
 
 
-@contextlib.contextmanager
-def _startup_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except nats.js.errors.APIError as exc:
-        raise StartupError(
-            f"{what}: JetStream refused: {exc.description} (code {exc.err_code})"
-        ) from exc
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise StartupError(f"{what}: {exc or type(exc).__name__}") from exc
-
-
 async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
     """Create `stream`, or update it to match; with `create = false`, only check it exists."""
     what = f"stream {stream.name!r}"
     if not stream.create:
-        with _startup_errors(f"{what} (create = false) must already exist"):
+        with startup_errors(f"{what} (create = false) must already exist"):
             await js.stream_info(stream.name)
         return
     config = NatsStreamConfig(
@@ -274,7 +263,7 @@ async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
         max_msgs=stream.max_msgs,
         discard=DiscardPolicy.OLD,
     )
-    with _startup_errors(f"cannot declare {what}"):
+    with startup_errors(f"cannot declare {what}"):
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
@@ -305,7 +294,7 @@ async def ensure_consumer(
     """
     what = f"consumer {durable!r} on stream {stream!r}"
     policy, moment = _deliver_policy(start)
-    with _startup_errors(f"cannot declare {what}"):
+    with startup_errors(f"cannot declare {what}"):
         try:
             existing: ConsumerConfig | None = (await js.consumer_info(stream, durable)).config
         except nats.js.errors.NotFoundError:
@@ -350,6 +339,35 @@ async def ensure_consumer(
             )
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """A durable consumer's position, as JetStream reports it (`consumer_info`)."""
+
+    delivered: int
+    """Highest stream sequence delivered."""
+    ack_pending: int
+    """Messages delivered and not acked yet."""
+    ack_floor: int
+    """Every message up to this stream sequence is acked."""
+    pending: int
+    """Messages not delivered yet (the backlog)."""
+    redelivered: int
+    """Messages delivered more than once and not acked yet."""
+
+
+async def consumer_state(js: JetStreamContext, stream: str, durable: str) -> ConsumerState:
+    """Where consumer `durable` on `stream` stands; BusUnavailable / JetStreamError if unknown."""
+    with map_exceptions(f"cannot read consumer {durable!r} on stream {stream!r}"):
+        info = await js.consumer_info(stream, durable)
+    return ConsumerState(
+        delivered=info.delivered.stream_seq or 0 if info.delivered else 0,
+        ack_pending=info.num_ack_pending or 0,
+        ack_floor=info.ack_floor.stream_seq or 0 if info.ack_floor else 0,
+        pending=info.num_pending or 0,
+        redelivered=info.num_redelivered or 0,
+    )
+
+
 def _deliver_policy(start: str | None) -> tuple[DeliverPolicy, datetime.datetime | None]:
     if start is None or start == "all":
         return DeliverPolicy.ALL, None
@@ -364,25 +382,6 @@ def _start_label(policy: str | None, moment: datetime.datetime | None) -> str:
     return {"all": "the beginning of the stream", "new": "new messages"}.get(
         str(getattr(policy, "value", policy)), str(policy)
     )
-
-
-def publish_error(exc: BaseException, subject: str) -> PublishError:
-    """Our error for a failed JetStream publish to `subject`, saying what to do."""
-    if isinstance(exc, nats.js.errors.NoStreamResponseError):
-        return PublishError(f"no stream captures subject {subject!r} (or JetStream is down)")
-    if isinstance(exc, nats.js.errors.APIError):
-        refused = PublishError(
-            f"JetStream refused {subject!r}: {exc.description} (code {exc.err_code})"
-        )
-        refused.store_full = exc.err_code in _STORE_FULL_CODES
-        refused.subject = subject
-        refused.description = f"{exc.description} (code {exc.err_code})"
-        return refused
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return PublishError(f"no PubAck for {subject!r} in time: JetStream slow or unreachable")
-    if isinstance(exc, asyncio.CancelledError):
-        return PublishError(f"publish to {subject!r} abandoned (connection closed)")
-    return PublishError(f"publish to {subject!r} failed: {exc!r}")
 
 
 async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: float) -> PubAck:
@@ -404,8 +403,7 @@ async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: f
         error = publish_error(exc, subject)
         # JetStream's refusal and "no stream" are answers: nothing was stored. A connection
         # lost while waiting (or a cancelled wait) leaves the outcome unknown.
-        refused = nats.js.errors.APIError | nats.js.errors.NoStreamResponseError
-        error.unconfirmed = not isinstance(exc, refused)
+        error.unconfirmed = not is_refusal(exc)
         raise error from exc
 
 
@@ -505,41 +503,9 @@ class JetStreamPublisher:
         return error
 
 
-class KeyValueState:
-    """A `StateStore` on a JetStream key-value bucket, with keys prefixed per component."""
-
-    def __init__(self, bucket: KeyValue, prefix: str) -> None:
-        self._bucket = bucket
-        self._prefix = prefix
-
-    async def get(self, key: str) -> bytes | None:
-        """The value under `key`, or None if absent or deleted."""
-        try:
-            entry = await self._bucket.get(self._prefix + key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot read state {key!r}: {exc!r}") from exc
-        return entry.value
-
-    async def put(self, key: str, value: bytes) -> None:
-        """Store `value` under `key`; RetryableError if JetStream did not confirm."""
-        try:
-            await self._bucket.put(self._prefix + key, value)
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot store state {key!r}: {exc!r}") from exc
-
-    async def delete(self, key: str) -> None:
-        """Forget `key`."""
-        try:
-            await self._bucket.delete(self._prefix + key)
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot delete state {key!r}: {exc!r}") from exc
-
-
 async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
     """The key-value bucket busway keeps component state in, created if missing."""
-    with _startup_errors(f"cannot open the state bucket {name!r}"):
+    with startup_errors(f"cannot open the state bucket {name!r}"):
         try:
             return await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
@@ -548,60 +514,9 @@ async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
             )
 
 
-class KeyValueDedupStore:
-    """A `DedupStore`: a key-value bucket whose TTL is a stream's duplicate window.
-
-    Each operation is bounded by `timeout` (the publish timeout), like a publish: a request
-    waits no longer on its record than on its message.
-    """
-
-    def __init__(self, bucket: KeyValue, ttl: float, *, timeout: float) -> None:
-        self._bucket = bucket
-        self.ttl = ttl
-        self._timeout = timeout
-
-    async def create(self, key: str, value: bytes) -> bytes | None:
-        """Store `value` unless `key` is present: None if stored, else the present value."""
-        for _ in range(3):  # present, then expired before we could read it: try again
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._bucket.create(key, value)
-            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
-                pass
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise RetryableError(f"cannot record {key!r}: {exc!r}") from exc
-            else:
-                return None
-            present = await self.get(key)
-            if present is not None:
-                return present
-        raise RetryableError(f"cannot record {key!r}: it keeps changing")
-
-    async def get(self, key: str) -> bytes | None:
-        """The value under `key`, or None if absent, deleted or expired."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                return (await self._bucket.get(key)).value
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise RetryableError(f"cannot read {key!r}: {exc!r}") from exc
-
-    async def put(self, key: str, value: bytes) -> None:
-        """Store `value` under `key`; RetryableError if JetStream did not confirm."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._bucket.put(key, value)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise RetryableError(f"cannot store {key!r}: {exc!r}") from exc
-
-    async def delete(self, key: str) -> None:
-        """Forget `key`."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._bucket.delete(key)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise RetryableError(f"cannot delete {key!r}: {exc!r}") from exc
+async def open_state(js: JetStreamContext, name: str) -> Bucket:
+    """The state bucket `name` (see `state_bucket`) with busway's errors, as a `Bucket`."""
+    return Bucket(await state_bucket(js, name), name)
 
 
 async def dedup_store(
@@ -610,7 +525,7 @@ async def dedup_store(
     """The bucket `name`, its TTL the longest duplicate window of `streams` (as JetStream has
     them, so `create = false` streams count too), its replicas theirs; created if missing,
     its TTL updated if a window changed."""
-    with _startup_errors(f"cannot open the dedup bucket {name!r}"):
+    with startup_errors(f"cannot open the dedup bucket {name!r}"):
         configs = [(await js.stream_info(stream)).config for stream in streams]
         ttl = max((config.duplicate_window or 120.0 for config in configs), default=120.0)
         replicas = max((config.num_replicas or 1 for config in configs), default=1)
