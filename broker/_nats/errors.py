@@ -19,12 +19,19 @@ from collections.abc import Iterator
 import nats.errors
 import nats.js.errors
 
-from busway._errors import BusUnavailable, JetStreamError, PublishError, StartupError
+from busway._errors import (
+    BusUnavailable,
+    JetStreamError,
+    PublishError,
+    RetryableError,
+    StartupError,
+)
 
 __all__ = [
     "STORE_FULL_CODES",
     "TRANSPORT_ERRORS",
     "is_refusal",
+    "looks_transient",
     "map_exceptions",
     "publish_error",
     "startup_errors",
@@ -100,6 +107,12 @@ def publish_error(exc: BaseException, subject: str) -> PublishError:
     if isinstance(exc, asyncio.CancelledError):
         return PublishError(f"publish to {subject!r} abandoned (connection closed)")
     return PublishError(f"publish to {subject!r} failed: {exc!r}")
+
+
+def looks_transient(exc: BaseException) -> bool:
+    """An unclassified failure a retry may cure: I/O, a timeout, NATS going away, or a
+    `RetryableError`."""
+    return isinstance(exc, OSError | TimeoutError | nats.errors.Error | RetryableError)
 
 
 def is_refusal(exc: BaseException) -> bool:

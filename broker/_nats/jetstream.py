@@ -22,7 +22,6 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -39,6 +38,7 @@ from nats.js.kv import KeyValue
 from busway._components import PublishAck
 from busway._config.model import NatsConfig, StreamConfig, start_time
 from busway._errors import PublishError, StartupError
+from busway._nats import internals
 from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
 from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
 from busway._observe.readiness import WriteRefusals
@@ -49,13 +49,17 @@ __all__ = [
     "KeyValueDedupStore",
     "KeyValueState",
     "await_pub_ack",
+    "close_connection",
     "connect",
     "consumer_state",
     "dedup_store",
     "ensure_consumer",
     "ensure_stream",
+    "flush",
     "nats_auth",
     "open_state",
+    "publish_confirmed",
+    "publish_core",
     "publish_error",
     "server_name_of",
     "state_bucket",
@@ -142,7 +146,11 @@ async def connect(
             f"cannot connect to NATS at {where} within {float(config.connect_timeout):g}s "
             f"([nats] connect_timeout): {cause}; check [nats] servers and that the server runs"
         )
-    if server_name is not None and server_name_of(client) != server_name:
+    if (
+        server_name is not None
+        and internals.available("Client._server_info")
+        and server_name_of(client) != server_name
+    ):
         found = server_name_of(client)
         await _abandon(client)
         raise StartupError(
@@ -153,10 +161,22 @@ async def connect(
     return client
 
 
+async def close_connection(client: NatsClient) -> None:
+    """Flush what is pending (acks included) and close, within 5 s, whatever state it is in."""
+    with anyio.move_on_after(5, shield=True):
+        if not client.is_closed:
+            with contextlib.suppress(Exception):
+                await client.flush(timeout=2)
+            # nats-py raises RuntimeError writing its pending buffer to a transport the
+            # server already closed (an embedded server that died for good): nothing left
+            # to save then, and the reason the bus stops must not be masked.
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
 def server_name_of(client: NatsClient) -> str | None:
     """The `server_name` the server `client` is connected to announced in its INFO."""
-    name = client._server_info.get("server_name")
-    return name if isinstance(name, str) else None
+    return internals.server_name(client)
 
 
 def nats_auth(config: NatsConfig, resolve: Callable[[str], Path]) -> dict[str, Any]:
@@ -238,11 +258,8 @@ async def _abandon(client: NatsClient) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         with contextlib.suppress(Exception):
             await client.close()
-        transport = client._transport
-        if transport is not None:
-            with contextlib.suppress(Exception):
-                transport.close()  # type: ignore[no-untyped-call]
-                await transport.wait_closed()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(Exception):
+            await internals.close_transport(client)
 
 
 async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
@@ -407,28 +424,46 @@ async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: f
         raise error from exc
 
 
-def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
-    """`client.jetstream()` with refused async publishes reported as refusals.
+async def publish_core(
+    client: NatsClient, subject: str, data: bytes, *, headers: dict[str, str] | None = None
+) -> None:
+    """Send on core NATS (no stream, no PubAck: a reply to an inbox); BusUnavailable if the
+    connection cannot take it."""
+    with map_exceptions(f"cannot send to {subject!r}"):
+        await client.publish(subject, data, headers=headers)
 
-    nats-py's async-publish reply handler calls `APIError.from_error`, which *raises* the
-    error instead of returning it, so the PubAck future of a refused message (stream full,
-    message too large...) is never resolved: the error goes to the connection's error callback
-    and the publisher waits out its whole `publish_timeout`. Here the raised error resolves the
-    future, so a refusal comes back at once with JetStream's own description.
+
+async def flush(client: NatsClient, timeout: float) -> None:
+    """Return once the server has everything sent so far (acks included); BusUnavailable if
+    it does not say so within `timeout`."""
+    with map_exceptions("cannot flush the NATS connection"):
+        await client.flush(timeout=max(1, int(timeout)))
+
+
+async def publish_confirmed(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    *,
+    headers: dict[str, str] | None,
+    timeout: float,
+) -> PubAck:
+    """Publish and wait for the PubAck (at most `timeout`); PublishError if not confirmed."""
+    try:
+        future = await js.publish_async(subject, data, headers=headers)
+    except Exception as exc:
+        raise publish_error(exc, subject) from exc
+    return await await_pub_ack(future, subject, timeout)
+
+
+def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
+    """`client.jetstream()` with refused async publishes reported as refusals at once.
+
+    Checks, once per connection, the nats-py internals busway uses (`busway._nats.internals`).
     """
     js = client.jetstream(publish_async_max_pending=window)
-    handle = js._handle_async_reply
-    prefix_length = len(client._inbox_prefix) + 24  # as nats-py slices the reply token
-
-    async def handle_async_reply(message: Msg) -> None:
-        try:
-            await handle(message)
-        except nats.js.errors.APIError as exc:
-            future = js._publish_async_futures.get(message.subject[prefix_length:])
-            if future is not None and not future.done():
-                future.set_exception(exc)
-
-    js._handle_async_reply = handle_async_reply  # type: ignore[method-assign,assignment]
+    internals.check(client, js)
+    internals.resolve_refusals_at_once(client, js)
     return js
 
 
@@ -440,12 +475,10 @@ def fail_unconfirmed(js: JetStreamContext) -> int:
     one `publish_timeout` after another. Failing them at once lets routes nak their inputs and
     republish (the deterministic message ids make that harmless) and sources answer 503.
     """
-    pending = [f for f in list(js._publish_async_futures.values()) if not f.done()]
-    for future in pending:
-        future.set_exception(nats.errors.ConnectionClosedError())
-    if pending:
-        logger.warning("reconnected: %d publish(es) lost their PubAck, retrying them", len(pending))
-    return len(pending)
+    count = internals.fail_pending_publishes(js, nats.errors.ConnectionClosedError())
+    if count:
+        logger.warning("reconnected: %d publish(es) lost their PubAck, retrying them", count)
+    return count
 
 
 class JetStreamPublisher:
@@ -475,7 +508,7 @@ class JetStreamPublisher:
         # A `wait_stall` makes nats-py wrap every publish in `asyncio.wait_for`, a task per
         # message on Python 3.11 (measured: 2.6x slower file ingest). Only pass it when the
         # publish window is full and the call would actually wait.
-        window_full = self._js._publish_async_pending_semaphore.locked()
+        window_full = internals.publish_window_full(self._js)
         try:
             future = await self._js.publish_async(
                 subject,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from busway._errors import RetryableError
 from busway._nats.kv import Bucket, open_bucket
-from busway._routing.requests import Requester
+from busway._nats.requests import Requester
 
 if TYPE_CHECKING:
     from busway._nats.types import JetStream
