@@ -2,6 +2,7 @@
 
     nats-py                                      busway
     nats.js.errors.APIError (JetStream's answer) JetStreamError (code, status, description)
+    nats.errors.NoRespondersError                JetStreamError (status 503: JetStream absent)
     nats.errors.Error, TimeoutError              BusUnavailable (connection lost, no answer)
     a failed publish (any of the above)          PublishError (`publish_error`: what to do)
 
@@ -49,6 +50,12 @@ TRANSPORT_ERRORS = (nats.errors.Error, TimeoutError)
 
 def translate(exc: BaseException, operation: str) -> JetStreamError | BusUnavailable:
     """Busway's error for nats-py's `exc`, raised by `operation` ("read state 'k'")."""
+    if isinstance(exc, nats.errors.NoRespondersError):  # nothing serves the JetStream API
+        return JetStreamError(
+            f"{operation}: JetStream does not answer (no responders)",
+            status=503,
+            description="no responders",
+        )
     if isinstance(exc, nats.js.errors.APIError):
         code = exc.err_code
         return JetStreamError(

@@ -94,8 +94,10 @@ _FAST_PUBLISH = (
 
 _VERSION = _client_module.__version__
 
-_missing: set[str] = set()
-"""Attributes found missing (`Client._nuid`), each logged once per process."""
+_missing: frozenset[str] = frozenset()
+"""Attributes the last connection checked lacks (`Client._nuid`)."""
+_warned: set[str] = set()
+"""Attributes already reported missing: each is logged once per process."""
 _fast_publish = True
 """Whether `publish_output` builds its `HPUB` frame itself (all of `_FAST_PUBLISH` present)."""
 
@@ -109,17 +111,17 @@ def missing_attributes(client: NatsClient, js: JetStreamContext) -> list[str]:
 
 def check(client: NatsClient, js: JetStreamContext) -> None:
     """Find out once per connection which private paths work; warn once per missing one."""
-    global _fast_publish
-    for name in missing_attributes(client, js):
-        if name not in _missing:
-            _missing.add(name)
-            logger.warning(
-                "nats-py %s has no %s: busway takes the public (slower or less precise) path "
-                "for it; report this with the nats-py version",
-                _VERSION,
-                name,
-            )
-    _fast_publish = not any(name in _missing for name in _FAST_PUBLISH)
+    global _fast_publish, _missing
+    _missing = frozenset(missing_attributes(client, js))
+    for name in sorted(_missing - _warned):
+        _warned.add(name)
+        logger.warning(
+            "nats-py %s has no %s: busway takes the public (slower or less precise) path "
+            "for it; report this with the nats-py version",
+            _VERSION,
+            name,
+        )
+    _fast_publish = _missing.isdisjoint(_FAST_PUBLISH)
 
 
 def available(name: str) -> bool:

@@ -37,7 +37,7 @@ from nats.js.kv import KeyValue
 
 from busway._components import PublishAck
 from busway._config.model import NatsConfig, StreamConfig, start_time
-from busway._errors import PublishError, StartupError
+from busway._errors import BusUnavailable, PublishError, StartupError
 from busway._nats import internals
 from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
 from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
@@ -51,6 +51,7 @@ __all__ = [
     "await_pub_ack",
     "close_connection",
     "connect",
+    "connect_once",
     "consumer_state",
     "dedup_store",
     "ensure_consumer",
@@ -172,6 +173,34 @@ async def close_connection(client: NatsClient) -> None:
             # to save then, and the reason the bus stops must not be masked.
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+async def connect_once(
+    servers: list[str], *, name: str, connect_timeout: float, auth: Mapping[str, Any]
+) -> NatsClient:
+    """A short-lived connection for a command (no reconnecting): BusUnavailable, with the
+    server's own words, if none of `servers` takes it within `connect_timeout`."""
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        """Connection errors are reported once, in the BusUnavailable, not logged per try."""
+        errors.append(exc)
+
+    try:
+        return await nats.connect(
+            servers,
+            name=name,
+            connect_timeout=max(1, round(connect_timeout)),
+            # nats-py retries the first connect forever unless attempts are bounded (> 0).
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.2,
+            error_cb=remember,
+            **auth,
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        cause = errors[-1] if errors else exc
+        raise BusUnavailable(str(cause) or type(cause).__name__) from exc
 
 
 def server_name_of(client: NatsClient) -> str | None:
