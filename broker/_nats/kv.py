@@ -59,10 +59,12 @@ class Bucket:
             await self._kv.put(key, value)
 
     async def create(self, key: str, value: bytes) -> bool:
-        """Store `value` only if `key` is absent: True if stored, False if it was present."""
+        """Store `value` only if `key` is absent: True if stored, False if it was present (it
+        may have expired since: read it to know)."""
         try:
             await self._kv.create(key, value)
-        except nats.js.errors.KeyWrongLastSequenceError:
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            # nats-py reads the key back after a conflict; it may expire in between.
             return False
         except TRANSPORT_ERRORS as exc:
             raise translate(exc, self._what("cannot record", key)) from exc

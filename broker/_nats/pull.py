@@ -15,9 +15,9 @@ nats-py's `fetch()` can stall for its whole timeout on an orphaned pull request 
 
 nats-py calls `_on_message` from its own subscription task. That callback only keeps the
 books, wraps the message in a `Delivery` (which carries its own ack) and queues it; busway's
-delivery task (in the component's task group, started by
-`run`) hands it to the handler. So per-message work never runs in a task nats-py owns, and an
-error in it can never end up in nats-py's error callback as a "NATS connection error".
+delivery task (in the component's task group, started by `run`) hands it to the handler. So
+per-message work never runs in a task nats-py owns, and an error in it can never end up in
+nats-py's error callback as a "NATS connection error".
 """
 
 from __future__ import annotations

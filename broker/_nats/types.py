@@ -1,8 +1,8 @@
 """nats-py's types under busway's names, for annotations outside `busway._nats`.
 
 Code outside this package holds a connection (`NatsClient`) or a JetStream context
-(`JetStream`) only to hand it back to functions of this package; it never calls nats-py on
-them itself, and it catches busway's errors only (see `busway._nats.errors`).
+(`JetStream`) to hand it to functions of this package (reading a public property such as
+`is_connected` at most), and catches busway's errors only (see `busway._nats.errors`).
 """
 
 from __future__ import annotations
