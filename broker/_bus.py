@@ -33,9 +33,6 @@ import anyio
 import msgspec
 from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup, TaskStatus
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from prometheus_client.registry import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -61,22 +58,25 @@ from busway._ingress.source_runner import run_source
 from busway._nats.embedded import EmbeddedNatsServer
 from busway._nats.jetstream import (
     JetStreamPublisher,
-    KeyValueState,
+    close_connection,
     connect,
+    consumer_state,
     dedup_store,
     ensure_stream,
     fail_unconfirmed,
     jetstream,
     nats_auth,
+    open_state,
     server_name_of,
-    state_bucket,
 )
+from busway._nats.kv import Bucket, KeyValueState
 from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
+from busway._nats.requests import Requester
+from busway._nats.types import JetStream, NatsClient
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
 from busway._observe.status import ComponentStatus, StatusReport
 from busway._registry import Adapter, AdapterRegistry, default_registry
-from busway._routing.requests import Requester
 from busway._routing.services import NatsRouteServices
 from busway._routing.worker import RouteWorker
 from busway.routers.route import Route
@@ -140,12 +140,12 @@ class Bus(AsyncContextManagerMixin):
         self.http_port: int | None = None
         self.app: Starlette | None = None
         self._client: NatsClient | None = None
-        self._js: JetStreamContext | None = None
+        self._js: JetStream | None = None
         self._tg: TaskGroup | None = None
         self._components: dict[tuple[str, str], _Running] = {}
         self._requester: Requester | None = None
         self._publisher: JetStreamPublisher | None = None
-        self._state: KeyValue | None = None
+        self._state: Bucket | None = None
         self._refusals = WriteRefusals()
         self._gate: IsolationGate | None = None
         self._ledger: AttemptLedger | None = None
@@ -332,12 +332,12 @@ class Bus(AsyncContextManagerMixin):
         worker = running.worker
         if worker is not None and self._js is not None:
             try:
-                info = await self._js.consumer_info(worker.stream, worker.durable)
-            except Exception as exc:
+                state = await consumer_state(self._js, worker.stream, worker.durable)
+            except BuswayError as exc:
                 consumer_error = str(exc) or type(exc).__name__
             else:
-                pending, ack_pending = info.num_pending, info.num_ack_pending
-                redelivered = info.num_redelivered
+                pending, ack_pending = state.pending, state.ack_pending
+                redelivered = state.redelivered
         return ComponentStatus(
             kind=stats.kind,
             name=name,
@@ -377,9 +377,9 @@ class Bus(AsyncContextManagerMixin):
                 worker = running.worker
                 if worker is not None and self._js is not None:
                     stats.max_in_flight = worker.max_in_flight
-                    with contextlib.suppress(Exception):  # a lost sample is not an error
-                        info = await self._js.consumer_info(worker.stream, worker.durable)
-                        stats.pending = info.num_pending or 0
+                    with contextlib.suppress(BuswayError):  # a lost sample is not an error
+                        state = await consumer_state(self._js, worker.stream, worker.durable)
+                        stats.pending = state.pending
                 then, received, published = last.get(id(stats), (now - interval, 0, 0))
                 elapsed = max(now - then, 1e-6)
                 stats.rate_in = (stats.received - received) / elapsed
@@ -465,7 +465,7 @@ class Bus(AsyncContextManagerMixin):
         assert self._js is not None
         assert self._publisher is not None
         if self._state is None:
-            self._state = await state_bucket(self._js, self.config.state_bucket)
+            self._state = await open_state(self._js, self.config.state_bucket)
         stats = ComponentStats(source_config.name, "source")
         http_routes: list[BaseRoute] | None = (
             [] if self.config.http.listen or not self.serve_http else None
@@ -676,7 +676,7 @@ class Bus(AsyncContextManagerMixin):
         embedded, client = self._embedded, self._client
         if embedded is not None and client is not None:
             name = server_name_of(client)
-            if name != embedded.server_name:
+            if name is not None and name != embedded.server_name:  # None: nats-py cannot say
                 # Another server took the port while ours was down: never talk to it.
                 self._fail(
                     StartupError(
@@ -694,15 +694,7 @@ class Bus(AsyncContextManagerMixin):
             await worker.reset_pull()
 
     async def _close_client(self, client: NatsClient) -> None:
-        with anyio.move_on_after(5, shield=True):
-            if not client.is_closed:
-                with contextlib.suppress(Exception):
-                    await client.flush(timeout=2)
-                # nats-py raises RuntimeError writing its pending buffer to a transport the
-                # server already closed (an embedded server that died for good): nothing left
-                # to save then, and the reason the bus stops must not be masked.
-                with contextlib.suppress(Exception):
-                    await client.close()
+        await close_connection(client)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

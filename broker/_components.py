@@ -31,8 +31,8 @@ from anyio.abc import TaskStatus
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from busway._nats.requests import Requester
     from busway._observe.metrics import ComponentStats
-    from busway._routing.requests import Requester
 
 __all__ = [
     "BuildContext",

@@ -5,12 +5,15 @@
     ├── StartupError             a service could not start (bind, connect, embedded server)
     └── DeliveryError            a message could not be handled
         ├── RetryableError       transient: the input is naked and redelivered with back-off
-        │   └── PublishError     JetStream did not confirm a publish (timeout, no stream, down)
+        │   ├── PublishError     JetStream did not confirm a publish (timeout, no stream, down)
+        │   ├── BusUnavailable   NATS did not answer: connection lost or closed, a timeout
+        │   └── JetStreamError   JetStream answered an operation with an error (its code)
         ├── PermanentError       retrying cannot help: the message is dead-lettered, then acked
         └── BatchError           a sink wrote part of a batch: per-message outcomes
 
 Foreign exceptions (nats-py, OS errors, adapters' libraries) are translated into this tree once,
 at the module that talks to the foreign library, so the engine only ever decides on these types.
+nats-py's are translated in `busway._nats.errors` (`map_exceptions`, `publish_error`).
 """
 
 from __future__ import annotations
@@ -108,6 +111,36 @@ class PublishError(RetryableError):
     """The subject the refused publish was for."""
     description = ""
     """JetStream's own words for a refusal (`maximum bytes exceeded`), if it refused."""
+
+
+class BusUnavailable(RetryableError):
+    """NATS did not answer an operation: the connection is lost, closing or slow (a timeout).
+
+    Transient by nature: nats-py reconnects on its own, so a retry after a back-off can pass.
+    """
+
+
+class JetStreamError(RetryableError):
+    """JetStream answered an operation with an error: `code` is its error code (10058...),
+    `status` the HTTP-like status (404, 400, 503), `description` its own words."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        status: int | None = None,
+        description: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.description = description
+
+    @property
+    def not_found(self) -> bool:
+        """The stream, consumer, message or key the operation named does not exist."""
+        return self.status == 404
 
 
 class PermanentError(DeliveryError):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from busway import RetryPolicy
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from busway import Bus, RetryPolicy
 from busway._delivery.contract import dead_letter_headers, delivery_of, nak_payload, retry_delay
+from busway._delivery.delivery import Delivery
+from busway._routing.worker import RouteWorker
+from tests.support import NatsServer, decode_test_config, stream_messages, wait_settled
 
 
 @pytest.mark.parametrize(
@@ -70,3 +76,57 @@ def test_dead_letter_headers_name_what_failed_and_keep_the_originals() -> None:
     assert headers["Busway-Original-Msg-Id"] == "api:k1"
     assert headers["Trace-Id"] == "t1"
     assert headers["Busway-Attempts"] == "2"
+
+
+@pytest.mark.anyio
+async def test_a_delivery_settled_twice_sends_once_and_counts_the_bug(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ack travels with the delivery and the record allows one settle: a second one (a
+    bug in a handler) sends nothing, frees no second slot, and is counted."""
+    handle = RouteWorker.handle
+
+    async def settles_twice(self: RouteWorker, delivery: Delivery) -> None:
+        if b"twice" not in delivery.data:
+            await handle(self, delivery)
+            return
+        await delivery.ack()
+        await delivery.nak(0.1)  # refused: a nak after the ack would redeliver an acked message
+
+    monkeypatch.setattr(RouteWorker, "handle", settles_twice)
+    config = decode_test_config(
+        f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[streams]]
+name = "OUT_{unique}"
+subjects = ["out{unique}.>"]
+
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.x"
+to = ["out{unique}.y"]
+""",
+        tmp_path,
+    )
+    js = nc.jetstream()
+    async with Bus(config) as bus:
+        await js.publish(f"in{unique}.x", b'{"twice": true}')
+        await js.publish(f"in{unique}.x", b'{"once": true}')
+        await wait_settled(nc, f"IN_{unique}", f"busway-route-r{unique}")
+        stats = bus.metrics.stats[0]
+        assert stats.errors.get("settled_twice") == 1
+        assert stats.received == 2
+        assert stats.in_flight == 0
+    info = await js.consumer_info(f"IN_{unique}", f"busway-route-r{unique}")
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert [m.data for m in await stream_messages(nc, f"OUT_{unique}")] == [b'{"once": true}']

@@ -241,3 +241,43 @@ def test_adapter_factories_are_type_checked_against_their_config(tmp_path: Path)
         'note: Revealed type is "busway._registry.Adapter[busway.adapters.file.source.'
         'FileSourceConfig, busway.adapters.file.sink.FileSinkConfig]"',
     ], result.stdout + result.stderr
+
+
+def test_only_broker_nats_imports_nats_py() -> None:
+    """nats-py is confined to `busway._nats`: the rest holds its objects, never its module."""
+    offenders = []
+    for folder in FOLDERS.values():
+        for path, names in _imports(folder).items():
+            if path.startswith("broker/_nats/"):
+                continue
+            offenders += [
+                f"{path} imports {name}"
+                for name in sorted(names)
+                if name == "nats" or name.startswith("nats.")
+            ]
+    assert not offenders, "nats-py imported outside broker/_nats: " + "; ".join(offenders)
+
+
+_SPAWNERS = frozenset({"create_task", "ensure_future"})
+
+
+def test_tasks_are_spawned_only_by_task_groups() -> None:
+    """No bare `asyncio.create_task` / `ensure_future` / `loop.create_task`: every task busway
+    starts belongs to a task group (futures' done-callbacks are fine)."""
+    offenders = []
+    for folder in FOLDERS.values():
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = node.func
+                name = (
+                    func.attr
+                    if isinstance(func, ast.Attribute)
+                    else func.id
+                    if isinstance(func, ast.Name)
+                    else ""
+                )
+                if name in _SPAWNERS:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} calls {name}")
+    assert not offenders, "tasks outside a task group: " + "; ".join(offenders)

@@ -8,7 +8,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from busway import PublishError
-from busway._nats.fast_publish import publish_with_id
+from busway._nats.internals import publish_output
 from busway._nats.jetstream import JetStreamPublisher, jetstream
 
 pytestmark = pytest.mark.anyio
@@ -39,9 +39,9 @@ async def test_the_fast_publish_carries_the_message_id(nc: NatsClient, unique: s
     js = jetstream(nc, window=16)
     await js.add_stream(StreamConfig(name=f"FAST_{unique}", subjects=[f"fast{unique}.>"]))
     await js.publish_async(f"fast{unique}.warm", b"0")  # nats-py sets up its reply inbox
-    first = await publish_with_id(js, f"fast{unique}.a", b'{"n":1}', "id-1")
-    again = await publish_with_id(js, f"fast{unique}.a", b'{"n":1}', "id-1")
-    other = await publish_with_id(js, f"fast{unique}.a", b'{"n":2}', "id-2")
+    first = await publish_output(js, f"fast{unique}.a", b'{"n":1}', "id-1", None)
+    again = await publish_output(js, f"fast{unique}.a", b'{"n":1}', "id-1", None)
+    other = await publish_output(js, f"fast{unique}.a", b'{"n":2}', "id-2", None)
     acks = [await future for future in (first, again, other)]
     assert [bool(ack.duplicate) for ack in acks] == [False, True, False]
     stored = await js.get_msg(f"FAST_{unique}", acks[2].seq)

@@ -23,10 +23,6 @@ from typing import Any
 
 import anyio
 import msgspec
-import nats
-import nats.errors
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 
 from busway._cli.support import EXIT_CONFIG, EXIT_FAILURE, load_or_report
 from busway._config.model import Config, split_listen
@@ -39,14 +35,16 @@ from busway._dlq.read import (
     iter_dead_letters,
 )
 from busway._dlq.replay import purge_dead_letters, replay_dead_letters
-from busway._errors import StartupError
-from busway._nats.jetstream import nats_auth
+from busway._errors import BusUnavailable, StartupError
+from busway._nats.jetstream import close_connection, connect_once, jetstream, nats_auth
+from busway._nats.types import JetStream, NatsClient
 from busway.routers.durations import parse_duration
 
 __all__ = ["add_dlq_parser", "run_dlq"]
 
 _LIST_LIMIT = 100
 _ERROR_WIDTH = 60
+_PUBLISH_WINDOW = 4000  # replays in flight at once (nats-py's own default)
 
 
 def add_dlq_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -185,7 +183,7 @@ def _given_filters(args: argparse.Namespace) -> DeadLetterFilters:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     async with _connected(config) as client:
-        js = client.jetstream()
+        js = jetstream(client, window=_PUBLISH_WINDOW)
         filters = _given_filters(args)
         limit = getattr(args, "limit", None) or None
         if args.dlq_command == "list":
@@ -217,7 +215,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _list(
-    js: JetStreamContext,
+    js: JetStream,
     config: Config,
     filters: DeadLetterFilters,
     limit: int | None,
@@ -348,41 +346,27 @@ async def _connected(config: Config) -> AsyncIterator[NatsClient]:
             )
         servers = [f"nats://{host}:{port}"]
 
-    errors: list[Exception] = []
-
-    async def remember(exc: Exception) -> None:
-        """Connection errors are reported once, below, not logged per attempt."""
-        errors.append(exc)
-
     try:
         options = nats_auth(config.nats, config.resolve_path)
     except StartupError as exc:
         raise _Unreachable(str(exc)) from None
     try:
-        client = await nats.connect(
+        client = await connect_once(
             servers,
             name=f"{config.nats.name}-dlq",
-            connect_timeout=max(1, round(config.nats.connect_timeout)),
-            # nats-py retries the first connect forever unless attempts are bounded (> 0).
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.2,
-            error_cb=remember,
-            **options,
+            connect_timeout=float(config.nats.connect_timeout),
+            auth=options,
         )
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
+    except BusUnavailable as exc:
         where = ", ".join(servers)
-        cause = errors[-1] if errors else exc
         if embedded:
             raise _Unreachable(
                 f"nothing listens on {where} ([nats] listen): busway runs an embedded "
                 "nats-server only while `busway run` is running; start the daemon for this "
                 "config first"
             ) from exc
-        raise _Unreachable(
-            f"cannot connect to NATS at {where} ([nats] servers): {cause or type(cause).__name__}"
-        ) from exc
+        raise _Unreachable(f"cannot connect to NATS at {where} ([nats] servers): {exc}") from exc
     try:
         yield client
     finally:
-        await client.close()
+        await close_connection(client)

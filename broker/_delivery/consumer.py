@@ -36,13 +36,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import anyio
-import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from busway._config.model import RetryPolicy
 from busway._delivery.contract import (
@@ -51,16 +48,20 @@ from busway._delivery.contract import (
     REPLAY_FOR_HEADER,
     TERM,
     dead_letter_headers,
-    delivery_of,
     nak_payload,
     retry_delay,
 )
+from busway._delivery.delivery import Delivery
 from busway._delivery.isolation import AttemptLedger, Isolation, IsolationGate
-from busway._errors import PermanentError, PublishError, RetryableError
-from busway._nats.jetstream import await_pub_ack, ensure_consumer, publish_error
+from busway._errors import PermanentError, PublishError
+from busway._nats.errors import looks_transient
+from busway._nats.jetstream import ensure_consumer, publish_confirmed
 from busway._nats.pull import ContinuousPull
 from busway._observe.metrics import ComponentStats
 from busway._observe.readiness import WriteRefusals
+
+if TYPE_CHECKING:
+    from busway._nats.types import JetStream, NatsClient
 
 __all__ = ["ConsumerComponent"]
 
@@ -74,7 +75,7 @@ class ConsumerComponent(abc.ABC):
         self,
         *,
         client: NatsClient,
-        js: JetStreamContext,
+        js: JetStream,
         stats: ComponentStats,
         stream: str,
         filter_subject: str,
@@ -110,6 +111,7 @@ class ConsumerComponent(abc.ABC):
             stream=stream,
             durable=durable,
             capacity=max_in_flight,
+            owner=self,
             handler=self._receive,
             on_error=self.fail_unexpected,
             stats=stats,
@@ -182,10 +184,10 @@ class ConsumerComponent(abc.ABC):
         """Start the subclass's own tasks (settling, batching) in `tg` before pulling begins."""
 
     @abc.abstractmethod
-    async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
+    async def handle(self, message: Delivery) -> None:
         """Take ownership of `message`: it must end in `settle` (ack, nak or term) exactly once."""
 
-    async def _receive(self, message: Msg) -> None:
+    async def _receive(self, message: Delivery) -> None:
         self.stats.received += 1
         # -- replay addressing: a dead letter replayed for another consumer of this subject.
         headers = message.headers
@@ -193,16 +195,16 @@ class ConsumerComponent(abc.ABC):
             await self._skip_replay(message)
             return
         # --
-        sequence, attempt = delivery_of(message.reply)
         if self.stopping:
             await self.settle(message, DRAIN_NAK)
             return
         # [isolation] A redelivery is trusted, processed alone, or dead-lettered on arrival.
-        if attempt > 1 and not await self.isolation.admit(message, sequence, attempt):
+        attempt = message.attempt
+        if attempt > 1 and not await self.isolation.admit(message, message.sequence, attempt):
             return
-        await self.handle(message, sequence, attempt)
+        await self.handle(message)
 
-    async def _skip_replay(self, message: Msg) -> None:
+    async def _skip_replay(self, message: Delivery) -> None:
         """Ack a replay meant for another component unprocessed (counted as filtered)."""
         self.stats.filtered += 1
         self.stats.count("replay_skipped")
@@ -230,10 +232,11 @@ class ConsumerComponent(abc.ABC):
             due = [reply for reply, tick in held.items() if tick <= stale]
             for reply in due:
                 held[reply] = pull.tick
+            send = pull.send
             for reply in due:
                 if reply in held:  # not settled meanwhile: a late +WPI would undo a nak delay
-                    with contextlib.suppress(Exception):
-                        await self.client.publish(reply, b"+WPI")
+                    with contextlib.suppress(Exception):  # a lost +WPI: see `pull.send`
+                        await send(reply, b"+WPI")
             self._check_stall()
 
     def _check_stall(self) -> None:
@@ -259,14 +262,15 @@ class ConsumerComponent(abc.ABC):
             self.stats.problems["stalled"] = reason
             self.logger.error("%s %s", self.stats.kind, reason)
 
-    async def settle(self, message: Msg, payload: bytes) -> None:
+    async def settle(self, message: Delivery, payload: bytes) -> None:
         """Send the ack (`b""`), nak or term `payload` for `message` and free its slot.
 
-        Idempotent per delivery: settling a delivery that is no longer held sends nothing and
-        frees nothing; it is counted (`settled_twice`) and logged, because it is a bug.
+        Idempotent per delivery (the record says whether it was settled, the pull's book
+        whether its slot is free): settling it again sends nothing and frees nothing; it is
+        counted (`settled_twice`) and logged, because it is a bug.
         """
         reply = message.reply
-        if not self.pull.forget(reply):
+        if not message.claim_settle() or not self.pull.forget(reply):
             self.stats.count_error("settled_twice")
             self.logger.error(
                 "bug: %s was settled twice (the second, %r, is ignored)", reply, payload[:5]
@@ -275,14 +279,23 @@ class ConsumerComponent(abc.ABC):
         if self.isolation.tracks and payload in (ACK, TERM):  # [isolation]
             self.isolation.settled(message)
         try:
-            await self.client.publish(reply, payload)
+            await self.pull.send(reply, payload)
         except Exception as exc:
             # The ack is lost with the connection; JetStream redelivers after ack_wait and
             # the outputs' message ids make the second pass harmless.
             self.logger.warning("could not settle %s: %s", reply, exc)
         await self.pull.make_room()
 
-    async def fail_unexpected(self, message: Msg, exc: Exception, *, retry: bool = False) -> None:
+    async def touch(self, message: Delivery) -> None:
+        """Tell JetStream `message` is still being worked on (`+WPI`); a lost one is harmless
+        (`keep_alive` sends the next)."""
+        if not message.settled:
+            with contextlib.suppress(Exception):
+                await self.pull.send(message.reply, b"+WPI")
+
+    async def fail_unexpected(
+        self, message: Delivery, exc: Exception, *, retry: bool = False
+    ) -> None:
         """Settle a message whose handling raised an error no handler classified.
 
         Retried with back-off if the error looks transient (I/O, a timeout, a lost connection,
@@ -292,18 +305,16 @@ class ConsumerComponent(abc.ABC):
         `retry.transient` / `retry.permanent` override by reason. A message already settled
         is left alone.
         """
-        if message.reply not in self.pull.held:
+        if message.settled:
             self.logger.error(
                 "bug: an error escaped after %s was settled: %s", message.reply, _describe(exc)
             )
             return
-        sequence, attempt = delivery_of(message.reply)
+        sequence, attempt = message.sequence, message.attempt
         error = _describe(exc)
         self.logger.error("%s seq %s failed unexpectedly: %s", message.subject, sequence, error)
         self.logger.debug("traceback of the unexpected failure", exc_info=exc)
-        transient = retry or isinstance(
-            exc, OSError | TimeoutError | nats.errors.Error | RetryableError
-        )
+        transient = retry or looks_transient(exc)
         if isinstance(exc, PermanentError):
             transient = False
         try:
@@ -315,7 +326,7 @@ class ConsumerComponent(abc.ABC):
             # Settling failed too (a bug in the failure path itself): nak, so the slot is
             # freed and JetStream redelivers; never leave the message hanging.
             self.logger.error("could not settle %s after a failure: %s", sequence, again)
-            if message.reply in self.pull.held:
+            if not message.settled:
                 await self.settle(message, nak_payload(float(self.retry.backoff)))
 
     def note_publish_failure(self, error: BaseException) -> None:
@@ -330,7 +341,7 @@ class ConsumerComponent(abc.ABC):
 
     async def retry_later(
         self,
-        message: Msg,
+        message: Delivery,
         sequence: str,
         attempt: int,
         error: str,
@@ -375,7 +386,7 @@ class ConsumerComponent(abc.ABC):
 
     async def dead_letter(
         self,
-        message: Msg,
+        message: Delivery,
         sequence: str,
         attempt: int,
         *,
@@ -406,13 +417,14 @@ class ConsumerComponent(abc.ABC):
             extra={**timing, **extra_headers} if extra_headers else timing,
         )
         try:
-            future = await self.js.publish_async(
-                self.dead_letter_subject, message.data, headers=headers
+            await publish_confirmed(
+                self.js,
+                self.dead_letter_subject,
+                message.data,
+                headers=headers,
+                timeout=self.publish_timeout,
             )
-            await await_pub_ack(future, self.dead_letter_subject, self.publish_timeout)
-        except Exception as exc:
-            subject = self.dead_letter_subject
-            failure = exc if isinstance(exc, PublishError) else publish_error(exc, subject)
+        except PublishError as failure:
             self.note_publish_failure(failure)
             await self.retry_later(
                 message,

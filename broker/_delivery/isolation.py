@@ -42,15 +42,16 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
-from busway._delivery.contract import delivery_of, nak_payload
+from busway._delivery.contract import nak_payload
+from busway._delivery.delivery import Delivery
 from busway._errors import RetryableError, StartupError
-from busway._nats.jetstream import KeyValueState, state_bucket
+from busway._nats.jetstream import open_state
+from busway._nats.kv import KeyValueState
 
 if TYPE_CHECKING:
     from busway._delivery.consumer import ConsumerComponent
+    from busway._nats.types import JetStream
 
 __all__ = ["AttemptLedger", "Isolation", "IsolationGate"]
 
@@ -172,7 +173,7 @@ class AttemptLedger:
     in the background (`run`), so an ack never waits for the ledger.
     """
 
-    def __init__(self, js: JetStreamContext, bucket: str, *, timeout: float) -> None:
+    def __init__(self, js: JetStream, bucket: str, *, timeout: float) -> None:
         self.owner = uuid.uuid4().hex[:16]
         """This process's token in the markers it writes."""
         self._js = js
@@ -238,7 +239,7 @@ class AttemptLedger:
     async def _store(self) -> KeyValueState:
         if self._state is None:
             try:
-                bucket = await state_bucket(self._js, self._bucket)
+                bucket = await open_state(self._js, self._bucket)
             except StartupError as exc:
                 raise RetryableError(str(exc)) from exc
             self._state = KeyValueState(bucket, _KEY_PREFIX)
@@ -303,7 +304,7 @@ class Isolation:
     def _key(self, sequence: str) -> str:
         return f"{self.component.durable}.{sequence}"
 
-    async def admit(self, message: Msg, sequence: str, delivered: int) -> bool:
+    async def admit(self, message: Delivery, sequence: str, delivered: int) -> bool:
         """Decide on a redelivery: True to process it (alone if it is a suspect), False if it
         was settled here (dead-lettered on arrival, or naked while the ledger is down)."""
         track = self.tracks.get(sequence)
@@ -317,7 +318,7 @@ class Isolation:
             return False
         return await self._admit_suspect(message, sequence, delivered)
 
-    async def _admit_suspect(self, message: Msg, sequence: str, delivered: int) -> bool:
+    async def _admit_suspect(self, message: Delivery, sequence: str, delivered: int) -> bool:
         component = self.component
         key = self._key(sequence)
         body = _digest(message.data)
@@ -373,7 +374,7 @@ class Isolation:
         self.suspects[message.reply] = track
         return True
 
-    async def _give_up(self, message: Msg, track: _Track) -> None:
+    async def _give_up(self, message: Delivery, track: _Track) -> None:
         component = self.component
         if track.crashed:
             reason = "crashed"
@@ -393,19 +394,19 @@ class Isolation:
             message, track.sequence, track.attempts, reason=reason, error=error
         )
 
-    def attempt_of(self, message: Msg) -> int:
+    def attempt_of(self, message: Delivery) -> int:
         """The real attempt number of this delivery (failures and isolated crashes before it,
         plus one); the delivery count for a message this process knows nothing about."""
-        sequence, delivered = delivery_of(message.reply)
+        sequence, delivered = message.sequence, message.attempt
         track = self.tracks.get(sequence)
         if track is not None and track.delivered == delivered:
             return track.attempts + 1
         return delivered
 
-    async def failed(self, message: Msg, sequence: str, error: str, *, counted: bool) -> None:
+    async def failed(self, message: Delivery, sequence: str, error: str, *, counted: bool) -> None:
         """This delivery failed with `error` and is about to be naked: count it (if
         `counted`), in the ledger too, so the next delivery knows wherever it lands."""
-        _, delivered = delivery_of(message.reply)
+        delivered = message.attempt
         track = self.tracks.get(sequence)
         if track is None or track.delivered != delivered:
             track = _Track(sequence, delivered, delivered - 1, body=_digest(message.data))
@@ -425,9 +426,9 @@ class Isolation:
         else:
             track.stored = track.clean = True
 
-    def settled(self, message: Msg) -> None:
+    def settled(self, message: Delivery) -> None:
         """`message` was acked or terminated: forget it (and its ledger entry)."""
-        sequence, _ = delivery_of(message.reply)
+        sequence = message.sequence
         track = self.tracks.pop(sequence, None)
         if track is None:
             return

@@ -28,19 +28,19 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Collection, Iterator
 from datetime import UTC, datetime
-from typing import TypedDict, Unpack
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
 
 from busway._config.model import Config
 from busway._delivery.contract import REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER, REPLAY_ORIGIN_HEADER
-from busway._errors import BuswayError
+from busway._errors import BusUnavailable, BuswayError, JetStreamError
+from busway._nats.streams import StoredMessage, stored_message, stream_state
 from busway._routing.hops import HOPS_HEADER
 from busway.routers.subject import covers, is_valid_subject
+
+if TYPE_CHECKING:
+    from busway._nats.types import JetStream
 
 __all__ = [
     "FAILURE_HEADERS",
@@ -86,7 +86,6 @@ _FAILURE_PREFIXES = ("Busway-Error-", "Busway-Original-", "Busway-First-", "Busw
 _REPLAY_ADDRESSING = frozenset({REPLAY_FOR_HEADER, REPLAY_MSG_ID_HEADER, REPLAY_ORIGIN_HEADER})
 _CONSUMER_KINDS = frozenset({"route", "sink"})
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_NO_MESSAGE = 10037  # JetStream's "no message found" error code (STREAM.MSG.GET)
 _DELETE_FAILED = 10057  # STREAM.MSG.DELETE's code for any failure; the description says which
 # Replays and deletes in flight at once: enough to hide round trips (and, with
 # `sync_interval: always`, to share fsyncs), few enough to bound memory and a failure's reach.
@@ -304,7 +303,7 @@ def _location(config: Config, component: str | None) -> tuple[str, str]:
 
 
 async def iter_dead_letters(
-    js: JetStreamContext,
+    js: JetStream,
     config: Config,
     *,
     limit: int | None = None,
@@ -321,7 +320,7 @@ async def iter_dead_letters(
 
 
 async def list_dead_letters(
-    js: JetStreamContext,
+    js: JetStream,
     config: Config,
     *,
     limit: int | None = None,
@@ -332,28 +331,23 @@ async def list_dead_letters(
 
 
 async def get_dead_letter(
-    js: JetStreamContext, config: Config, seq: int, *, stream: str | None = None
+    js: JetStream, config: Config, seq: int, *, stream: str | None = None
 ) -> DeadLetter | None:
     """The message at `seq` of the dead-letter stream (or `stream`), None if there is none."""
     name = stream or config.dead_letter.stream
     if seq < 1:
         return None
     with _errors(name):
-        try:
-            raw = await js.get_msg(name, seq=seq)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _NO_MESSAGE:
-                return None
-            raise
-    return _decode(name, raw)
+        raw = await stored_message(js, name, seq)
+    return None if raw is None else _decode(name, raw)
 
 
 async def _walk(
-    js: JetStreamContext, selection: _Selection, limit: int | None
+    js: JetStream, selection: _Selection, limit: int | None
 ) -> AsyncIterator[DeadLetter]:
     stream = selection.stream
     with _errors(stream):
-        state = (await js.stream_info(stream)).state
+        state = await stream_state(js, stream)
     last = state.last_seq
     found = 0
     if limit is not None and limit <= 0:
@@ -377,19 +371,19 @@ async def _walk(
 
 
 async def _scan(
-    js: JetStreamContext, selection: _Selection, first: int, last: int
+    js: JetStream, selection: _Selection, first: int, last: int
 ) -> AsyncIterator[DeadLetter]:
     seq = first
     while seq <= last:
         raw = await _next(js, selection.stream, selection.filter_subject, seq)
-        if raw is None or raw.seq is None or raw.seq > last:
+        if raw is None or raw.seq > last:
             return
         yield _decode(selection.stream, raw)
         seq = raw.seq + 1
 
 
 async def _by_sequence(
-    js: JetStreamContext, selection: _Selection, last: int
+    js: JetStream, selection: _Selection, last: int
 ) -> AsyncIterator[DeadLetter]:
     assert selection.sequences is not None
     for seq in selection.sequences:
@@ -400,7 +394,7 @@ async def _by_sequence(
             yield _decode(selection.stream, raw)
 
 
-async def _first_since(js: JetStreamContext, selection: _Selection, first: int, last: int) -> int:
+async def _first_since(js: JetStream, selection: _Selection, first: int, last: int) -> int:
     """The lowest sequence whose next matching message was stored at or after `since`.
 
     A binary search over sequences (stored times grow along a stream), so `--since 1h` on a
@@ -411,36 +405,26 @@ async def _first_since(js: JetStreamContext, selection: _Selection, first: int, 
     while low < high:
         middle = (low + high) // 2
         raw = await _next(js, selection.stream, selection.filter_subject, middle)
-        if (
-            raw is None
-            or raw.seq is None
-            or raw.seq > last
-            or (raw.time is not None and raw.time >= selection.since)
-        ):
+        if raw is None or raw.seq > last or (raw.time is not None and raw.time >= selection.since):
             high = middle
         else:
             low = raw.seq + 1
     return low
 
 
-async def _next(js: JetStreamContext, stream: str, subject: str, seq: int) -> RawStreamMsg | None:
+async def _next(js: JetStream, stream: str, subject: str, seq: int) -> StoredMessage | None:
     """The first message at or after `seq` on `subject` (a pattern), or None."""
     with _errors(stream):
-        try:
-            return await js.get_msg(stream, seq=seq, subject=subject, next=True)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _NO_MESSAGE:
-                return None
-            raise
+        return await stored_message(js, stream, seq, subject=subject, next=True)
 
 
-def _decode(stream: str, raw: RawStreamMsg) -> DeadLetter:
-    headers = _parse_headers(raw.hdrs)
-    subject = raw.subject or ""
+def _decode(stream: str, raw: StoredMessage) -> DeadLetter:
+    headers = _parse_headers(raw.raw_headers)
+    subject = raw.subject
     kind = headers.get("Busway-Component-Kind", "unknown")
     return DeadLetter(
         stream=stream,
-        seq=raw.seq or 0,
+        seq=raw.seq,
         time=raw.time or datetime.fromtimestamp(0, UTC),
         subject=subject,
         component=headers.get("Busway-Component") or subject.rpartition(".")[2],
@@ -456,7 +440,7 @@ def _decode(stream: str, raw: RawStreamMsg) -> DeadLetter:
         failed_at=_time(headers.get("Busway-Failed-At")),
         replay_count=_int(headers.get(REPLAY_COUNT_HEADER)) or 0,
         headers=headers,
-        body=raw.data if isinstance(raw.data, bytes) else b"",
+        body=raw.data,
     )
 
 
@@ -503,24 +487,24 @@ def _int(text: str | None) -> int | None:
 
 @contextlib.contextmanager
 def _errors(stream: str) -> Iterator[None]:
-    """Translate nats-py's failures on `stream` into DeadLetterError."""
+    """Translate NATS failures on `stream` into DeadLetterError, saying what to check."""
     try:
         yield
-    except nats.js.errors.NotFoundError as exc:
+    except JetStreamError as exc:
+        if exc.not_found:
+            raise DeadLetterError(
+                f"stream {stream!r} does not exist on this server: nothing was dead-lettered "
+                "yet, or the config's [dead_letter] stream is another one"
+            ) from exc
+        if exc.status == 503:
+            raise DeadLetterError(
+                "JetStream does not answer: is JetStream enabled on this server?"
+            ) from exc
         raise DeadLetterError(
-            f"stream {stream!r} does not exist on this server: nothing was dead-lettered "
-            "yet, or the config's [dead_letter] stream is another one"
+            f"JetStream refused a request on stream {stream!r}: {exc.description} (code {exc.code})"
         ) from exc
-    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+    except BusUnavailable as exc:
+        cause = exc.__cause__ or exc
         raise DeadLetterError(
-            "JetStream does not answer: is JetStream enabled on this server?"
-        ) from exc
-    except nats.js.errors.APIError as exc:
-        raise DeadLetterError(
-            f"JetStream refused a request on stream {stream!r}: {exc.description} "
-            f"(code {exc.err_code})"
-        ) from exc
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise DeadLetterError(
-            f"a request on stream {stream!r} failed: {exc or type(exc).__name__}"
+            f"a request on stream {stream!r} failed: {cause or type(cause).__name__}"
         ) from exc

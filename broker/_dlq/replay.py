@@ -14,19 +14,13 @@ sibling does not get the message twice. Selection and reading are `busway._dlq.r
 from __future__ import annotations
 
 import asyncio
-from typing import Unpack
+from typing import TYPE_CHECKING, Unpack
 
 import anyio
-import nats.errors
-import nats.js.errors
-import orjson
-from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from busway._config.model import Config
 from busway._dlq.read import (
     _DELETE_FAILED,
-    _NO_MESSAGE,
     _WINDOW,
     DeadLetter,
     DeadLetterError,
@@ -38,15 +32,25 @@ from busway._dlq.read import (
     _walk,
     iter_dead_letters,
 )
-from busway._errors import PublishError
-from busway._nats.jetstream import await_pub_ack, publish_error
+from busway._errors import BusUnavailable, JetStreamError, PublishError
+from busway._nats.jetstream import await_pub_ack
+from busway._nats.streams import (
+    NO_MESSAGE,
+    delete_message,
+    publish_pipelined,
+    purge_subject,
+    stream_state,
+)
 from busway.routers.subject import covers, is_valid_subject
+
+if TYPE_CHECKING:
+    from busway._nats.types import JetStream, PubAck
 
 __all__ = ["purge_dead_letters", "replay_dead_letters"]
 
 
 async def replay_dead_letters(
-    js: JetStreamContext,
+    js: JetStream,
     config: Config,
     *,
     to_subject: str | None = None,
@@ -101,7 +105,7 @@ async def replay_dead_letters(
 
 
 async def _replay_window(
-    js: JetStreamContext,
+    js: JetStream,
     window: list[tuple[DeadLetter, str]],
     timeout: float,
     report: ReplayReport,
@@ -116,11 +120,11 @@ async def _replay_window(
     for letter, target in window:
         headers = letter.replay_headers(addressed=addressed)
         try:
-            future = await js.publish_async(
-                target, letter.body, headers=headers, wait_stall=timeout
+            future = await publish_pipelined(
+                js, target, letter.body, headers=headers, timeout=timeout
             )
-        except (nats.errors.Error, TimeoutError) as exc:
-            report.failed.append(_outcome(letter, target, str(publish_error(exc, target))))
+        except PublishError as exc:
+            report.failed.append(_outcome(letter, target, str(exc)))
         else:
             sent.append((letter, target, future))
     stored: list[tuple[DeadLetter, str, PubAck]] = []
@@ -161,7 +165,7 @@ async def _replay_window(
             )
 
 
-async def _delete_all(js: JetStreamContext, letters: list[DeadLetter]) -> list[str | None]:
+async def _delete_all(js: JetStream, letters: list[DeadLetter]) -> list[str | None]:
     """Delete `letters` concurrently; per letter None, or why it could not be deleted.
 
     A letter already gone (deleted by a concurrent purge or replay) counts as deleted.
@@ -170,12 +174,13 @@ async def _delete_all(js: JetStreamContext, letters: list[DeadLetter]) -> list[s
 
     async def delete(index: int, letter: DeadLetter) -> None:
         try:
-            await _delete_msg(js, letter.stream, letter.seq)
-        except nats.js.errors.APIError as exc:
+            await delete_message(js, letter.stream, letter.seq)
+        except JetStreamError as exc:
             if not _already_gone(exc):
-                problems[index] = f"{exc.description} (code {exc.err_code})"
-        except (nats.errors.Error, TimeoutError) as exc:
-            problems[index] = str(exc) or type(exc).__name__
+                problems[index] = f"{exc.description} (code {exc.code})"
+        except BusUnavailable as exc:
+            cause = exc.__cause__ or exc
+            problems[index] = str(cause) or type(cause).__name__
 
     async with anyio.create_task_group() as tg:
         for index, letter in enumerate(letters):
@@ -183,16 +188,16 @@ async def _delete_all(js: JetStreamContext, letters: list[DeadLetter]) -> list[s
     return problems
 
 
-def _already_gone(exc: nats.js.errors.APIError) -> bool:
+def _already_gone(exc: JetStreamError) -> bool:
     """True if JetStream refused a delete because the message is not there (any more).
 
     `STREAM.MSG.DELETE` answers 10057 with the description "no message found" for a message
     deleted before (`STREAM.MSG.GET` says 10037); 10057 with another description is a real
     failure (e.g. "stream store EOF" for a sequence past the end).
     """
-    if exc.err_code == _NO_MESSAGE:
+    if exc.code == NO_MESSAGE:
         return True
-    return exc.err_code == _DELETE_FAILED and "no message found" in (exc.description or "")
+    return exc.code == _DELETE_FAILED and "no message found" in exc.description
 
 
 def _unread_by_addressee(config: Config, letter: DeadLetter, target: str) -> str | None:
@@ -237,7 +242,7 @@ def _outcome(
 
 
 async def purge_dead_letters(
-    js: JetStreamContext,
+    js: JetStream,
     config: Config,
     *,
     dry_run: bool = False,
@@ -272,22 +277,7 @@ async def purge_dead_letters(
     return count
 
 
-async def _delete_msg(js: JetStreamContext, stream: str, seq: int) -> None:
-    """Delete message `seq` of `stream` without overwriting its bytes on disk (`no_erase`).
-
-    nats-py's `delete_msg` always asks for a secure erase, which made deleting about three
-    times slower here (`sync_interval: always`) and is not what a dead-letter purge promises.
-    """
-    request = orjson.dumps({"seq": seq, "no_erase": True})
-    answer = await js._nc.request(
-        f"{js._prefix}.STREAM.MSG.DELETE.{stream}", request, timeout=js._timeout
-    )
-    response = orjson.loads(answer.data)
-    if "error" in response:
-        nats.js.errors.APIError.from_error(response["error"])  # raises the matching error
-
-
-async def _delete_or_raise(js: JetStreamContext, letters: list[DeadLetter]) -> None:
+async def _delete_or_raise(js: JetStream, letters: list[DeadLetter]) -> None:
     for letter, problem in zip(letters, await _delete_all(js, letters), strict=True):
         if problem is not None:
             raise DeadLetterError(
@@ -295,15 +285,15 @@ async def _delete_or_raise(js: JetStreamContext, letters: list[DeadLetter]) -> N
             )
 
 
-async def _purge_subject(js: JetStreamContext, stream: str, subject: str, dry_run: bool) -> int:
+async def _purge_subject(js: JetStream, stream: str, subject: str, dry_run: bool) -> int:
     """Purge `subject` up to the stream's current last sequence; the number purged.
 
     The count and the bound come from one stream-info answer, so a dead letter stored while
     this runs is neither purged nor counted.
     """
     with _errors(stream):
-        state = (await js.stream_info(stream, subjects_filter=subject)).state
-        count = sum((state.subjects or {}).values())
+        state = await stream_state(js, stream, subjects_filter=subject)
+        count = sum(state.subjects.values())
         if count and not dry_run:
-            await js.purge_stream(stream, subject=subject, seq=state.last_seq + 1)
+            await purge_subject(js, stream, subject, below=state.last_seq + 1)
     return count

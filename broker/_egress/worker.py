@@ -20,18 +20,18 @@ from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from nats.aio.msg import Msg
 
 from busway._components import Message, Sink
 from busway._config.model import CircuitConfig
 from busway._delivery.consumer import ConsumerComponent
 from busway._delivery.contract import ACK, DRAIN_NAK, REPLAY_MSG_ID_HEADER
+from busway._delivery.delivery import Delivery
 from busway._egress.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from busway._errors import BatchError, PermanentError, RetryableError
 
 __all__ = ["SinkWorker"]
 
-_Entry = tuple[Msg, Message, float]
+_Entry = tuple[Delivery, Message, float]
 
 
 class SinkWorker(ConsumerComponent):
@@ -69,10 +69,11 @@ class SinkWorker(ConsumerComponent):
         self._stopped.set()
         return await super().drain(timeout)
 
-    async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
+    async def handle(self, message: Delivery) -> None:
         """Queue `message` for the batcher (waits only if the queue is full, which the pull's
         bounds make all but impossible)."""
         headers = message.headers or {}
+        sequence = message.sequence
         delivery = Message(
             subject=message.subject,
             data=message.data,
@@ -83,7 +84,7 @@ class SinkWorker(ConsumerComponent):
             or f"{self.stream}:{sequence}",
             stream=self.stream,
             sequence=int(sequence),
-            attempt=attempt,
+            attempt=message.attempt,
         )
         entry = (message, delivery, time.monotonic())
         try:
@@ -109,7 +110,7 @@ class SinkWorker(ConsumerComponent):
                     # A bug on the way: settle what is still held rather than lose the
                     # batcher (and with it every later message).
                     for message, _, _ in batch:
-                        if message.reply in self.pull.held:
+                        if not message.settled:
                             await self.fail_unexpected(message, exc, retry=True)
         finally:
             self._queue_in.close()

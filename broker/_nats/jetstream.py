@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -35,32 +35,38 @@ from nats.js.api import (
 from nats.js.api import StreamConfig as NatsStreamConfig
 from nats.js.kv import KeyValue
 
-from busway._components import PublishAck, StateEntry
+from busway._components import PublishAck
 from busway._config.model import NatsConfig, StreamConfig, start_time
-from busway._errors import PublishError, RetryableError, StartupError
+from busway._errors import BusUnavailable, PublishError, StartupError
+from busway._nats import internals
+from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
+from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
 from busway._observe.readiness import WriteRefusals
 
 __all__ = [
+    "ConsumerState",
     "JetStreamPublisher",
     "KeyValueDedupStore",
     "KeyValueState",
     "await_pub_ack",
+    "close_connection",
     "connect",
+    "connect_once",
+    "consumer_state",
     "dedup_store",
     "ensure_consumer",
     "ensure_stream",
+    "flush",
     "nats_auth",
+    "open_state",
+    "publish_confirmed",
+    "publish_core",
     "publish_error",
     "server_name_of",
     "state_bucket",
 ]
 
 logger = logging.getLogger("busway.nats")
-
-# JetStream's error codes for "no room": account resources (10002), insufficient resources
-# (10023), memory or storage resources exceeded (10028, 10047), a stream limit with
-# discard-new (10077: maximum messages / bytes / messages per subject exceeded).
-_STORE_FULL_CODES = frozenset({10002, 10023, 10028, 10047, 10077})
 
 
 async def connect(
@@ -141,7 +147,11 @@ async def connect(
             f"cannot connect to NATS at {where} within {float(config.connect_timeout):g}s "
             f"([nats] connect_timeout): {cause}; check [nats] servers and that the server runs"
         )
-    if server_name is not None and server_name_of(client) != server_name:
+    if (
+        server_name is not None
+        and internals.available("Client._server_info")
+        and server_name_of(client) != server_name
+    ):
         found = server_name_of(client)
         await _abandon(client)
         raise StartupError(
@@ -152,10 +162,50 @@ async def connect(
     return client
 
 
+async def close_connection(client: NatsClient) -> None:
+    """Flush what is pending (acks included) and close, within 5 s, whatever state it is in."""
+    with anyio.move_on_after(5, shield=True):
+        if not client.is_closed:
+            with contextlib.suppress(Exception):
+                await client.flush(timeout=2)
+            # nats-py raises RuntimeError writing its pending buffer to a transport the
+            # server already closed (an embedded server that died for good): nothing left
+            # to save then, and the reason the bus stops must not be masked.
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def connect_once(
+    servers: list[str], *, name: str, connect_timeout: float, auth: Mapping[str, Any]
+) -> NatsClient:
+    """A short-lived connection for a command (no reconnecting): BusUnavailable, with the
+    server's own words, if none of `servers` takes it within `connect_timeout`."""
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        """Connection errors are reported once, in the BusUnavailable, not logged per try."""
+        errors.append(exc)
+
+    try:
+        return await nats.connect(
+            servers,
+            name=name,
+            connect_timeout=max(1, round(connect_timeout)),
+            # nats-py retries the first connect forever unless attempts are bounded (> 0).
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.2,
+            error_cb=remember,
+            **auth,
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        cause = errors[-1] if errors else exc
+        raise BusUnavailable(str(cause) or type(cause).__name__) from exc
+
+
 def server_name_of(client: NatsClient) -> str | None:
     """The `server_name` the server `client` is connected to announced in its INFO."""
-    name = client._server_info.get("server_name")
-    return name if isinstance(name, str) else None
+    return internals.server_name(client)
 
 
 def nats_auth(config: NatsConfig, resolve: Callable[[str], Path]) -> dict[str, Any]:
@@ -237,30 +287,15 @@ async def _abandon(client: NatsClient) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         with contextlib.suppress(Exception):
             await client.close()
-        transport = client._transport
-        if transport is not None:
-            with contextlib.suppress(Exception):
-                transport.close()  # type: ignore[no-untyped-call]
-                await transport.wait_closed()  # type: ignore[no-untyped-call]
-
-
-@contextlib.contextmanager
-def _startup_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except nats.js.errors.APIError as exc:
-        raise StartupError(
-            f"{what}: JetStream refused: {exc.description} (code {exc.err_code})"
-        ) from exc
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise StartupError(f"{what}: {exc or type(exc).__name__}") from exc
+        with contextlib.suppress(Exception):
+            await internals.close_transport(client)
 
 
 async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
     """Create `stream`, or update it to match; with `create = false`, only check it exists."""
     what = f"stream {stream.name!r}"
     if not stream.create:
-        with _startup_errors(f"{what} (create = false) must already exist"):
+        with startup_errors(f"{what} (create = false) must already exist"):
             await js.stream_info(stream.name)
         return
     config = NatsStreamConfig(
@@ -274,7 +309,7 @@ async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
         max_msgs=stream.max_msgs,
         discard=DiscardPolicy.OLD,
     )
-    with _startup_errors(f"cannot declare {what}"):
+    with startup_errors(f"cannot declare {what}"):
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
@@ -305,7 +340,7 @@ async def ensure_consumer(
     """
     what = f"consumer {durable!r} on stream {stream!r}"
     policy, moment = _deliver_policy(start)
-    with _startup_errors(f"cannot declare {what}"):
+    with startup_errors(f"cannot declare {what}"):
         try:
             existing: ConsumerConfig | None = (await js.consumer_info(stream, durable)).config
         except nats.js.errors.NotFoundError:
@@ -350,6 +385,35 @@ async def ensure_consumer(
             )
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """A durable consumer's position, as JetStream reports it (`consumer_info`)."""
+
+    delivered: int
+    """Highest stream sequence delivered."""
+    ack_pending: int
+    """Messages delivered and not acked yet."""
+    ack_floor: int
+    """Every message up to this stream sequence is acked."""
+    pending: int
+    """Messages not delivered yet (the backlog)."""
+    redelivered: int
+    """Messages delivered more than once and not acked yet."""
+
+
+async def consumer_state(js: JetStreamContext, stream: str, durable: str) -> ConsumerState:
+    """Where consumer `durable` on `stream` stands; BusUnavailable / JetStreamError if unknown."""
+    with map_exceptions(f"cannot read consumer {durable!r} on stream {stream!r}"):
+        info = await js.consumer_info(stream, durable)
+    return ConsumerState(
+        delivered=info.delivered.stream_seq or 0 if info.delivered else 0,
+        ack_pending=info.num_ack_pending or 0,
+        ack_floor=info.ack_floor.stream_seq or 0 if info.ack_floor else 0,
+        pending=info.num_pending or 0,
+        redelivered=info.num_redelivered or 0,
+    )
+
+
 def _deliver_policy(start: str | None) -> tuple[DeliverPolicy, datetime.datetime | None]:
     if start is None or start == "all":
         return DeliverPolicy.ALL, None
@@ -364,25 +428,6 @@ def _start_label(policy: str | None, moment: datetime.datetime | None) -> str:
     return {"all": "the beginning of the stream", "new": "new messages"}.get(
         str(getattr(policy, "value", policy)), str(policy)
     )
-
-
-def publish_error(exc: BaseException, subject: str) -> PublishError:
-    """Our error for a failed JetStream publish to `subject`, saying what to do."""
-    if isinstance(exc, nats.js.errors.NoStreamResponseError):
-        return PublishError(f"no stream captures subject {subject!r} (or JetStream is down)")
-    if isinstance(exc, nats.js.errors.APIError):
-        refused = PublishError(
-            f"JetStream refused {subject!r}: {exc.description} (code {exc.err_code})"
-        )
-        refused.store_full = exc.err_code in _STORE_FULL_CODES
-        refused.subject = subject
-        refused.description = f"{exc.description} (code {exc.err_code})"
-        return refused
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return PublishError(f"no PubAck for {subject!r} in time: JetStream slow or unreachable")
-    if isinstance(exc, asyncio.CancelledError):
-        return PublishError(f"publish to {subject!r} abandoned (connection closed)")
-    return PublishError(f"publish to {subject!r} failed: {exc!r}")
 
 
 async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: float) -> PubAck:
@@ -404,33 +449,50 @@ async def await_pub_ack(future: asyncio.Future[PubAck], subject: str, timeout: f
         error = publish_error(exc, subject)
         # JetStream's refusal and "no stream" are answers: nothing was stored. A connection
         # lost while waiting (or a cancelled wait) leaves the outcome unknown.
-        refused = nats.js.errors.APIError | nats.js.errors.NoStreamResponseError
-        error.unconfirmed = not isinstance(exc, refused)
+        error.unconfirmed = not is_refusal(exc)
         raise error from exc
 
 
-def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
-    """`client.jetstream()` with refused async publishes reported as refusals.
+async def publish_core(
+    client: NatsClient, subject: str, data: bytes, *, headers: dict[str, str] | None = None
+) -> None:
+    """Send on core NATS (no stream, no PubAck: a reply to an inbox); BusUnavailable if the
+    connection cannot take it."""
+    with map_exceptions(f"cannot send to {subject!r}"):
+        await client.publish(subject, data, headers=headers)
 
-    nats-py's async-publish reply handler calls `APIError.from_error`, which *raises* the
-    error instead of returning it, so the PubAck future of a refused message (stream full,
-    message too large...) is never resolved: the error goes to the connection's error callback
-    and the publisher waits out its whole `publish_timeout`. Here the raised error resolves the
-    future, so a refusal comes back at once with JetStream's own description.
+
+async def flush(client: NatsClient, timeout: float) -> None:
+    """Return once the server has everything sent so far (acks included); BusUnavailable if
+    it does not say so within `timeout`."""
+    with map_exceptions("cannot flush the NATS connection"):
+        await client.flush(timeout=max(1, int(timeout)))
+
+
+async def publish_confirmed(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    *,
+    headers: dict[str, str] | None,
+    timeout: float,
+) -> PubAck:
+    """Publish and wait for the PubAck (at most `timeout`); PublishError if not confirmed."""
+    try:
+        future = await js.publish_async(subject, data, headers=headers)
+    except Exception as exc:
+        raise publish_error(exc, subject) from exc
+    return await await_pub_ack(future, subject, timeout)
+
+
+def jetstream(client: NatsClient, *, window: int) -> JetStreamContext:
+    """`client.jetstream()` with refused async publishes reported as refusals at once.
+
+    Checks, once per connection, the nats-py internals busway uses (`busway._nats.internals`).
     """
     js = client.jetstream(publish_async_max_pending=window)
-    handle = js._handle_async_reply
-    prefix_length = len(client._inbox_prefix) + 24  # as nats-py slices the reply token
-
-    async def handle_async_reply(message: Msg) -> None:
-        try:
-            await handle(message)
-        except nats.js.errors.APIError as exc:
-            future = js._publish_async_futures.get(message.subject[prefix_length:])
-            if future is not None and not future.done():
-                future.set_exception(exc)
-
-    js._handle_async_reply = handle_async_reply  # type: ignore[method-assign,assignment]
+    internals.check(client, js)
+    internals.resolve_refusals_at_once(client, js)
     return js
 
 
@@ -442,12 +504,10 @@ def fail_unconfirmed(js: JetStreamContext) -> int:
     one `publish_timeout` after another. Failing them at once lets routes nak their inputs and
     republish (the deterministic message ids make that harmless) and sources answer 503.
     """
-    pending = [f for f in list(js._publish_async_futures.values()) if not f.done()]
-    for future in pending:
-        future.set_exception(nats.errors.ConnectionClosedError())
-    if pending:
-        logger.warning("reconnected: %d publish(es) lost their PubAck, retrying them", len(pending))
-    return len(pending)
+    count = internals.fail_pending_publishes(js, nats.errors.ConnectionClosedError())
+    if count:
+        logger.warning("reconnected: %d publish(es) lost their PubAck, retrying them", count)
+    return count
 
 
 class JetStreamPublisher:
@@ -477,7 +537,7 @@ class JetStreamPublisher:
         # A `wait_stall` makes nats-py wrap every publish in `asyncio.wait_for`, a task per
         # message on Python 3.11 (measured: 2.6x slower file ingest). Only pass it when the
         # publish window is full and the call would actually wait.
-        window_full = self._js._publish_async_pending_semaphore.locked()
+        window_full = internals.publish_window_full(self._js)
         try:
             future = await self._js.publish_async(
                 subject,
@@ -505,64 +565,9 @@ class JetStreamPublisher:
         return error
 
 
-class KeyValueState:
-    """A `StateStore` on a JetStream key-value bucket, with keys prefixed per component."""
-
-    def __init__(self, bucket: KeyValue, prefix: str) -> None:
-        self._bucket = bucket
-        self._prefix = prefix
-
-    async def get(self, key: str) -> bytes | None:
-        """The value under `key`, or None if absent or deleted."""
-        try:
-            entry = await self._bucket.get(self._prefix + key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot read state {key!r}: {exc!r}") from exc
-        return entry.value
-
-    async def entry(self, key: str) -> StateEntry | None:
-        """The value under `key` and its revision, or None if absent or deleted."""
-        try:
-            entry = await self._bucket.get(self._prefix + key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot read state {key!r}: {exc!r}") from exc
-        return StateEntry(value=entry.value or b"", revision=entry.revision or 0)
-
-    async def compare_and_set(self, key: str, value: bytes, *, revision: int) -> bool:
-        """Store `value` if `key` is still at `revision` (0: absent or deleted); else False."""
-        try:
-            if revision:
-                await self._bucket.update(self._prefix + key, value, last=revision)
-            else:
-                await self._bucket.create(self._prefix + key, value)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot store state {key!r}: {exc!r}") from exc
-        return True
-
-    async def put(self, key: str, value: bytes) -> None:
-        """Store `value` under `key`; RetryableError if JetStream did not confirm."""
-        try:
-            await self._bucket.put(self._prefix + key, value)
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot store state {key!r}: {exc!r}") from exc
-
-    async def delete(self, key: str) -> None:
-        """Forget `key`."""
-        try:
-            await self._bucket.delete(self._prefix + key)
-        except nats.errors.Error as exc:
-            raise RetryableError(f"cannot delete state {key!r}: {exc!r}") from exc
-
-
 async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
     """The key-value bucket busway keeps component state in, created if missing."""
-    with _startup_errors(f"cannot open the state bucket {name!r}"):
+    with startup_errors(f"cannot open the state bucket {name!r}"):
         try:
             return await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
@@ -571,60 +576,9 @@ async def state_bucket(js: JetStreamContext, name: str) -> KeyValue:
             )
 
 
-class KeyValueDedupStore:
-    """A `DedupStore`: a key-value bucket whose TTL is a stream's duplicate window.
-
-    Each operation is bounded by `timeout` (the publish timeout), like a publish: a request
-    waits no longer on its record than on its message.
-    """
-
-    def __init__(self, bucket: KeyValue, ttl: float, *, timeout: float) -> None:
-        self._bucket = bucket
-        self.ttl = ttl
-        self._timeout = timeout
-
-    async def create(self, key: str, value: bytes) -> bytes | None:
-        """Store `value` unless `key` is present: None if stored, else the present value."""
-        for _ in range(3):  # present, then expired before we could read it: try again
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._bucket.create(key, value)
-            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
-                pass
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise RetryableError(f"cannot record {key!r}: {exc!r}") from exc
-            else:
-                return None
-            present = await self.get(key)
-            if present is not None:
-                return present
-        raise RetryableError(f"cannot record {key!r}: it keeps changing")
-
-    async def get(self, key: str) -> bytes | None:
-        """The value under `key`, or None if absent, deleted or expired."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                return (await self._bucket.get(key)).value
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise RetryableError(f"cannot read {key!r}: {exc!r}") from exc
-
-    async def put(self, key: str, value: bytes) -> None:
-        """Store `value` under `key`; RetryableError if JetStream did not confirm."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._bucket.put(key, value)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise RetryableError(f"cannot store {key!r}: {exc!r}") from exc
-
-    async def delete(self, key: str) -> None:
-        """Forget `key`."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._bucket.delete(key)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise RetryableError(f"cannot delete {key!r}: {exc!r}") from exc
+async def open_state(js: JetStreamContext, name: str) -> Bucket:
+    """The state bucket `name` (see `state_bucket`) with busway's errors, as a `Bucket`."""
+    return Bucket(await state_bucket(js, name), name)
 
 
 async def dedup_store(
@@ -633,7 +587,7 @@ async def dedup_store(
     """The bucket `name`, its TTL the longest duplicate window of `streams` (as JetStream has
     them, so `create = false` streams count too), its replicas theirs; created if missing,
     its TTL updated if a window changed."""
-    with _startup_errors(f"cannot open the dedup bucket {name!r}"):
+    with startup_errors(f"cannot open the dedup bucket {name!r}"):
         configs = [(await js.stream_info(stream)).config for stream in streams]
         ttl = max((config.duplicate_window or 120.0 for config in configs), default=120.0)
         replicas = max((config.num_replicas or 1 for config in configs), default=1)

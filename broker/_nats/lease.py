@@ -45,6 +45,7 @@ import orjson
 from nats.js.kv import KeyValue
 
 from busway._errors import RetryableError
+from busway._nats.kv import Bucket
 
 __all__ = ["KeyValueLease", "LeaseKeeper", "lease_key", "new_holder_id"]
 
@@ -86,7 +87,7 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        bucket: KeyValue,
+        bucket: KeyValue | Bucket,
         key: str,
         *,
         ttl: float,
@@ -96,7 +97,9 @@ class LeaseKeeper:
     ) -> None:
         if ttl <= 0:
             raise ValueError("a lease ttl must be positive")
-        self._bucket = bucket
+        # Leases need revision-level operations (update with last, delete with last) that
+        # `Bucket` does not offer the engine: use the bucket's nats-py handle, inside _nats.
+        self._bucket = bucket.kv if isinstance(bucket, Bucket) else bucket
         self.key = key
         self.ttl = ttl
         self.holder = holder

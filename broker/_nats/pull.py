@@ -13,10 +13,11 @@ nats-py's `fetch()` can stall for its whole timeout on an orphaned pull request 
 * after a reconnect or a silence longer than a request's lifetime the books are reset and
   requests re-issued, because a restarted server forgets them (nats.py 504).
 
-nats-py calls `_on_message` from its own subscription task. That callback only keeps the books
-and queues the message; busway's delivery task (in the component's task group, started by
-`run`) hands it to the handler. So per-message work never runs in a task nats-py owns, and an
-error in it can never end up in nats-py's error callback as a "NATS connection error".
+nats-py calls `_on_message` from its own subscription task. That callback only keeps the
+books, wraps the message in a `Delivery` (which carries its own ack) and queues it; busway's
+delivery task (in the component's task group, started by `run`) hands it to the handler. So
+per-message work never runs in a task nats-py owns, and an error in it can never end up in
+nats-py's error callback as a "NATS connection error".
 """
 
 from __future__ import annotations
@@ -35,20 +36,23 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from busway._delivery.contract import delivery_of
+from busway._delivery.delivery import Delivery, Settler
 from busway._observe.metrics import ComponentStats
 
 __all__ = ["ContinuousPull"]
 
 logger = logging.getLogger("busway.pull")
 
-Handler = Callable[[Msg], Awaitable[None]]
-ErrorHandler = Callable[[Msg, Exception], Awaitable[None]]
+Handler = Callable[[Delivery], Awaitable[None]]
+ErrorHandler = Callable[[Delivery, Exception], Awaitable[None]]
 
 
 class ContinuousPull:
-    """Feeds messages of one durable pull consumer to `handler`, never more than `capacity`.
+    """Feeds deliveries of one durable pull consumer to `handler`, never more than `capacity`.
 
-    The handler owns each message's ack; it calls `forget(reply)` and then `make_room()` once
+    Each message becomes a `Delivery` settled through `owner`. The handler owns each ack; the
+    owner calls `forget(reply)` and then `make_room()` once
     per message it has acked, naked or terminated, which frees room for the next request.
     `held` is the slot book: one entry per message taken and not yet settled, so a second
     settle of the same delivery is refused rather than freeing a slot that is still taken. Its
@@ -63,6 +67,7 @@ class ContinuousPull:
         stream: str,
         durable: str,
         capacity: int,
+        owner: Settler,
         handler: Handler,
         on_error: ErrorHandler,
         stats: ComponentStats,
@@ -70,6 +75,12 @@ class ContinuousPull:
         expires: float = 1.0,
     ) -> None:
         self._client = client
+        self._stream = stream
+        self._owner = owner
+        self.send = client.publish
+        """nats-py's core publish, for ack payloads and `+WPI` (no wrapper: it runs once per
+        message). A failure means the connection is going away: the ack is lost, JetStream
+        redelivers after `ack_wait`, and the outputs' message ids make that harmless."""
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._capacity = capacity
         self._handler = handler
@@ -89,7 +100,7 @@ class ContinuousPull:
         # Messages taken from nats-py's callback, waiting for the delivery task. Bounded by
         # the books: no more is ever requested than `capacity` minus what is held, so it holds
         # at most `capacity` (twice that for a moment after a reset re-requests).
-        self._queue: collections.deque[Msg] = collections.deque()
+        self._queue: collections.deque[Delivery] = collections.deque()
         self._wake = asyncio.Event()
         self.released = 0
         """Messages settled so far: a stalled component is one whose count stops moving."""
@@ -198,7 +209,7 @@ class ContinuousPull:
             logger.debug("pull request on %s not sent: %s", self._subject, exc)
 
     async def _on_message(self, message: Msg) -> None:
-        """nats-py's callback: keep the books and queue the message, nothing more."""
+        """nats-py's callback: keep the books and queue the delivery, nothing more."""
         self._last_heard = time.monotonic()
         headers = message.headers
         if headers and not message.data and "Status" in headers:
@@ -206,8 +217,21 @@ class ContinuousPull:
             return
         self._requested -= 1
         self._stats.in_flight += 1
-        self.held[message.reply] = self.tick
-        self._queue.append(message)
+        reply = message.reply
+        self.held[reply] = self.tick
+        sequence, attempt = delivery_of(reply)
+        self._queue.append(
+            Delivery(
+                self._owner,
+                message.subject,
+                message.data,
+                headers,
+                reply,
+                self._stream,
+                sequence,
+                attempt,
+            )
+        )
         self._wake.set()
 
     async def _deliver(self) -> None:
@@ -220,11 +244,11 @@ class ContinuousPull:
                 wake.clear()
                 await wake.wait()
                 continue
-            message = queue.popleft()
+            delivery = queue.popleft()
             try:
-                await handler(message)
+                await handler(delivery)
             except Exception as exc:
-                await self._on_error(message, exc)
+                await self._on_error(delivery, exc)
             if self._requested < self._low_water:
                 await self._maybe_request()
 

@@ -23,15 +23,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import nats.errors
-import nats.js.errors
 import orjson
-from nats.js.kv import KeyValue
 
-from busway._nats.jetstream import state_bucket
+from busway._errors import RetryableError
+from busway._nats.jetstream import consumer_state, open_state
+from busway._nats.kv import Bucket
 
 if TYPE_CHECKING:
-    from nats.js import JetStreamContext
+    from busway._nats.types import JetStream
 
 __all__ = ["AggregateState", "DoneRecord", "Snapshot"]
 
@@ -61,12 +60,12 @@ class DoneRecord:
 class AggregateState:
     """The KV records of one aggregating route; see the module docstring."""
 
-    def __init__(self, js: JetStreamContext, bucket_name: str, route: str) -> None:
+    def __init__(self, js: JetStream, bucket_name: str, route: str) -> None:
         self.js = js
         self.bucket_name = bucket_name
         self.prefix = f"aggregate.{route}."
         self.logger = logging.getLogger(f"busway.route.{route}")
-        self._bucket: KeyValue | None = None
+        self._bucket: Bucket | None = None
         self._done: dict[str, set[str]] = {}
         """Input sequence → keys of published groups that held it (records still kept)."""
         self._records: dict[str, DoneRecord] = {}
@@ -78,16 +77,14 @@ class AggregateState:
 
         None if the consumer's state cannot be read: then every input is treated as new.
         """
-        self._bucket = await state_bucket(self.js, self.bucket_name)
+        self._bucket = await open_state(self.js, self.bucket_name)
         try:
-            info = await self.js.consumer_info(stream, durable)
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            state = await consumer_state(self.js, stream, durable)
+        except RetryableError as exc:
             self.logger.warning("aggregate: cannot read the consumer's state (%s)", exc)
             return None
         snapshot = Snapshot(
-            delivered=info.delivered.stream_seq if info.delivered else 0,
-            pending=info.num_ack_pending or 0,
-            ack_floor=info.ack_floor.stream_seq if info.ack_floor else 0,
+            delivered=state.delivered, pending=state.ack_pending, ack_floor=state.ack_floor
         )
         await self._load_records()
         await self.clear_acked(snapshot.ack_floor)
@@ -96,21 +93,17 @@ class AggregateState:
     async def _load_records(self) -> None:
         assert self._bucket is not None
         try:
-            watcher = await self._bucket.watch(f"{self.prefix}done.>", ignore_deletes=True)
-            try:
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    record = _parse(entry.key, entry.value)
-                    if record is None:
-                        self.logger.warning("aggregate: ignoring a damaged record %s", entry.key)
-                        continue
-                    self._keep(record)
-                    self._await_floor.add(record.kv_key)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            entries = await self._bucket.entries(f"{self.prefix}done.>")
+        except RetryableError as exc:
             self.logger.warning("aggregate: cannot read the published-group records (%s)", exc)
+            return
+        for kv_key, value in entries:
+            record = _parse(kv_key, value)
+            if record is None:
+                self.logger.warning("aggregate: ignoring a damaged record %s", kv_key)
+                continue
+            self._keep(record)
+            self._await_floor.add(record.kv_key)
 
     # -- group clocks ----------------------------------------------------------------------
 
@@ -123,17 +116,15 @@ class AggregateState:
         kv_key = self._clock_key(key)
         if restored:
             try:
-                entry = await self._bucket.get(kv_key)
-                if entry.value:
-                    return float(entry.value)
-            except nats.js.errors.KeyNotFoundError:
-                pass
-            except (nats.errors.Error, ValueError) as exc:
+                value = await self._bucket.get(kv_key)
+                if value:
+                    return float(value)
+            except (RetryableError, ValueError) as exc:
                 self.logger.warning("aggregate: cannot read the clock of a group: %s", exc)
         now = time.time()
         try:
             await self._bucket.put(kv_key, repr(now).encode())
-        except nats.errors.Error as exc:
+        except RetryableError as exc:
             self.logger.warning("aggregate: cannot record the clock of a group: %s", exc)
         return now
 
@@ -142,7 +133,7 @@ class AggregateState:
         assert self._bucket is not None
         try:
             await self._bucket.delete(self._clock_key(key))
-        except nats.errors.Error as exc:
+        except RetryableError as exc:
             self.logger.warning("aggregate: cannot clear a group clock: %s", exc)
 
     # -- published groups ------------------------------------------------------------------
@@ -163,7 +154,7 @@ class AggregateState:
         value = orjson.dumps({"key": key, "members": [int(sequence) for sequence in members]})
         try:
             await self._bucket.put(kv_key, value)
-        except nats.errors.Error as exc:
+        except RetryableError as exc:
             self.logger.warning("aggregate: cannot record a published group: %s", exc)
             return None
         record = DoneRecord(kv_key=kv_key, key=key, members=list(members))
@@ -195,10 +186,9 @@ class AggregateState:
     async def ack_floor(self, stream: str, durable: str) -> int | None:
         """The consumer's ack floor now, or None if it cannot be read."""
         try:
-            info = await self.js.consumer_info(stream, durable)
-        except (nats.errors.Error, nats.js.errors.Error):
+            return (await consumer_state(self.js, stream, durable)).ack_floor
+        except RetryableError:
             return None
-        return info.ack_floor.stream_seq if info.ack_floor else 0
 
     def _keep(self, record: DoneRecord) -> None:
         self._records[record.kv_key] = record
@@ -209,7 +199,7 @@ class AggregateState:
         assert self._bucket is not None
         try:
             await self._bucket.delete(record.kv_key)
-        except nats.errors.Error as exc:
+        except RetryableError as exc:
             self.logger.warning("aggregate: cannot clear a published-group record: %s", exc)
             self._await_floor.add(record.kv_key)
             return

@@ -21,34 +21,76 @@ it form *the same* group, published once (see `_aggregate_state` for the KV reco
 from __future__ import annotations
 
 import heapq
+import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
-import nats.errors
-from nats.aio.msg import Msg
 
 from busway._delivery.contract import ACK, DRAIN_NAK
-from busway._errors import RetryableError
+from busway._delivery.delivery import Delivery
+from busway._errors import BusUnavailable, RetryableError
+from busway._observe.metrics import ComponentStats
 from busway._routing.aggregate_state import AggregateState, DoneRecord, Snapshot
 from busway.routers.context import MessageContext
-from busway.routers.pipeline import RouteServices, RoutingError
+from busway.routers.pipeline import Output, RouteServices, RoutingError
 from busway.routers.route import Route
 
-if TYPE_CHECKING:
-    from busway._routing.worker import RouteWorker
+__all__ = ["Aggregator", "AggregatorHost"]
 
-__all__ = ["Aggregator"]
+_Input = tuple[Delivery, str, int, MessageContext | None]
 
-_Input = tuple[Msg, str, int, MessageContext | None]
+
+class AggregatorHost(Protocol):
+    """What an `Aggregator` needs from the route it runs in (a `RouteWorker`), and no more.
+
+    The aggregator holds deliveries; the host publishes what they produce, settles them
+    (ack, retry with back-off, dead-letter by the route's rules), confirms that acks reached
+    the server, and runs background work in its task group.
+    """
+
+    stream: str
+    durable: str
+    ack_wait: float
+    logger: logging.Logger
+    stats: ComponentStats
+
+    async def publish_side(self, outputs: list[Output], message: Delivery, id_base: str) -> None:
+        """Publish outputs that are not part of a group (wiretaps, replies), not waited for."""
+
+    async def publish_group(
+        self, outputs: list[Output], headers_from: Delivery, id_base: str
+    ) -> tuple[int, Exception | None]:
+        """Publish a group's outputs (ids `<id_base>:<route>:<n>`, headers of `headers_from`)
+        and wait for their PubAcks: (outputs stored, the first failure or None)."""
+
+    async def confirm_acks(self) -> None:
+        """Return once the server has every ack sent so far; BusUnavailable if not."""
+
+    async def settle(self, message: Delivery, payload: bytes) -> None:
+        """Send `payload` (ack, nak) for `message`, once."""
+
+    async def retry_later(
+        self, message: Delivery, sequence: str, attempt: int, error: str, *, reason: str
+    ) -> None:
+        """Nak `message` with back-off (dead-letter it after `max_attempts`)."""
+
+    async def reject(
+        self, message: Delivery, sequence: str, attempt: int, error: RoutingError
+    ) -> None:
+        """Retry or dead-letter `message` for a routing error, by the route's rules."""
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run `work` in the host's task group; its errors are logged."""
 
 
 @dataclass(slots=True)
 class _Group:
     started: float
     """Wall-clock time the group's first input arrived (kept in KV across restarts)."""
-    members: dict[str, tuple[Msg, int]] = field(default_factory=dict)
+    members: dict[str, tuple[Delivery, int]] = field(default_factory=dict)
     """Input sequence → (message, attempt): one entry per input, redeliveries replace it."""
     documents: dict[str, list[Any]] = field(default_factory=dict)
     """Input sequence → the bodies it added (a split input may add several)."""
@@ -79,7 +121,13 @@ class _Restart:
 class Aggregator:
     """Groups of one route, keyed by the `by` expression."""
 
-    def __init__(self, worker: RouteWorker, route: Route, services: RouteServices) -> None:
+    def __init__(
+        self,
+        worker: AggregatorHost,
+        route: Route,
+        services: RouteServices,
+        state: AggregateState,
+    ) -> None:
         assert route.aggregation is not None
         self.worker = worker
         self.route = route
@@ -88,7 +136,7 @@ class Aggregator:
         self.groups: dict[str, _Group] = {}
         self._refs: dict[str, int] = {}
         """Input sequence → how many open groups hold it: acked when the last one publishes."""
-        self.state = AggregateState(worker.js, worker.state_bucket_name, route.name)
+        self.state = state
         self._restart: _Restart | None = None
         self._old_up_to = 0
         """Inputs up to this stream sequence were delivered to an earlier process."""
@@ -116,7 +164,7 @@ class Aggregator:
     # -- receiving ---------------------------------------------------------------------------
 
     async def add(
-        self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
+        self, message: Delivery, sequence: str, attempt: int, context: MessageContext | None
     ) -> None:
         """Add an input to its group(s); publish every group it completes."""
         restart = self._restart
@@ -147,7 +195,7 @@ class Aggregator:
         self._restart = None
 
     async def _add(
-        self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
+        self, message: Delivery, sequence: str, attempt: int, context: MessageContext | None
     ) -> None:
         worker = self.worker
         try:
@@ -159,7 +207,7 @@ class Aggregator:
             await worker.retry_later(message, sequence, attempt, str(exc), reason="route")
             return
         if side:
-            await worker.publish_outputs(side, message, f"{worker.stream}:{sequence}")
+            await worker.publish_side(side, message, f"{worker.stream}:{sequence}")
         if not pairs:
             worker.stats.filtered += 1
             await worker.settle(message, ACK)
@@ -258,12 +306,7 @@ class Aggregator:
         first = min(members, key=lambda member: int(member[0]))[0]
         id_base = f"{worker.stream}:{first}:agg"
         # The first input stands in for the group's headers (correlation ids and the like).
-        futures = await worker.publish_outputs(outputs, members[0][1][0], id_base)
-        error = (
-            await worker.await_all(futures, outputs, time.monotonic() + worker.publish_timeout)
-            if futures
-            else None
-        )
+        stored, error = await worker.publish_group(outputs, members[0][1][0], id_base)
         record = None
         if error is None:
             record = await self.state.record_done(key, [sequence for sequence, _ in members])
@@ -274,7 +317,7 @@ class Aggregator:
             elif self._release(sequence, last_only=False):
                 await worker.retry_later(message, sequence, attempt, str(error), reason="publish")
         if error is None:
-            worker.stats.published += len(futures or ())
+            worker.stats.published += stored
             self._forget_clock(key)
             if record is not None:
                 worker.spawn(self._confirm_acks(record))
@@ -282,8 +325,8 @@ class Aggregator:
     async def _confirm_acks(self, record: DoneRecord) -> None:
         """Once the server has the acks (a flush), the group's record is no longer needed."""
         try:
-            await self.worker.client.flush(timeout=max(1, int(self.worker.publish_timeout)))
-        except (nats.errors.Error, TimeoutError):
+            await self.worker.confirm_acks()
+        except BusUnavailable:
             self.state.acks_unconfirmed(record)
             return
         await self.state.acks_confirmed(record)
@@ -294,7 +337,7 @@ class Aggregator:
         self._forget_clock(key)
 
     async def _dead_letter(
-        self, members: list[tuple[str, tuple[Msg, int]]], error: RoutingError
+        self, members: list[tuple[str, tuple[Delivery, int]]], error: RoutingError
     ) -> None:
         for sequence, (message, attempt) in members:
             if self._release(sequence, last_only=False):

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-
-import nats.errors
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KeyValue
+from typing import TYPE_CHECKING
 
 from busway._errors import RetryableError
-from busway._routing.requests import Requester
+from busway._nats.kv import Bucket, open_bucket
+from busway._nats.requests import Requester
+
+if TYPE_CHECKING:
+    from busway._nats.types import JetStream
 
 __all__ = ["NatsRouteServices"]
 
@@ -25,10 +24,10 @@ _BUCKET_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 class NatsRouteServices:
     """`RouteServices` for one route, on its connection."""
 
-    def __init__(self, js: JetStreamContext, requester: Requester) -> None:
+    def __init__(self, js: JetStream, requester: Requester) -> None:
         self._js = js
         self._requester = requester
-        self._buckets: dict[str, KeyValue] = {}
+        self._buckets: dict[str, Bucket] = {}
 
     async def request(
         self, subject: str, body: bytes, headers: dict[str, str], timeout: float
@@ -45,28 +44,18 @@ class NatsRouteServices:
         bucket = await self._bucket(scope, window)
         entry = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
         try:
-            await bucket.create(entry, owner.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            try:
-                seen = await bucket.get(entry)
-            except nats.js.errors.KeyNotFoundError:
-                return await self.claim(scope, key, owner, window)  # expired meanwhile
-            except nats.errors.Error as exc:
-                raise RetryableError(f"dedupe: cannot read key state: {exc!r}") from exc
-            return seen.value == owner.encode()
-        except nats.errors.Error as exc:
-            raise RetryableError(f"dedupe: cannot record the key: {exc!r}") from exc
-        return True
+            if await bucket.create(entry, owner.encode()):
+                return True
+            seen = await bucket.get(entry)
+        except RetryableError as exc:
+            raise RetryableError(f"dedupe: {exc}") from exc
+        if seen is None:
+            return await self.claim(scope, key, owner, window)  # expired meanwhile
+        return seen == owner.encode()
 
-    async def _bucket(self, scope: str, window: float) -> KeyValue:
+    async def _bucket(self, scope: str, window: float) -> Bucket:
         bucket = self._buckets.get(scope)
         if bucket is None:
             name = "busway_dedupe_" + _BUCKET_UNSAFE.sub("_", scope)
-            try:
-                bucket = await self._js.key_value(name)
-            except nats.js.errors.BucketNotFoundError:
-                bucket = await self._js.create_key_value(
-                    KeyValueConfig(bucket=name, history=1, ttl=window, storage=StorageType.FILE)
-                )
-            self._buckets[scope] = bucket
+            bucket = self._buckets[scope] = await open_bucket(self._js, name, ttl=window)
         return bucket

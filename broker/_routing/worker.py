@@ -25,27 +25,29 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js.api import PubAck
 
 from busway._delivery.consumer import ConsumerComponent
 from busway._delivery.contract import ACK, REPLAY_ORIGIN_HEADER, passthrough_headers
-from busway._errors import RetryableError
-from busway._nats.fast_publish import publish_with_id
-from busway._nats.jetstream import await_pub_ack, publish_error
+from busway._delivery.delivery import Delivery
+from busway._errors import BusUnavailable, RetryableError
+from busway._nats.internals import publish_output
+from busway._nats.jetstream import await_pub_ack, flush, publish_core
+from busway._routing.aggregate_state import AggregateState
 from busway._routing.aggregator import Aggregator
 from busway._routing.hops import HopCounter
 from busway.routers.context import MessageContext
 from busway.routers.pipeline import OUT, REPLY, Output, RouteServices, RoutingError
 from busway.routers.route import Route
 
+if TYPE_CHECKING:
+    from busway._nats.types import PubAck
+
 __all__ = ["RouteWorker"]
 
-_Futures = list[asyncio.Future[PubAck]]
+_Futures = list["asyncio.Future[PubAck]"]
 
 # What an input waits for: the PubAck futures of its OUT outputs, the outputs (OUT ones
 # first, so `outputs[i]` names the subject of `futures[i]`), and when they were published.
@@ -55,7 +57,7 @@ _Published = tuple[_Futures, list[Output], float]
 # `published` is a future for routes that process messages concurrently: the message's task
 # resolves it with the futures, or None when it settled the message itself (filtered, retried,
 # dead-lettered). A plain tuple: one is built per message, and a tuple is the cheapest record.
-_Pending = tuple[Msg, "_Published | asyncio.Future[_Published | None]", str, int, float]
+_Pending = tuple[Delivery, "_Published | asyncio.Future[_Published | None]", str, int, float]
 
 
 class RouteWorker(ConsumerComponent):
@@ -87,7 +89,8 @@ class RouteWorker(ConsumerComponent):
         """Start the in-order settler (and the aggregator, if any)."""
         tg.start_soon(self._settle_in_order)
         if self.route.aggregation is not None:
-            self.aggregator = Aggregator(self, self.route, self.services)
+            state = AggregateState(self.js, self.state_bucket_name, self.route.name)
+            self.aggregator = Aggregator(self, self.route, self.services, state)
             await self.aggregator.open()
             tg.start_soon(self.aggregator.expire_groups)
 
@@ -98,15 +101,16 @@ class RouteWorker(ConsumerComponent):
             await self.aggregator.release_all()
         return await super().drain(timeout)
 
-    def context_of(self, message: Msg, sequence: str, attempt: int) -> MessageContext | None:
+    def context_of(self, message: Delivery, sequence: str, attempt: int) -> MessageContext | None:
         """The message's context if the route's expressions read it, else None."""
         if not self.route.needs_context:
             return None
         return MessageContext(message.subject, message.headers, self.stream, int(sequence), attempt)
 
-    async def handle(self, message: Msg, sequence: str, attempt: int) -> None:
+    async def handle(self, message: Delivery) -> None:
         """Run the route and publish its outputs; the settler acks once they are stored."""
         received = time.monotonic()
+        sequence, attempt = message.sequence, message.attempt
         route = self.route
         if self.hops is not None and (looping := self.hops.refusal(message.headers)):
             await self.reject(message, sequence, attempt, looping)
@@ -145,7 +149,7 @@ class RouteWorker(ConsumerComponent):
 
         self.task_group.start_soon(guarded)
 
-    def _spawn(self, message: Msg, sequence: str, attempt: int, received: float) -> None:
+    def _spawn(self, message: Delivery, sequence: str, attempt: int, received: float) -> None:
         context = self.context_of(message, sequence, attempt)
         if self.aggregator is not None:
             self.task_group.start_soon(self._aggregate, message, sequence, attempt, context)
@@ -158,7 +162,7 @@ class RouteWorker(ConsumerComponent):
         )
 
     async def _aggregate(
-        self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
+        self, message: Delivery, sequence: str, attempt: int, context: MessageContext | None
     ) -> None:
         assert self.aggregator is not None
         try:  # [isolation] guarded: alone if a suspect
@@ -170,7 +174,7 @@ class RouteWorker(ConsumerComponent):
 
     async def _process_async(
         self,
-        message: Msg,
+        message: Delivery,
         sequence: str,
         attempt: int,
         context: MessageContext | None,
@@ -187,7 +191,7 @@ class RouteWorker(ConsumerComponent):
                 published.set_result(result)
 
     async def _run_async(
-        self, message: Msg, sequence: str, attempt: int, context: MessageContext | None
+        self, message: Delivery, sequence: str, attempt: int, context: MessageContext | None
     ) -> _Published | None:
         try:  # [isolation] guarded: alone if a suspect
             outputs = await self.isolation.guard(message.reply, self._outputs_of, message, context)
@@ -205,12 +209,12 @@ class RouteWorker(ConsumerComponent):
             return None
         return futures, outputs, time.monotonic()
 
-    async def _outputs_of(self, message: Msg, context: MessageContext | None) -> list[Output]:
+    async def _outputs_of(self, message: Delivery, context: MessageContext | None) -> list[Output]:
         if self.route.is_async:
             return await self.route.process_async(message.data, context, self.services)
         return self.route.process(message.data, context)  # a synchronous route's suspect
 
-    def _id_base(self, message: Msg, sequence: str) -> str:
+    def _id_base(self, message: Delivery, sequence: str) -> str:
         """`<stream>:<sequence>` of the input, which names its outputs; for a replayed dead
         letter, the place of the input the route first failed on (the same ids again)."""
         headers = message.headers
@@ -220,12 +224,14 @@ class RouteWorker(ConsumerComponent):
                 return origin
         return self._id_prefix + sequence
 
-    async def _settle_without_outputs(self, message: Msg, outputs: list[Output]) -> None:
+    async def _settle_without_outputs(self, message: Delivery, outputs: list[Output]) -> None:
         if not outputs:
             self.stats.filtered += 1
         await self.settle(message, ACK)
 
-    async def reject(self, message: Msg, sequence: str, attempt: int, error: RoutingError) -> None:
+    async def reject(
+        self, message: Delivery, sequence: str, attempt: int, error: RoutingError
+    ) -> None:
         """Retry a transient routing error; dead-letter a permanent one with where and why.
 
         The route's `retry.permanent` / `retry.transient` lists override by error kind.
@@ -243,7 +249,7 @@ class RouteWorker(ConsumerComponent):
         )
 
     async def publish_outputs(
-        self, outputs: list[Output], message: Msg, id_base: str
+        self, outputs: list[Output], message: Delivery, id_base: str
     ) -> _Futures | None:
         """Publish `outputs` without waiting; the PubAck futures of the OUT ones (None if none).
 
@@ -254,7 +260,6 @@ class RouteWorker(ConsumerComponent):
         inherited = message.headers
         hop = self.hops.next_hop(inherited) if self.hops is not None else None
         id_base += self._id_suffix
-        publish = self.js.publish_async
         indexes = self._indexes
         futures: _Futures = []
         js = self.js
@@ -268,25 +273,36 @@ class RouteWorker(ConsumerComponent):
                 await self._reply(subject, body, headers or {})
                 continue
             message_id = id_base + (indexes[index] if index < 64 else str(index))
-            try:
-                if headers:
-                    headers["Nats-Msg-Id"] = message_id
-                    future = await publish(subject, body, headers=headers)
-                else:  # the common case: the id is the only header
-                    future = await publish_with_id(js, subject, body, message_id)
-            except (TimeoutError, nats.errors.Error) as exc:
-                future = asyncio.get_running_loop().create_future()
-                future.set_exception(publish_error(exc, subject))
+            # Never raises: a publish that could not be sent is a failed future.
+            future = await publish_output(js, subject, body, message_id, headers)
             if kind == OUT:
                 futures.append(future)
             else:
                 future.add_done_callback(self._tap_done)
         return futures or None
 
+    async def publish_side(self, outputs: list[Output], message: Delivery, id_base: str) -> None:
+        """Publish outputs an aggregate input yields beside its group; not waited for."""
+        await self.publish_outputs(outputs, message, id_base)
+
+    async def publish_group(
+        self, outputs: list[Output], headers_from: Delivery, id_base: str
+    ) -> tuple[int, Exception | None]:
+        """Publish an aggregate's outputs and wait for their PubAcks (see `AggregatorHost`)."""
+        futures = await self.publish_outputs(outputs, headers_from, id_base)
+        if not futures:
+            return 0, None
+        deadline = time.monotonic() + self.publish_timeout
+        return len(futures), await self.await_all(futures, outputs, deadline)
+
+    async def confirm_acks(self) -> None:
+        """Return once the server has every ack sent so far (a flush); BusUnavailable if not."""
+        await flush(self.client, self.publish_timeout)
+
     async def _reply(self, inbox: str, body: bytes, headers: dict[str, str]) -> None:
         try:
-            await self.client.publish(inbox, body, headers=headers)
-        except nats.errors.Error as exc:
+            await publish_core(self.client, inbox, body, headers=headers)
+        except BusUnavailable as exc:
             # The requester times out and answers its caller; the message itself is fine.
             self.stats.count_error("reply")
             self.logger.warning("could not reply to %s: %s", inbox, exc)

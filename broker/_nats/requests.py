@@ -22,7 +22,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from busway._nats.jetstream import await_pub_ack
+from busway._errors import BusUnavailable
+from busway._nats.errors import map_exceptions
+from busway._nats.jetstream import publish_confirmed
 from busway.routers.pipeline import REPLY_TO_HEADER
 
 __all__ = ["Requester"]
@@ -48,7 +50,8 @@ class Requester:
         self._subscription: Subscription | None = None
 
     async def _subscribe(self) -> None:
-        self._subscription = await self._client.subscribe(f"{self._prefix}.*", cb=self._answer)
+        with map_exceptions("cannot subscribe to request answers"):
+            self._subscription = await self._client.subscribe(f"{self._prefix}.*", cb=self._answer)
 
     async def _answer(self, message: Msg) -> None:
         waiter = self._waiting.pop(message.subject.rpartition(".")[2], None)
@@ -67,7 +70,8 @@ class Requester:
         """Publish `body` to `subject` and return the answer; TimeoutError after `timeout`.
 
         For a stored subject the request is durable before we wait (a PublishError if it
-        could not be stored); `message_id` lets a retried request be deduplicated.
+        could not be stored); `message_id` lets a retried request be deduplicated. The answer
+        has `data` and `headers`.
         """
         if not self._is_stored(subject):
             try:
@@ -76,6 +80,10 @@ class Requester:
                 raise TimeoutError(f"no answer from {subject!r} within {timeout:g}s") from None
             except nats.errors.NoRespondersError:
                 raise TimeoutError(f"nothing answers requests on {subject!r}") from None
+            except nats.errors.Error as exc:
+                raise BusUnavailable(
+                    f"request to {subject!r}: {exc or type(exc).__name__}"
+                ) from exc
         if self._subscription is None:
             await self._subscribe()
         token = uuid.uuid4().hex
@@ -84,8 +92,9 @@ class Requester:
         try:
             headers = {**headers, REPLY_TO_HEADER: f"{self._prefix}.{token}"}
             headers["Nats-Msg-Id"] = message_id or token
-            future = await self._js.publish_async(subject, body, headers=headers)
-            await await_pub_ack(future, subject, self._publish_timeout)
+            await publish_confirmed(
+                self._js, subject, body, headers=headers, timeout=self._publish_timeout
+            )
             try:
                 return await asyncio.wait_for(waiter, timeout)
             except TimeoutError:
