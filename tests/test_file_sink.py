@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 
 from busway import BuildContext, Bus, ConfigError, Message, RetryableError
 from busway.adapters.file import FileSink, FileSinkConfig
-from busway.adapters.file._index import intent_line
+from busway.adapters.file._index import VERSION, intent_line, read_index
 from tests.files_support import append, tree
 from tests.support import (
     NatsServer,
@@ -134,15 +134,23 @@ retry = {{ max_attempts = 50, backoff = "50ms", max_backoff = "100ms" }}
 """
 
 
-def message(n: int, *, stream: str = "S", data: bytes | None = None) -> Message:
+def message(
+    n: int,
+    *,
+    stream: str = "S",
+    data: bytes | None = None,
+    id: str | None = None,
+    sequence: int | None = None,
+) -> Message:
+    """Message `{"n": n}`, by default at sequence n and without a Nats-Msg-Id (id S:n)."""
     body = data if data is not None else orjson.dumps({"n": n})
     return Message(
         subject="out.x",
         data=body,
         headers={},
-        id=f"{stream}:{n}",
+        id=id if id is not None else f"{stream}:{n}",
         stream=stream,
-        sequence=n,
+        sequence=sequence if sequence is not None else n,
         attempt=1,
     )
 
@@ -224,6 +232,69 @@ async def test_a_redelivered_batch_is_not_appended_twice_and_a_torn_tail_is_drop
     await restarted.write([message(3), message(4), message(5)])  # redelivered after restart
     await restarted.close()
     assert lines_of(out) == [1, 2, 3, 4, 5]
+
+
+async def test_a_message_stored_again_under_its_id_is_not_appended_after_restarts_or_rotations(
+    tmp_path: Path,
+) -> None:
+    # A source resuming from an old checkpoint after the stream's duplicate window, or a
+    # replayed dead letter: the same Message.id comes back as a new stream message.
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl", rotate_bytes=30)
+    first = FileSink(config, BuildContext(base_dir=tmp_path))
+    await first.open()
+    originals = [message(n, id=f"inbox:abc:{n}") for n in range(1, 5)]
+    await first.write(originals[:2])
+    await first.write(originals[2:])  # rotates: the first two are in a rotated file now
+    await first.close()
+    again = [message(n, id=f"inbox:abc:{n}", sequence=100 + n) for n in range(1, 5)]
+    restarted = FileSink(config, BuildContext(base_dir=tmp_path))
+    await restarted.open()
+    await restarted.write([*again, message(5, id="inbox:abc:5", sequence=105)])
+    await restarted.close()
+    files = sorted(tmp_path / name for name in tree(tmp_path) if name.endswith(".jsonl"))
+    assert len(files) >= 2, "the test must span a rotation"
+    assert sorted(lines_of(*files)) == [1, 2, 3, 4, 5]
+
+
+async def test_an_index_keyed_by_stream_and_sequence_is_migrated_to_message_ids(
+    tmp_path: Path,
+) -> None:
+    # An index written by the previous version: ids are <stream>:<sequence>, and the last
+    # batch (ORDERS 1-2) was written but not acked when that daemon stopped.
+    out = tmp_path / "out.jsonl"
+    lines = b'{"n": 1}\n{"n": 2}\n'
+    out.write_bytes(lines)
+    index = out.with_name("out.jsonl.ids")
+    index.write_bytes(
+        b'{"v": 2, "start": %d, "end": 0}\n{"ids": ["ORDERS:7"]}\n' % time.time()
+        + intent_line(0, lines, ["ORDERS:1", "ORDERS:2"])
+    )
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl")
+    upgraded = FileSink(config, BuildContext(base_dir=tmp_path))
+    await upgraded.open()
+    state = read_index(index)
+    assert state is not None and state.version == VERSION
+    assert state.ids == {"ORDERS:7": True, "ORDERS:1": True, "ORDERS:2": True}
+    # The unacked batch comes again, now known by its Nats-Msg-Id, with a new message.
+    await upgraded.write([message(n, stream="ORDERS", id=f"inbox:abc:{n}") for n in (1, 2, 3)])
+    await upgraded.close()
+    assert lines_of(out) == [1, 2, 3]
+    restarted = FileSink(config, BuildContext(base_dir=tmp_path))
+    await restarted.open()
+    state = read_index(index)
+    assert state is not None
+    assert state.ids == {"ORDERS:7": True, "ORDERS:1": True, "ORDERS:2": True, "inbox:abc:3": False}
+    # After a second restart the old keys still recognise a late redelivery, and message 3
+    # is recognised by its id whatever its sequence.
+    await restarted.write(
+        [
+            message(2, stream="ORDERS", id="inbox:abc:2"),
+            message(3, stream="ORDERS", id="inbox:abc:3", sequence=40),
+            message(4, stream="ORDERS", id="inbox:abc:4"),
+        ]
+    )
+    await restarted.close()
+    assert lines_of(out) == [1, 2, 3, 4]
 
 
 async def test_disk_full_leaves_no_partial_line_is_retryable_and_recovers(tmp_path: Path) -> None:

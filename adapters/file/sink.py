@@ -16,11 +16,13 @@
     path = "var/out/{subject[1]}/{id}.json" # see _template for the placeholders
 
 `append` writes each JSON body as one line; a batch is one write, one fsync, and one line
-in the segment's id index (see `_append`), so a redelivery after a crash between the write and
-the ack is skipped rather than written twice, and a batch that failed halfway (disk full) is
-truncated away. A body that is not JSON is dead-lettered on its own while the rest of the
-batch is written. Several daemons (or sinks) may append to one file: they take turns under a
-lock on `<file>.lock` (see `_append`), each batch whole, none lost or doubled.
+in the segment's id index (see `_append`), keyed by `Message.id`: a message that comes again
+(a redelivery after a crash between the write and the ack, a replayed dead letter, a record a
+source publishes again after the stream's duplicate window) is skipped rather than written
+twice, and a batch that failed halfway (disk full) is truncated away. A body that is not
+JSON is dead-lettered on its own while the rest of the batch is written. Several daemons (or
+sinks) may append to one file: they take turns under a lock on `<file>.lock` (see
+`_append`), each batch whole, none lost or doubled.
 
 `per-message` writes each body as it is to its own file through a temporary name, fsync and
 rename (see `_per_message`): readers never see half a file.
@@ -52,7 +54,7 @@ from busway import (
     Sink,
     SinkConfig,
 )
-from busway.adapters.file._append import AppendWriter
+from busway.adapters.file._append import AppendWriter, Line
 from busway.adapters.file._oserrors import delivery_error
 from busway.adapters.file._per_message import PerMessageWriter, WriteFailed
 from busway.adapters.file._template import MissingValue, PathTemplate
@@ -80,8 +82,10 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     rotated_path: str = "{stem}-{start:%Y%m%dT%H%M%SZ}{suffix}"
     """`append`: where a rotated file goes, relative to the live file's directory."""
     index_size: int = 100_000
-    """`append`: ids remembered against redelivery duplicates, across rotations (at least
-    `max_in_flight`).
+    """`append`: how many message ids (`Message.id`, the `Nats-Msg-Id`) the file remembers, the
+    newest written to it across rotations and daemons: a message that comes again (redelivered,
+    replayed, republished after the stream's duplicate window) while its id is among them is
+    not written twice. At least `max_in_flight`; about 100 bytes of memory per id.
     """
 
     def __post_init__(self) -> None:
@@ -164,7 +168,7 @@ class FileSink(Sink):
         return self._healthy
 
     async def _append(self, appender: AppendWriter, batch: Sequence[Message]) -> None:
-        entries: list[tuple[str, bytes]] = []
+        entries: list[Line] = []
         failures: dict[int, DeliveryError] = {}
         for index, message in enumerate(batch):
             data = message.data
@@ -177,7 +181,7 @@ class FileSink(Sink):
                 )
                 continue
             line = (data if b"\n" not in data else orjson.dumps(document)) + b"\n"
-            entries.append((f"{message.stream}:{message.sequence}", line))
+            entries.append(Line(message.id, f"{message.stream}:{message.sequence}", line))
         if entries:
             try:
                 await anyio.to_thread.run_sync(appender.write, entries)
