@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import logging
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,6 +291,58 @@ async def test_fail_file_mode_moves_a_bad_file_to_failed_and_publishes_none_of_i
     messages = await messages_of(nc, f"IN_{unique}")
     assert [header(m, "Busway-File") for m in messages] == ["good.jsonl"] * 2
     assert await dead_letters(nc, f"inbox{unique}") == []
+
+
+def write_named(folder: Path, name: bytes, data: bytes) -> None:
+    """Write a file whose name is raw bytes (not necessarily UTF-8) into `folder`."""
+    with open(os.path.join(os.fsencode(folder), name), "wb") as file:
+        file.write(data)
+
+
+async def test_a_file_whose_name_cannot_be_a_header_goes_to_failed_and_the_rest_flows(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A name that is not UTF-8 cannot go into the Busway-File header (it crash-looped the
+    # source), nor can one with a line break (it would end the header early).
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    not_utf8, line_break = b"bad-\xff\xfe.jsonl", b"two\nlines.jsonl"
+    for name in (not_utf8, line_break):
+        write_named(inbox, name, jsonl(2))
+    drop(inbox / "before.jsonl", jsonl(2))
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='ready = "rename"'), tmp_path
+    )
+    caplog.set_level(logging.WARNING)
+    async with Bus(config) as bus:
+        await wait_for_files(inbox / "done", ["before.jsonl"])
+        drop(inbox / "after.jsonl", jsonl(2, start=3))
+        await wait_for_files(inbox / "done", ["after.jsonl", "before.jsonl"])
+
+        async def both_failed() -> bool:
+            return file_source(bus).files.failed == 2
+
+        await eventually(both_failed)
+        stats = bus.metrics.stats[0]
+        assert stats.errors == {"bad_file": 2}  # counted, and no source_crashed
+    failed = sorted(os.listdir(os.fsencode(inbox / "failed")))
+    assert failed == sorted([not_utf8, not_utf8 + b".error", line_break, line_break + b".error"])
+    assert sorted(os.listdir(os.fsencode(inbox))) == [b"done", b"failed", b"processing"]
+    error = (inbox / "failed" / os.fsdecode(not_utf8 + b".error")).read_text()
+    assert "file: bad-\\xff\\xfe.jsonl\n" in error
+    assert "its name is not valid UTF-8" in error
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(
+        line.startswith("bad-\\xff\\xfe.jsonl failed: its name is not valid UTF-8")
+        for line in logged
+    ), logged
+    assert any(line.startswith("two\\nlines.jsonl failed: its name holds") for line in logged)
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data)["n"] for m in messages] == [1, 2, 3, 4]
 
 
 async def test_whole_files_are_one_message_with_their_metadata_and_deleted_when_done(

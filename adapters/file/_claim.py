@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-__all__ = ["Claim", "Inbox", "claim_identity"]
+__all__ = ["Claim", "FileVanished", "Inbox", "claim_identity"]
 
 _READ_BUFFER = 1024 * 1024
 _LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -45,6 +45,14 @@ def claim_identity(name: str, ino: int, size: int, mtime_ns: int) -> str:
     """
     key = f"{name}\0{ino}\0{size}\0{mtime_ns}".encode("utf-8", "surrogateescape")
     return hashlib.sha256(key).hexdigest()[:24]
+
+
+class FileVanished(Exception):
+    """A claimed file was removed from `processing/` by someone else before it could be moved.
+
+    The claim's open descriptor kept the file readable, so it was read whole; there is just
+    nothing left to move.
+    """
 
 
 @dataclass(slots=True)
@@ -147,24 +155,40 @@ class Inbox:
         return adopted
 
     def finish(self, claim: Claim) -> Path | None:
-        """Move a fully published file to `done/` (or delete it); returns where it went."""
+        """Move a fully published file to `done/` (or delete it); returns where it went.
+
+        Raises FileVanished if the file is no longer in `processing/`.
+        """
         try:
             if self.done is None:
                 os.unlink(claim.path)
                 return None
             return _move_no_replace(claim.path, self.done, claim.name)
+        except FileNotFoundError:
+            if os.path.lexists(claim.path):
+                raise  # a folder is missing, not the file: the caller retries
+            raise FileVanished(claim.path) from None
         finally:
             claim.release()
 
     def fail(self, claim: Claim, explanation: str) -> Path:
-        """Move a file to `failed/` beside a `<name>.error` file saying why."""
+        """Move a file to `failed/` beside a `<name>.error` file saying why.
+
+        Raises FileVanished (after writing the `.error` file) if the file is no longer in
+        `processing/`.
+        """
         try:
             name = _free_name(self.failed, claim.name, also=".error")
             error_file = self.failed / f"{name}.error"
             temporary = self.failed / f".{name}.error.tmp"
             temporary.write_text(explanation, encoding="utf-8")
             os.replace(temporary, error_file)
-            return _move_no_replace(claim.path, self.failed, name)
+            try:
+                return _move_no_replace(claim.path, self.failed, name)
+            except FileNotFoundError:
+                if os.path.lexists(claim.path):
+                    raise
+                raise FileVanished(claim.path) from None
         finally:
             claim.release()
 

@@ -41,7 +41,8 @@ from busway import (
     SourceContext,
     StartupError,
 )
-from busway.adapters.file._claim import Claim, Inbox
+from busway.adapters.file._claim import Claim, FileVanished, Inbox
+from busway.adapters.file._names import printable, unusable
 from busway.adapters.file._publishing import FileFailed, FilePublisher, ReaderSettings
 from busway.adapters.file._ready import ReadyTracker
 from busway.adapters.file._watch import watch_directory
@@ -248,7 +249,7 @@ class FileSource(Source):
                 await self._slots.acquire()
                 claim = orphans.pop(0)
                 context.logger.info(
-                    "resuming %s, left in processing/ by a stopped daemon", claim.name
+                    "resuming %s, left in processing/ by a stopped daemon", printable(claim.name)
                 )
                 self._count(context, "resumed", 1)
                 self._start(tg, context, claim)
@@ -264,7 +265,7 @@ class FileSource(Source):
         except OSError as exc:
             self._slots.release()
             context.stats.count_error("claim")
-            context.logger.warning("cannot claim %s: %s", name, exc)
+            context.logger.warning("cannot claim %s: %s", printable(name), printable(exc))
             return
         except BaseException:
             self._slots.release()
@@ -277,11 +278,18 @@ class FileSource(Source):
 
     def _start(self, tg: TaskGroup, context: SourceContext, claim: Claim) -> None:
         self._active.add(claim.name)
-        tg.start_soon(self._process, context, claim, name=f"file {claim.name}")
+        tg.start_soon(self._process, context, claim, name=f"file {printable(claim.name)}")
 
     async def _process(self, context: SourceContext, claim: Claim) -> None:
         """Publish the file until it is done or failed; retry while JetStream is away."""
         try:
+            unfit = unusable(claim.name)
+            if unfit is not None:
+                # Its name cannot go into the Busway-File header: nothing is published.
+                await self._settle(
+                    context, claim, failure=f"{unfit}: rename it and drop it into the inbox again"
+                )
+                return
             delay = _RETRY_FIRST
             while True:
                 try:
@@ -291,7 +299,7 @@ class FileSource(Source):
                     context.logger.warning(
                         "%s: not confirmed by JetStream (%s); retrying in %.1fs from its last "
                         "checkpoint",
-                        claim.name,
+                        printable(claim.name),
                         exc,
                         delay,
                     )
@@ -311,6 +319,7 @@ class FileSource(Source):
     async def _settle(self, context: SourceContext, claim: Claim, *, failure: str | None) -> None:
         """Move the file to done/ or failed/, retrying while the file system refuses."""
         delay = _RETRY_FIRST
+        name = printable(claim.name)
         while True:
             try:
                 if failure is None:
@@ -318,26 +327,42 @@ class FileSource(Source):
                 else:
                     explanation = _explain_failure(claim, failure)
                     target = await anyio.to_thread.run_sync(self.inbox.fail, claim, explanation)
+            except FileVanished:
+                # Removed from processing/ by someone else while it was published: its
+                # records are all confirmed (or it failed) all the same; nothing is left to move.
+                context.stats.count_error("vanished")
+                context.logger.warning(
+                    "%s was removed from processing/ by another program before busway could "
+                    "move it to %s; busway read it through its open descriptor, so %s",
+                    name,
+                    "done/" if failure is None else "failed/",
+                    "every record is published"
+                    if failure is None
+                    else "only its .error file is in failed/",
+                )
+                target = None
             except OSError as exc:
                 context.stats.count_error("move")
                 context.logger.warning(
-                    "%s is published but cannot be moved out of processing/: %s; retrying",
-                    claim.name,
-                    exc,
+                    "%s is %s but cannot be moved out of processing/: %s; retrying",
+                    name,
+                    "published" if failure is None else "failed",
+                    printable(exc),
                 )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
             break
         await self.publisher.forget(claim, context)
+        where = printable(target) if target is not None else "(gone)"
         if failure is None:
             self._count(context, "done", 1)
             self._count(context, "bytes", claim.size)
-            context.logger.info("%s done (%d bytes) -> %s", claim.name, claim.size, target)
+            context.logger.info("%s done (%d bytes) -> %s", name, claim.size, where)
         else:
             self._count(context, "failed", 1)
             context.stats.count_error("bad_file")
-            context.logger.warning("%s failed: %s -> %s", claim.name, failure, target)
+            context.logger.warning("%s failed: %s -> %s", name, failure, where)
 
     async def _blocking(
         self, context: SourceContext, function: Callable[..., _T], *args: object
@@ -354,7 +379,7 @@ class FileSource(Source):
 def _explain_failure(claim: Claim, failure: str) -> str:
     """The text of a failed file's `.error` file."""
     return (
-        f"file: {claim.name}\n"
+        f"file: {printable(claim.name)}\n"
         f"size: {claim.size}\n"
         f"error: {failure}\n"
         "what to do: fix the file and drop it into the inbox again "
