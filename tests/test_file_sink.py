@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from busway import BuildContext, Bus, ConfigError, Message, RetryableError
 from busway.adapters.file import FileSink, FileSinkConfig
 from busway.adapters.file._index import VERSION, intent_line, read_index
+from tests.faults.helpers import Daemon
 from tests.files_support import append, tree
 from tests.support import (
     NatsServer,
@@ -111,6 +113,75 @@ async def test_unwritable_path_is_retried_until_it_works_and_readiness_shows_it(
         assert bus.readiness()[f"sink:file{unique}"] is True
         assert stats.dead_lettered == 0
     assert (tmp_path / "out" / "orders.jsonl").read_bytes() == b'{"n": 1}\n'
+
+
+async def test_two_daemons_write_files_of_their_own_named_by_daemon(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    total = 5_000
+    config = tmp_path / "busway.toml"
+    config.write_text(sink_config(nats_server, unique, "out/orders-{daemon}.jsonl"))
+    names = ("alpha", "beta")
+    daemons = [
+        Daemon(config, tmp_path / f"{name}.log", env={"BUSWAY_DAEMON": name}) for name in names
+    ]
+    try:
+        for daemon in daemons:
+            daemon.start()
+        for daemon in daemons:
+            await daemon.wait_ready()
+        js = nc.jetstream()
+        for start in range(0, total, 500):
+            acks = [
+                await js.publish_async(f"out{unique}.x", orjson.dumps({"n": n}))
+                for n in range(start, start + 500)
+            ]
+            for ack in acks:
+                await ack
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}", timeout=120)
+        for daemon in daemons:
+            assert await daemon.terminate() == 0, daemon.output()
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+    out = tmp_path / "out"
+    assert [name for name in tree(out) if name.endswith(".jsonl")] == [
+        "orders-alpha.jsonl",
+        "orders-beta.jsonl",
+    ]
+    written = {name: lines_of(out / f"orders-{name}.jsonl") for name in names}
+    assert all(written.values()), "one daemon wrote everything: the test proves nothing"
+    assert sorted(written["alpha"] + written["beta"]) == list(range(total))
+
+
+async def test_daemon_in_a_path_is_busway_daemon_else_the_host_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BUSWAY_DAEMON", raising=False)
+    appending = FileSinkConfig(name="f", from_="x", path="out/{daemon}.jsonl")
+    host = FileSink(appending, BuildContext(base_dir=tmp_path))
+    assert host.path == tmp_path / "out" / f"{socket.gethostname()}.jsonl"
+    monkeypatch.setenv("BUSWAY_DAEMON", "node-2")
+    per_message = FileSinkConfig(
+        name="f", from_="x", mode="per-message", path="out/{daemon}/{id}.json"
+    )
+    sink = FileSink(per_message, BuildContext(base_dir=tmp_path))
+    await sink.write([message(1)])
+    assert tree(tmp_path) == ["out/node-2/S:1.json"]
+
+
+def test_a_daemon_name_that_cannot_name_a_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUSWAY_DAEMON", "../etc")
+    config = FileSinkConfig(name="f", from_="x", path="out/{daemon}.jsonl")
+    with pytest.raises(ConfigError) as raised:
+        FileSink(config, BuildContext(base_dir=tmp_path))
+    assert "BUSWAY_DAEMON='../etc' cannot name a file" in str(raised.value)
+    # A config without {daemon} does not care.
+    FileSink(FileSinkConfig(name="f", from_="x", path="out.jsonl"), BuildContext(base_dir=tmp_path))
+    with pytest.raises(ValueError, match=r"no placeholder that differs between messages"):
+        FileSinkConfig(name="f", from_="x", mode="per-message", path="out/{daemon}.json")
 
 
 def file_sink_config(server: NatsServer, unique: str, options: str) -> str:

@@ -20,8 +20,8 @@ past twice that it is compacted. An index of an earlier version, keyed by
 `<stream>:<sequence>`, is read as such and rewritten in the current format (see `_index`).
 
 Rotation renames the live file to `rotated_path`, a template relative to the live file's
-directory with `{stem}`, `{suffix}`, `{name}` and the segment's `{start}` / `{end}` as UTC
-datetimes (`{start:%Y%m%d}`), so a rotated file appears complete, at once, under its final
+directory with `{stem}`, `{suffix}`, `{name}`, `{daemon}` and the segment's `{start}` / `{end}`
+as UTC datetimes (`{start:%Y%m%d}`), so a rotated file appears complete, at once, under its final
 name. An existing name is never replaced (`.1`, `.2`... are appended). The rename comes
 first; the index then starts a new segment that carries the ids over, and only then is the
 new live file created. A crash at any step leaves either the old live file with its index,
@@ -107,8 +107,10 @@ class AppendWriter:
         rotate_every: float | None,
         rotated_path: str,
         index_size: int,
+        daemon: str = "",
     ) -> None:
         self.path = path
+        self.daemon = daemon
         self.index_path = path.with_name(path.name + ".ids")
         self.lock_path = path.with_name(path.name + ".lock")
         self.fsync = fsync
@@ -388,6 +390,7 @@ class AppendWriter:
             name=self.path.name,
             start=utc(self._start),
             end=utc(end),
+            daemon=self.daemon,
         )
         base = self.path.parent / name
         candidate, n = base, 0

@@ -46,6 +46,7 @@ import orjson
 from busway import (
     BatchError,
     BuildContext,
+    ConfigError,
     DeliveryError,
     Duration,
     Message,
@@ -55,6 +56,7 @@ from busway import (
     SinkConfig,
 )
 from busway.adapters.file._append import AppendWriter, Line
+from busway.adapters.file._daemon import daemon_name
 from busway.adapters.file._oserrors import delivery_error
 from busway.adapters.file._per_message import PerMessageWriter, WriteFailed
 from busway.adapters.file._template import MissingValue, PathTemplate
@@ -64,13 +66,26 @@ __all__ = ["FileSink", "FileSinkConfig"]
 logger = logging.getLogger("busway.adapters.file")
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_DAEMON = "{daemon}"
+
+
+def _daemon(config: FileSinkConfig) -> str:
+    """This daemon's name if the paths use `{daemon}` (else "", and nothing is checked)."""
+    if _DAEMON not in config.path and _DAEMON not in config.rotated_path:
+        return ""
+    try:
+        return daemon_name()
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (the path uses {_DAEMON})", path="$.path") from None
 
 
 class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     """Where and how to write (relative paths start at the config file's directory)."""
 
     path: str
-    """`append`: the live file; `per-message`: a template naming each message's file."""
+    """`append`: the live file; `per-message`: a template naming each message's file. Either
+    may hold `{daemon}`, this daemon's name (`BUSWAY_DAEMON`, else the host name), so that
+    several daemons on one config write files of their own."""
     mode: Literal["append", "per-message"] = "append"
     """`append`: JSON lines into one file; `per-message`: one file per message."""
     fsync: bool = True
@@ -80,7 +95,8 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     rotate_every: Duration | None = None
     """`append`: rotate at the first write of each window of this length (clock-aligned)."""
     rotated_path: str = "{stem}-{start:%Y%m%dT%H%M%SZ}{suffix}"
-    """`append`: where a rotated file goes, relative to the live file's directory."""
+    """`append`: where a rotated file goes, relative to the live file's directory (`{stem}`,
+    `{suffix}`, `{name}`, `{start:...}`, `{end:...}` in UTC, `{daemon}`)."""
     index_size: int = 100_000
     """`append`: how many message ids (`Message.id`, the `Nats-Msg-Id`) the file remembers, the
     newest written to it across rotations and daemons: a message that comes again (redelivered,
@@ -105,11 +121,13 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
                 "again, and the index must recognise each one that was already written"
             )
         try:
-            self.rotated_path.format(stem="", suffix="", name="", start=_EPOCH, end=_EPOCH)
+            self.rotated_path.format(
+                stem="", suffix="", name="", start=_EPOCH, end=_EPOCH, daemon=""
+            )
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"rotated_path {self.rotated_path!r}: {exc!r}; use {{stem}}, {{suffix}}, "
-                "{name}, {start:%Y%m%d...} and {end:...}"
+                "{name}, {start:%Y%m%d...}, {end:...} and {daemon}"
             ) from None
 
 
@@ -122,8 +140,9 @@ class FileSink(Sink):
         self._appender: AppendWriter | None = None
         self._template: PathTemplate | None = None
         self._writer: PerMessageWriter | None = None
+        daemon = _daemon(config)
         if config.mode == "append":
-            self.path: Path = context.resolve_path(config.path)
+            self.path: Path = context.resolve_path(config.path.replace(_DAEMON, daemon))
             self._appender = AppendWriter(
                 self.path,
                 fsync=config.fsync,
@@ -131,10 +150,11 @@ class FileSink(Sink):
                 rotate_every=float(config.rotate_every) if config.rotate_every else None,
                 rotated_path=config.rotated_path,
                 index_size=config.index_size,
+                daemon=daemon,
             )
         else:
             self.path = context.base_dir
-            self._template = PathTemplate(config.path)
+            self._template = PathTemplate(config.path, daemon=daemon)
             self._writer = PerMessageWriter(fsync=config.fsync)
 
     async def open(self) -> None:
