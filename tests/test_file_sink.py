@@ -14,7 +14,7 @@ import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from busway import BuildContext, Bus, ConfigError, Message, RetryableError
+from busway import BatchError, BuildContext, Bus, ConfigError, Message, RetryableError
 from busway.adapters.file import FileSink, FileSinkConfig
 from busway.adapters.file._index import VERSION, intent_line, read_index
 from tests.faults.helpers import Daemon
@@ -394,6 +394,44 @@ async def test_disk_full_leaves_no_partial_line_is_retryable_and_recovers(tmp_pa
     assert sink.ready() is True
     await sink.close()
     assert lines_of(out) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("mode", ["append", "per-message"])
+@pytest.mark.parametrize("obstacle", ["directory", "symlink-loop"])
+async def test_a_path_that_is_a_directory_or_a_link_loop_is_explained_retried_and_recovers(
+    tmp_path: Path, mode: str, obstacle: str
+) -> None:
+    # A link loop at a per-message file's own name is simply replaced by the rename: the
+    # loop that stops it is on its directory.
+    looped = mode == "per-message" and obstacle == "symlink-loop"
+    path = "out.jsonl" if mode == "append" else "sub/{seq}.json" if looped else "{seq}.json"
+    target = tmp_path / path.replace("{seq}", "1")
+    obstacle_path = target.parent if looped else target
+    if obstacle == "directory":
+        obstacle_path.mkdir()
+        expected, hint = "Is a directory", "the path is a directory: set `path` to a file name"
+    else:
+        obstacle_path.symlink_to(obstacle_path)
+        expected, hint = "Too many levels of symbolic links", "a symbolic link loop in the path"
+    config = FileSinkConfig(name="f", from_="x", path=path, mode=mode)  # type: ignore[arg-type]
+    sink = FileSink(config, BuildContext(base_dir=tmp_path))  # no traceback building it
+    await sink.open()  # not fatal: the path may be fixed while the daemon runs
+    with pytest.raises((RetryableError, BatchError)) as raised:
+        await sink.write([message(1)])
+    error = raised.value
+    if isinstance(error, BatchError):
+        error = error.failures[0]
+    assert isinstance(error, RetryableError), error
+    assert f"{target}: {expected} ({hint}" in str(error)
+    assert sink.ready() is False
+    if obstacle == "directory":
+        obstacle_path.rmdir()
+    else:
+        obstacle_path.unlink()
+    await sink.write([message(1)])  # the retry
+    await sink.close()
+    assert sink.ready() is True
+    assert lines_of(target) == [1]
 
 
 async def test_per_message_files_are_named_from_the_message_and_written_once(

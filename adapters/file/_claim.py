@@ -106,7 +106,13 @@ class Inbox:
         if self.done is not None:
             folders.append(self.done)
         for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                os.stat(folder)  # a symbolic link loop or a dangling link: its real error
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "exists and is not a directory", str(folder)
+                ) from None
             probe = folder / f".busway-probe-{os.getpid()}"
             probe.touch()
             probe.unlink()

@@ -147,6 +147,7 @@ class FileSource(Source):
 
     def __init__(self, config: FileSourceConfig, context: BuildContext) -> None:
         self.config = config
+        self._context = context
         self.inbox_path = context.resolve_path(config.path)
         done = None if config.on_done == "delete" else self._folder(config.done)
         self.inbox = Inbox(
@@ -184,7 +185,7 @@ class FileSource(Source):
         self._slots = anyio.Semaphore(config.concurrency)
 
     def _folder(self, path: str) -> Path:
-        return (self.inbox_path / Path(path).expanduser()).resolve()
+        return self._context.resolve_path(str(self.inbox_path / Path(path).expanduser()))
 
     def _count(self, context: SourceContext, what: str, amount: int) -> None:
         """Count on the source (tests read it) and in the metrics (`busway_events_total`)."""
@@ -234,12 +235,26 @@ class FileSource(Source):
                 ready = await self._blocking(context, self.tracker.scan)
             else:
                 ready = await self._blocking(context, self.tracker.check, changed)
+            self._report_refused(context)
             for name in ready or ():
                 if name not in self._active:
                     await self._claim(tg, context, name)
             waits = [next_rescan - time.monotonic(), self.tracker.next_check() or math.inf]
             with anyio.move_on_after(max(0.01, min(waits))):
                 await self._wake.wait()
+
+    def _report_refused(self, context: SourceContext) -> None:
+        """Log (once each) matching entries that are not regular files, left where they are."""
+        refused, self.tracker.refused = self.tracker.refused, []
+        for name, kind in refused:
+            context.stats.count_error("not_a_file")
+            context.logger.warning(
+                "%s in %s is %s, not a regular file: left where it is (the source takes "
+                "regular files only: drop the file itself, not a link to it)",
+                printable(name),
+                self.inbox_path,
+                kind,
+            )
 
     async def _adopt_orphans(self, tg: TaskGroup, context: SourceContext) -> None:
         """Resume files left in processing/ by a daemon that died (their lock is free)."""
