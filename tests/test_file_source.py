@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import logging
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats
@@ -18,6 +20,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import generate_latest
 
 from busway import Bus, StartupError
+from busway.adapters.file import _claim
 from busway.adapters.file._ready import ReadyTracker
 from tests.files_support import (
     append,
@@ -374,6 +377,62 @@ async def test_a_file_removed_from_processing_while_published_is_not_retried_for
     assert names(inbox / "processing") == []
     numbers = sorted(orjson.loads(m.data)["n"] for m in await messages_of(nc, f"IN_{unique}"))
     assert numbers == list(range(1, total + 3))
+
+
+class DeniedOs:
+    """`os` as the inbox sees it, refusing to open files named `*secret*` (tests run as root,
+    whom file permissions do not stop)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        if "secret" in os.fsdecode(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return os.open(path, flags, mode)
+
+
+async def test_a_file_that_cannot_be_opened_goes_to_failed_and_blocks_no_other(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "processing").mkdir(parents=True)
+    # Left in processing/ by a daemon that died: one unreadable, one to resume.
+    (inbox / "processing" / "a-secret-orphan.jsonl").write_bytes(jsonl(1))
+    (inbox / "processing" / "b-orphan.jsonl").write_bytes(jsonl(1, start=1))
+    monkeypatch.setattr(_claim, "os", DeniedOs())
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='ready = "rename"'), tmp_path
+    )
+    caplog.set_level(logging.WARNING)
+    async with Bus(config) as bus:
+        drop(inbox / "secret.jsonl", jsonl(1))
+        drop(inbox / "good.jsonl", jsonl(1, start=2))
+        await wait_for_files(inbox / "done", ["b-orphan.jsonl", "good.jsonl"])
+        await wait_for_files(
+            inbox / "failed",
+            [
+                "a-secret-orphan.jsonl",
+                "a-secret-orphan.jsonl.error",
+                "secret.jsonl",
+                "secret.jsonl.error",
+            ],
+        )
+        assert bus.metrics.stats[0].errors == {"unreadable": 2}
+        assert file_source(bus).files.failed == 2
+    assert names(inbox / "processing") == []
+    assert "cannot open it: Permission denied" in (inbox / "failed/secret.jsonl.error").read_text()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(
+        line.startswith("secret.jsonl cannot be opened: Permission denied") for line in logged
+    )
+    numbers = sorted(orjson.loads(m.data)["n"] for m in await messages_of(nc, f"IN_{unique}"))
+    assert numbers == [1, 2]
 
 
 async def test_links_and_fifos_in_the_inbox_are_reported_and_left_alone(

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-__all__ = ["Claim", "FileVanished", "Inbox", "claim_identity"]
+from busway.adapters.file._names import printable as _printable
+
+__all__ = ["Claim", "FileVanished", "Inbox", "Refused", "claim_identity"]
 
 _READ_BUFFER = 1024 * 1024
 _LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -53,6 +55,16 @@ class FileVanished(Exception):
     The claim's open descriptor kept the file readable, so it was read whole; there is just
     nothing left to move.
     """
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A claimed (or orphaned) file that cannot be opened: moved to `target` (None: it could
+    not be moved either, and stays in `processing/`)."""
+
+    name: str
+    error: OSError
+    target: Path | None
 
 
 @dataclass(slots=True)
@@ -99,6 +111,8 @@ class Inbox:
         self.failed = failed
         self.marker_suffix = marker_suffix
         self.locks_supported = True
+        self.refused: list[Refused] = []
+        """Files that could not be opened since the caller last took the list."""
 
     def prepare(self) -> None:
         """Create the folders and prove they are writable; raises OSError otherwise."""
@@ -203,6 +217,11 @@ class Inbox:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            # Permission denied, an I/O error...: it cannot be published. Out of processing/,
+            # so that it neither blocks its name nor is retried at every rescan.
+            self.refused.append(Refused(path.name, exc, self._refuse(path, exc)))
+            return None
         try:
             if not self._try_lock(fd):
                 os.close(fd)
@@ -229,6 +248,23 @@ class Inbox:
             identity=claim_identity(path.name, held.st_ino, held.st_size, held.st_mtime_ns),
             resumed=resumed,
         )
+
+    def _refuse(self, path: Path, exc: OSError) -> Path | None:
+        """Move an unopenable file to `failed/` beside its `.error`; None if that fails too."""
+        try:
+            name = _free_name(self.failed, path.name, also=".error")
+            temporary = self.failed / f".{name}.error.tmp"
+            temporary.write_text(
+                f"file: {_printable(path.name)}\n"
+                f"error: cannot open it: {exc.strerror or exc}\n"
+                "what to do: give the busway user read access to it and drop it into the "
+                "inbox again\n",
+                encoding="utf-8",
+            )
+            os.replace(temporary, self.failed / f"{name}.error")
+            return _move_no_replace(path, self.failed, name)
+        except OSError:
+            return None
 
     def _try_lock(self, fd: int) -> bool:
         if not self.locks_supported:

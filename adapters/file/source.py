@@ -256,9 +256,25 @@ class FileSource(Source):
                 kind,
             )
 
+    def _report_unopenable(self, context: SourceContext) -> None:
+        """Log and count files that could not be opened (moved to failed/ by the inbox)."""
+        refused, self.inbox.refused = self.inbox.refused, []
+        for file in refused:
+            context.stats.count_error("unreadable")
+            if file.target is not None:
+                self._count(context, "failed", 1)
+            context.logger.warning(
+                "%s cannot be opened: %s (give the busway user read access and drop it "
+                "into the inbox again) -> %s",
+                printable(file.name),
+                file.error.strerror or file.error,
+                printable(file.target) if file.target else "left in processing/",
+            )
+
     async def _adopt_orphans(self, tg: TaskGroup, context: SourceContext) -> None:
         """Resume files left in processing/ by a daemon that died (their lock is free)."""
         orphans = await self._blocking(context, self.inbox.orphans, set(self._active)) or []
+        self._report_unopenable(context)
         try:
             while orphans:
                 await self._slots.acquire()
@@ -285,6 +301,7 @@ class FileSource(Source):
         except BaseException:
             self._slots.release()
             raise
+        self._report_unopenable(context)
         if not isinstance(claim, Claim):
             self._slots.release()  # taken by another daemon, or a namesake still in progress
             return
