@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -58,7 +59,11 @@ class BuildContext:
 
     def resolve_path(self, path: str) -> Path:
         """`path` (with `~` expanded) made absolute against the config file's directory."""
-        return (self.base_dir / Path(path).expanduser()).resolve()
+        joined = self.base_dir / Path(path).expanduser()
+        try:
+            return joined.resolve()
+        except (RuntimeError, OSError):  # a symlink loop: the adapter's open reports ELOOP
+            return Path(os.path.abspath(joined))
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -109,10 +109,18 @@ class Daemon:
     ones with `await ready()` / `await stop()`. Nothing but this process is ever signalled.
     """
 
-    def __init__(self, config: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        log: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.args = args
         self.log = log or config.with_suffix(f".{time.monotonic_ns()}.log")
+        self.env = dict(env or {})
+        """Variables added to the child's environment (e.g. BUSWAY_DAEMON)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._offset = 0
@@ -126,7 +134,7 @@ class Daemon:
                 [sys.executable, "-m", "busway", "run", str(self.config), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         self.starts += 1
         return self

@@ -99,16 +99,6 @@ class TestFileAppendSink(SinkConformance):
             unreachable_table='path = "blocker/lines.jsonl"',
         )
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the append sink's index keys lines by <stream>:<sequence>, not Message.id: a "
-        "message stored again under the same id after the duplicate window (a source resuming "
-        "from its checkpoint after a long outage, a route output republished late) is appended "
-        "again (adapters/file/sink.py + _append.py; changing the key changes the on-disk index)",
-    )
-    async def test_a_replayed_message_is_not_written_twice(self, sink_case: SinkCase) -> None:
-        await super().test_a_replayed_message_is_not_written_twice(sink_case)
-
 
 class TestFilePerMessageSink(SinkConformance):
     @pytest.fixture

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from busway.adapters.file import _append
-from busway.adapters.file._append import AppendWriter
+from busway.adapters.file._append import AppendWriter, Line
 
 BATCHES = [[f"S:{n}" for n in range(start, start + 3)] for start in range(1, 40, 3)]
 MESSAGES = [key for batch in BATCHES for key in batch]
@@ -93,8 +93,8 @@ def writer(directory: Path) -> AppendWriter:
     )
 
 
-def entries(batch: list[str]) -> list[tuple[str, bytes]]:
-    return [(key, orjson.dumps({"id": key}) + b"\n") for key in batch]
+def entries(batch: list[str]) -> list[Line]:
+    return [Line(key, key, orjson.dumps({"id": key}) + b"\n") for key in batch]
 
 
 def lines_in(directory: Path) -> Counter[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,12 +14,13 @@ import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from busway import BuildContext, Bus, ConfigError, Message, RetryableError
+from busway import BatchError, BuildContext, Bus, ConfigError, Message, RetryableError
 from busway.adapters.file import FileSink, FileSinkConfig
-from busway.adapters.file._index import intent_line
+from busway.adapters.file._index import VERSION, intent_line, read_index
 from tests.configs import config_toml, stream_table
 from tests.files_support import append, tree
 from tests.support import (
+    Daemon,
     NatsServer,
     decode_test_config,
     eventually,
@@ -107,6 +109,75 @@ async def test_unwritable_path_is_retried_until_it_works_and_readiness_shows_it(
     assert (tmp_path / "out" / "orders.jsonl").read_bytes() == b'{"n": 1}\n'
 
 
+async def test_two_daemons_write_files_of_their_own_named_by_daemon(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    total = 5_000
+    config = tmp_path / "busway.toml"
+    config.write_text(sink_config(nats_server, unique, "out/orders-{daemon}.jsonl"))
+    names = ("alpha", "beta")
+    daemons = [
+        Daemon(config, log=tmp_path / f"{name}.log", env={"BUSWAY_DAEMON": name}) for name in names
+    ]
+    try:
+        for daemon in daemons:
+            daemon.start()
+        for daemon in daemons:
+            await daemon.ready()
+        js = nc.jetstream()
+        for start in range(0, total, 500):
+            acks = [
+                await js.publish_async(f"out{unique}.x", orjson.dumps({"n": n}))
+                for n in range(start, start + 500)
+            ]
+            for ack in acks:
+                await ack
+        await wait_settled(nc, f"OUT_{unique}", f"busway-sink-file{unique}", timeout=120)
+        for daemon in daemons:
+            assert await daemon.stop() == 0, daemon.output()
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+    out = tmp_path / "out"
+    assert [name for name in tree(out) if name.endswith(".jsonl")] == [
+        "orders-alpha.jsonl",
+        "orders-beta.jsonl",
+    ]
+    written = {name: lines_of(out / f"orders-{name}.jsonl") for name in names}
+    assert all(written.values()), "one daemon wrote everything: the test proves nothing"
+    assert sorted(written["alpha"] + written["beta"]) == list(range(total))
+
+
+async def test_daemon_in_a_path_is_busway_daemon_else_the_host_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BUSWAY_DAEMON", raising=False)
+    appending = FileSinkConfig(name="f", from_="x", path="out/{daemon}.jsonl")
+    host = FileSink(appending, BuildContext(base_dir=tmp_path))
+    assert host.path == tmp_path / "out" / f"{socket.gethostname()}.jsonl"
+    monkeypatch.setenv("BUSWAY_DAEMON", "node-2")
+    per_message = FileSinkConfig(
+        name="f", from_="x", mode="per-message", path="out/{daemon}/{id}.json"
+    )
+    sink = FileSink(per_message, BuildContext(base_dir=tmp_path))
+    await sink.write([message(1)])
+    assert tree(tmp_path) == ["out/node-2/S:1.json"]
+
+
+def test_a_daemon_name_that_cannot_name_a_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUSWAY_DAEMON", "../etc")
+    config = FileSinkConfig(name="f", from_="x", path="out/{daemon}.jsonl")
+    with pytest.raises(ConfigError) as raised:
+        FileSink(config, BuildContext(base_dir=tmp_path))
+    assert "BUSWAY_DAEMON='../etc' cannot name a file" in str(raised.value)
+    # A config without {daemon} does not care.
+    FileSink(FileSinkConfig(name="f", from_="x", path="out.jsonl"), BuildContext(base_dir=tmp_path))
+    with pytest.raises(ValueError, match=r"no placeholder that differs between messages"):
+        FileSinkConfig(name="f", from_="x", mode="per-message", path="out/{daemon}.json")
+
+
 def file_sink_config(server: NatsServer, unique: str, options: str) -> str:
     return (
         config_toml(server, streams=[stream_table(f"OUT_{unique}", f"out{unique}.>")])
@@ -121,15 +192,23 @@ retry = {{ max_attempts = 50, backoff = "50ms", max_backoff = "100ms" }}
     )
 
 
-def message(n: int, *, stream: str = "S", data: bytes | None = None) -> Message:
+def message(
+    n: int,
+    *,
+    stream: str = "S",
+    data: bytes | None = None,
+    id: str | None = None,
+    sequence: int | None = None,
+) -> Message:
+    """Message `{"n": n}`, by default at sequence n and without a Nats-Msg-Id (id S:n)."""
     body = data if data is not None else orjson.dumps({"n": n})
     return Message(
         subject="out.x",
         data=body,
         headers={},
-        id=f"{stream}:{n}",
+        id=id if id is not None else f"{stream}:{n}",
         stream=stream,
-        sequence=n,
+        sequence=sequence if sequence is not None else n,
         attempt=1,
     )
 
@@ -213,6 +292,69 @@ async def test_a_redelivered_batch_is_not_appended_twice_and_a_torn_tail_is_drop
     assert lines_of(out) == [1, 2, 3, 4, 5]
 
 
+async def test_a_message_stored_again_under_its_id_is_not_appended_after_restarts_or_rotations(
+    tmp_path: Path,
+) -> None:
+    # A source resuming from an old checkpoint after the stream's duplicate window, or a
+    # replayed dead letter: the same Message.id comes back as a new stream message.
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl", rotate_bytes=30)
+    first = FileSink(config, BuildContext(base_dir=tmp_path))
+    await first.open()
+    originals = [message(n, id=f"inbox:abc:{n}") for n in range(1, 5)]
+    await first.write(originals[:2])
+    await first.write(originals[2:])  # rotates: the first two are in a rotated file now
+    await first.close()
+    again = [message(n, id=f"inbox:abc:{n}", sequence=100 + n) for n in range(1, 5)]
+    restarted = FileSink(config, BuildContext(base_dir=tmp_path))
+    await restarted.open()
+    await restarted.write([*again, message(5, id="inbox:abc:5", sequence=105)])
+    await restarted.close()
+    files = sorted(tmp_path / name for name in tree(tmp_path) if name.endswith(".jsonl"))
+    assert len(files) >= 2, "the test must span a rotation"
+    assert sorted(lines_of(*files)) == [1, 2, 3, 4, 5]
+
+
+async def test_an_index_keyed_by_stream_and_sequence_is_migrated_to_message_ids(
+    tmp_path: Path,
+) -> None:
+    # An index written by the previous version: ids are <stream>:<sequence>, and the last
+    # batch (ORDERS 1-2) was written but not acked when that daemon stopped.
+    out = tmp_path / "out.jsonl"
+    lines = b'{"n": 1}\n{"n": 2}\n'
+    out.write_bytes(lines)
+    index = out.with_name("out.jsonl.ids")
+    index.write_bytes(
+        b'{"v": 2, "start": %d, "end": 0}\n{"ids": ["ORDERS:7"]}\n' % time.time()
+        + intent_line(0, lines, ["ORDERS:1", "ORDERS:2"])
+    )
+    config = FileSinkConfig(name="f", from_="x", path="out.jsonl")
+    upgraded = FileSink(config, BuildContext(base_dir=tmp_path))
+    await upgraded.open()
+    state = read_index(index)
+    assert state is not None and state.version == VERSION
+    assert state.ids == {"ORDERS:7": True, "ORDERS:1": True, "ORDERS:2": True}
+    # The unacked batch comes again, now known by its Nats-Msg-Id, with a new message.
+    await upgraded.write([message(n, stream="ORDERS", id=f"inbox:abc:{n}") for n in (1, 2, 3)])
+    await upgraded.close()
+    assert lines_of(out) == [1, 2, 3]
+    restarted = FileSink(config, BuildContext(base_dir=tmp_path))
+    await restarted.open()
+    state = read_index(index)
+    assert state is not None
+    assert state.ids == {"ORDERS:7": True, "ORDERS:1": True, "ORDERS:2": True, "inbox:abc:3": False}
+    # After a second restart the old keys still recognise a late redelivery, and message 3
+    # is recognised by its id whatever its sequence.
+    await restarted.write(
+        [
+            message(2, stream="ORDERS", id="inbox:abc:2"),
+            message(3, stream="ORDERS", id="inbox:abc:3", sequence=40),
+            message(4, stream="ORDERS", id="inbox:abc:4"),
+        ]
+    )
+    await restarted.close()
+    assert lines_of(out) == [1, 2, 3, 4]
+
+
 async def test_disk_full_leaves_no_partial_line_is_retryable_and_recovers(tmp_path: Path) -> None:
     # A real short write: the file-size limit (RLIMIT_FSIZE) makes write() stop part-way and
     # then fail with EFBIG, as a disk filling up does with ENOSPC.
@@ -239,6 +381,44 @@ async def test_disk_full_leaves_no_partial_line_is_retryable_and_recovers(tmp_pa
     assert sink.ready() is True
     await sink.close()
     assert lines_of(out) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("mode", ["append", "per-message"])
+@pytest.mark.parametrize("obstacle", ["directory", "symlink-loop"])
+async def test_a_path_that_is_a_directory_or_a_link_loop_is_explained_retried_and_recovers(
+    tmp_path: Path, mode: str, obstacle: str
+) -> None:
+    # A link loop at a per-message file's own name is simply replaced by the rename: the
+    # loop that stops it is on its directory.
+    looped = mode == "per-message" and obstacle == "symlink-loop"
+    path = "out.jsonl" if mode == "append" else "sub/{seq}.json" if looped else "{seq}.json"
+    target = tmp_path / path.replace("{seq}", "1")
+    obstacle_path = target.parent if looped else target
+    if obstacle == "directory":
+        obstacle_path.mkdir()
+        expected, hint = "Is a directory", "the path is a directory: set `path` to a file name"
+    else:
+        obstacle_path.symlink_to(obstacle_path)
+        expected, hint = "Too many levels of symbolic links", "a symbolic link loop in the path"
+    config = FileSinkConfig(name="f", from_="x", path=path, mode=mode)  # type: ignore[arg-type]
+    sink = FileSink(config, BuildContext(base_dir=tmp_path))  # no traceback building it
+    await sink.open()  # not fatal: the path may be fixed while the daemon runs
+    with pytest.raises((RetryableError, BatchError)) as raised:
+        await sink.write([message(1)])
+    error = raised.value
+    if isinstance(error, BatchError):
+        error = error.failures[0]
+    assert isinstance(error, RetryableError), error
+    assert f"{target}: {expected} ({hint}" in str(error)
+    assert sink.ready() is False
+    if obstacle == "directory":
+        obstacle_path.rmdir()
+    else:
+        obstacle_path.unlink()
+    await sink.write([message(1)])  # the retry
+    await sink.close()
+    assert sink.ready() is True
+    assert lines_of(target) == [1]
 
 
 async def test_per_message_files_are_named_from_the_message_and_written_once(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import errno
+import logging
+import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats
@@ -15,6 +19,8 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import generate_latest
 
 from busway import Bus, StartupError
+from busway.adapters.file import _claim
+from busway.adapters.file._ready import ReadyTracker
 from tests.files_support import (
     append,
     drop,
@@ -294,6 +300,212 @@ async def test_fail_file_mode_moves_a_bad_file_to_failed_and_publishes_none_of_i
     messages = await messages_of(nc, f"IN_{unique}")
     assert [header(m, "Busway-File") for m in messages] == ["good.jsonl"] * 2
     assert await dead_letters(nc, f"inbox{unique}") == []
+
+
+def write_named(folder: Path, name: bytes, data: bytes) -> None:
+    """Write a file whose name is raw bytes (not necessarily UTF-8) into `folder`."""
+    with open(os.path.join(os.fsencode(folder), name), "wb") as file:
+        file.write(data)
+
+
+async def test_a_file_whose_name_cannot_be_a_header_goes_to_failed_and_the_rest_flows(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A name that is not UTF-8 cannot go into the Busway-File header (it crash-looped the
+    # source), nor can one with a line break (it would end the header early).
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    not_utf8, line_break = b"bad-\xff\xfe.jsonl", b"two\nlines.jsonl"
+    for name in (not_utf8, line_break):
+        write_named(inbox, name, jsonl(2))
+    drop(inbox / "before.jsonl", jsonl(2))
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='ready = "rename"'), tmp_path
+    )
+    caplog.set_level(logging.WARNING)
+    async with Bus(config) as bus:
+        await wait_for_files(inbox / "done", ["before.jsonl"])
+        drop(inbox / "after.jsonl", jsonl(2, start=3))
+        await wait_for_files(inbox / "done", ["after.jsonl", "before.jsonl"])
+
+        async def both_failed() -> bool:
+            return file_source(bus).files.failed == 2
+
+        await eventually(both_failed)
+        stats = bus.metrics.stats[0]
+        assert stats.errors == {"bad_file": 2}  # counted, and no source_crashed
+    failed = sorted(os.listdir(os.fsencode(inbox / "failed")))
+    assert failed == sorted([not_utf8, not_utf8 + b".error", line_break, line_break + b".error"])
+    assert sorted(os.listdir(os.fsencode(inbox))) == [b"done", b"failed", b"processing"]
+    error = (inbox / "failed" / os.fsdecode(not_utf8 + b".error")).read_text()
+    assert "file: bad-\\xff\\xfe.jsonl\n" in error
+    assert "its name is not valid UTF-8" in error
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(
+        line.startswith("bad-\\xff\\xfe.jsonl failed: its name is not valid UTF-8")
+        for line in logged
+    ), logged
+    assert any(line.startswith("two\\nlines.jsonl failed: its name holds") for line in logged)
+    messages = await messages_of(nc, f"IN_{unique}")
+    assert [orjson.loads(m.data)["n"] for m in messages] == [1, 2, 3, 4]
+
+
+async def test_a_file_removed_from_processing_while_published_is_not_retried_forever(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    # Busway reads a claimed file through its open descriptor, so removing it from
+    # processing/ loses nothing; there is just nothing left to move to done/ afterwards.
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    total = 3000
+    options = 'ready = "rename"\nwindow = 1'  # slow enough to remove the file mid-way
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options=options), tmp_path
+    )
+    async with Bus(config) as bus:
+        drop(inbox / "big.jsonl", jsonl(total))
+        await wait_for_files(inbox / "processing", ["big.jsonl"])
+        (inbox / "processing" / "big.jsonl").unlink()
+        drop(inbox / "next.jsonl", jsonl(2, start=total + 1))
+        await wait_for_files(inbox / "done", ["next.jsonl"], timeout=60)
+        source = file_source(bus)
+
+        async def settled() -> bool:
+            return source.files.done == 2
+
+        await eventually(settled)
+        assert bus.metrics.stats[0].errors == {"vanished": 1}
+    assert names(inbox / "processing") == []
+    numbers = sorted(orjson.loads(m.data)["n"] for m in await messages_of(nc, f"IN_{unique}"))
+    assert numbers == list(range(1, total + 3))
+
+
+class DeniedOs:
+    """`os` as the inbox sees it, refusing to open files named `*secret*` (tests run as root,
+    whom file permissions do not stop)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        if "secret" in os.fsdecode(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return os.open(path, flags, mode)
+
+
+async def test_a_file_that_cannot_be_opened_goes_to_failed_and_blocks_no_other(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "processing").mkdir(parents=True)
+    # Left in processing/ by a daemon that died: one unreadable, one to resume.
+    (inbox / "processing" / "a-secret-orphan.jsonl").write_bytes(jsonl(1))
+    (inbox / "processing" / "b-orphan.jsonl").write_bytes(jsonl(1, start=1))
+    monkeypatch.setattr(_claim, "os", DeniedOs())
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='ready = "rename"'), tmp_path
+    )
+    caplog.set_level(logging.WARNING)
+    async with Bus(config) as bus:
+        drop(inbox / "secret.jsonl", jsonl(1))
+        drop(inbox / "good.jsonl", jsonl(1, start=2))
+        await wait_for_files(inbox / "done", ["b-orphan.jsonl", "good.jsonl"])
+        await wait_for_files(
+            inbox / "failed",
+            [
+                "a-secret-orphan.jsonl",
+                "a-secret-orphan.jsonl.error",
+                "secret.jsonl",
+                "secret.jsonl.error",
+            ],
+        )
+        assert bus.metrics.stats[0].errors == {"unreadable": 2}
+        assert file_source(bus).files.failed == 2
+    assert names(inbox / "processing") == []
+    assert "cannot open it: Permission denied" in (inbox / "failed/secret.jsonl.error").read_text()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(
+        line.startswith("secret.jsonl cannot be opened: Permission denied") for line in logged
+    )
+    numbers = sorted(orjson.loads(m.data)["n"] for m in await messages_of(nc, f"IN_{unique}"))
+    assert numbers == [1, 2]
+
+
+async def test_links_and_fifos_in_the_inbox_are_reported_and_left_alone(
+    nats_server: NatsServer,
+    nc: NatsClient,
+    unique: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (tmp_path / "elsewhere.jsonl").write_bytes(jsonl(2))
+    (inbox / "link.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    (inbox / "loop.jsonl").symlink_to(inbox / "loop.jsonl")
+    os.mkfifo(inbox / "pipe.jsonl")
+    config = decode_test_config(
+        source_config(nats_server, unique, inbox, options='ready = "rename"'), tmp_path
+    )
+    caplog.set_level(logging.WARNING)
+    async with Bus(config) as bus:
+        drop(inbox / "good.jsonl", jsonl(1))
+        await wait_for_files(inbox / "done", ["good.jsonl"])
+        errors = dict(bus.metrics.stats[0].errors)
+    assert errors == {"not_a_file": 3}
+    logged = sorted(r.getMessage() for r in caplog.records if "not a regular" in r.getMessage())
+    assert len(logged) == 3, logged
+    assert logged[0].startswith(f"link.jsonl in {inbox} is a symbolic link, not a regular file")
+    assert logged[1].startswith(f"loop.jsonl in {inbox} is a symbolic link")
+    assert logged[2].startswith(f"pipe.jsonl in {inbox} is a FIFO")
+    assert sorted(p.name for p in inbox.iterdir() if not p.is_dir()) == [
+        "link.jsonl",
+        "loop.jsonl",
+        "pipe.jsonl",
+    ]
+    assert [orjson.loads(m.data)["n"] for m in await messages_of(nc, f"IN_{unique}")] == [1]
+
+
+def test_an_entry_that_is_not_a_file_is_reported_once_while_it_stays(tmp_path: Path) -> None:
+    tracker = ReadyTracker(
+        tmp_path, patterns=["*"], mode="rename", stable_for=0.0, marker_suffix=".done"
+    )
+    (tmp_path / "sub").mkdir()  # a directory: passed over silently (processing/ is one)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert tracker.scan() == []
+    assert tracker.scan() == []
+    assert tracker.refused == [("loop", "a symbolic link")]
+    tracker.refused.clear()
+    (tmp_path / "loop").unlink()
+    assert tracker.scan() == []
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # back again: reported again
+    assert tracker.scan() == []
+    assert tracker.refused == [("loop", "a symbolic link")]
+
+
+async def test_an_inbox_that_is_a_symlink_loop_refuses_to_start_in_one_line(
+    nats_server: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    loop = tmp_path / "inbox"
+    loop.symlink_to(loop)
+    config = decode_test_config(source_config(nats_server, unique, loop), tmp_path)
+    with pytest.raises((StartupError, BaseExceptionGroup)) as raised:
+        async with Bus(config):
+            pass
+    error: BaseException = raised.value
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    assert isinstance(error, StartupError)
+    assert f"cannot use inbox {loop}: Too many levels of symbolic links" in str(error)
 
 
 async def test_whole_files_are_one_message_with_their_metadata_and_deleted_when_done(

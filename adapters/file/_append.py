@@ -11,13 +11,17 @@ acks. One fsync per batch: the live file's is the commit point, the index rides 
 * A crash after the bytes, before the ack, redelivers messages whose ids the index holds:
   they are skipped, not written twice.
 
-The ids are `<stream>:<sequence>`, which a redelivery keeps. The index remembers the newest
-`index_size` of them whatever file they went to (a redelivery after a crash concerns at most
-`max_in_flight` messages); when its file grows past twice that it is compacted.
+The ids are `Message.id`s, which a redelivery keeps, and so do a replayed dead letter and a
+message a source publishes again after the stream's duplicate window (a resume from an old
+checkpoint). The index remembers the newest `index_size` of them whatever file they went to
+(a redelivery after a crash concerns at most `max_in_flight` messages; a replay is caught as
+long as fewer than `index_size` messages were written since the original); when its file grows
+past twice that it is compacted. An index of an earlier version, keyed by
+`<stream>:<sequence>`, is read as such and rewritten in the current format (see `_index`).
 
 Rotation renames the live file to `rotated_path`, a template relative to the live file's
-directory with `{stem}`, `{suffix}`, `{name}` and the segment's `{start}` / `{end}` as UTC
-datetimes (`{start:%Y%m%d}`), so a rotated file appears complete, at once, under its final
+directory with `{stem}`, `{suffix}`, `{name}`, `{daemon}` and the segment's `{start}` / `{end}`
+as UTC datetimes (`{start:%Y%m%d}`), so a rotated file appears complete, at once, under its final
 name. An existing name is never replaced (`.1`, `.2`... are appended). The rename comes
 first; the index then starts a new segment that carries the ids over, and only then is the
 new live file created. A crash at any step leaves either the old live file with its index,
@@ -51,25 +55,37 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
 from busway.adapters.file._index import (
-    VERSION,
+    INTENT_VERSION,
     IndexState,
     Intent,
-    carry_line,
+    carry_lines,
     header_line,
     intent_holds,
     intent_line,
     read_index,
 )
 
-__all__ = ["AppendWriter", "Segment"]
+__all__ = ["AppendWriter", "Line", "Segment"]
 
 logger = logging.getLogger("busway.adapters.file")
+
+
+class Line(NamedTuple):
+    """One message's line, with what recognises the message when it comes again."""
+
+    id: str
+    """`Message.id`: the key the index remembers."""
+    sequence: str
+    """`<stream>:<sequence>`: matched only against the keys of an index of an earlier version."""
+    data: bytes
+    """The JSON line, newline included."""
 
 
 class Segment:
@@ -91,8 +107,10 @@ class AppendWriter:
         rotate_every: float | None,
         rotated_path: str,
         index_size: int,
+        daemon: str = "",
     ) -> None:
         self.path = path
+        self.daemon = daemon
         self.index_path = path.with_name(path.name + ".ids")
         self.lock_path = path.with_name(path.name + ".lock")
         self.fsync = fsync
@@ -104,7 +122,8 @@ class AppendWriter:
         self._index_fd: int | None = None
         self._end = 0
         self._start = 0.0
-        self._ids: dict[str, None] = {}
+        self._ids: dict[str, bool] = {}
+        """Remembered ids, oldest first: True for a sequence key of an earlier version."""
         self._index_entries = 0
         self._lock_fd: int | None = None
         self._index_known = 0
@@ -165,7 +184,8 @@ class AppendWriter:
             return False  # a batch cut by its writer's crash
         for intent in intents:
             for key in intent.ids:
-                self._ids[key] = None
+                self._ids.pop(key, None)
+                self._ids[key] = False
             self._index_entries += len(intent.ids)
         while len(self._ids) > self.index_size:
             del self._ids[next(iter(self._ids))]
@@ -189,18 +209,18 @@ class AppendWriter:
                 # rotation starts only after the last batch was written whole).
                 if state is not None:
                     state.commit_pending()
-                self._begin_segment(state.ids if state is not None else [], time.time())
+                self._begin_segment(state.ids if state is not None else {}, time.time())
                 return
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             self._fd = fd
             self._start, self._end = self._recover(fd, state)
-            self._keep_ids(state.ids if state is not None else [])
+            self._keep_ids(state.ids if state is not None else {})
             self._rewrite_index()
         except BaseException:
             self.close_files()
             raise
 
-    def _begin_segment(self, ids: Iterable[str], start: float) -> None:
+    def _begin_segment(self, ids: Mapping[str, bool], start: float) -> None:
         """Start an empty live file: its header (ids carried over) first, then the file.
 
         In that order, a crash between the two leaves no live file and an index whose ids
@@ -213,8 +233,8 @@ class AppendWriter:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._sync_directory()  # the new name is durable before a batch is committed in it
 
-    def _keep_ids(self, ids: Iterable[str]) -> None:
-        self._ids = dict.fromkeys(list(ids)[-self.index_size :])
+    def _keep_ids(self, ids: Mapping[str, bool]) -> None:
+        self._ids = dict(list(ids.items())[-self.index_size :])
 
     def _recover(self, fd: int, state: IndexState | None) -> tuple[float, int]:
         """(segment start, committed end) of an existing live file; cuts an unfinished tail."""
@@ -232,7 +252,7 @@ class AppendWriter:
                 state.pending = None  # cut by a crash: its messages were not acked
                 cut = True
         end = state.end
-        if size > end and state.version >= VERSION and not cut:
+        if size > end and state.version >= INTENT_VERSION and not cut:
             # Complete lines past the last intent: the index lost its newest lines (a power
             # loss after the live file's fsync). Keep them; drop a torn last line.
             end = self._last_line_end(fd, end, size)
@@ -259,7 +279,7 @@ class AppendWriter:
         """Replace the index with a compact one: header, committed end, newest ids."""
         temporary = self.index_path.with_name(f".{self.index_path.name}.tmp")
         with open(temporary, "wb") as file:
-            file.write(header_line(self._start, self._end) + carry_line(self._ids))
+            file.write(header_line(self._start, self._end) + carry_lines(self._ids))
             file.flush()
             self._sync(file.fileno())
         os.replace(temporary, self.index_path)
@@ -271,8 +291,11 @@ class AppendWriter:
 
     # -- writing ------------------------------------------------------------------------
 
-    def write(self, entries: Sequence[tuple[str, bytes]]) -> int:
+    def write(self, entries: Sequence[Line]) -> int:
         """Append the lines whose ids are not written yet; returns how many were written.
+
+        A line is skipped when its id is remembered, or its sequence key is one of those
+        carried over from an index of an earlier version.
 
         On OSError nothing of the batch remains: the live file and the index are cut back to
         where the batch began (or, if even that fails, at the next open).
@@ -280,12 +303,12 @@ class AppendWriter:
         with self._turn():
             return self._write_locked(entries)
 
-    def _write_locked(self, entries: Sequence[tuple[str, bytes]]) -> int:
+    def _write_locked(self, entries: Sequence[Line]) -> int:
         ids = self._ids
         fresh: dict[str, None] = {}
         data = bytearray()
-        for key, line in entries:
-            if key in ids or key in fresh:
+        for key, sequence, line in entries:
+            if key in ids or key in fresh or ids.get(sequence) is True:
                 continue
             fresh[key] = None
             data += line
@@ -314,7 +337,7 @@ class AppendWriter:
         self._end = start + len(payload)
         ids = self._ids  # a rotation above started a new dict
         for key in fresh:
-            ids[key] = None
+            ids[key] = False
         while len(ids) > self.index_size:
             del ids[next(iter(ids))]
         self._index_entries += len(fresh)
@@ -367,6 +390,7 @@ class AppendWriter:
             name=self.path.name,
             start=utc(self._start),
             end=utc(end),
+            daemon=self.daemon,
         )
         base = self.path.parent / name
         candidate, n = base, 0

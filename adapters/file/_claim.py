@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-__all__ = ["Claim", "Inbox", "claim_identity"]
+from busway.adapters.file._names import printable as _printable
+
+__all__ = ["Claim", "FileVanished", "Inbox", "Refused", "claim_identity"]
 
 _READ_BUFFER = 1024 * 1024
 _LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -45,6 +47,24 @@ def claim_identity(name: str, ino: int, size: int, mtime_ns: int) -> str:
     """
     key = f"{name}\0{ino}\0{size}\0{mtime_ns}".encode("utf-8", "surrogateescape")
     return hashlib.sha256(key).hexdigest()[:24]
+
+
+class FileVanished(Exception):
+    """A claimed file was removed from `processing/` by someone else before it could be moved.
+
+    The claim's open descriptor kept the file readable, so it was read whole; there is just
+    nothing left to move.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A claimed (or orphaned) file that cannot be opened: moved to `target` (None: it could
+    not be moved either, and stays in `processing/`)."""
+
+    name: str
+    error: OSError
+    target: Path | None
 
 
 @dataclass(slots=True)
@@ -91,6 +111,8 @@ class Inbox:
         self.failed = failed
         self.marker_suffix = marker_suffix
         self.locks_supported = True
+        self.refused: list[Refused] = []
+        """Files that could not be opened since the caller last took the list."""
 
     def prepare(self) -> None:
         """Create the folders and prove they are writable; raises OSError otherwise."""
@@ -98,7 +120,13 @@ class Inbox:
         if self.done is not None:
             folders.append(self.done)
         for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                os.stat(folder)  # a symbolic link loop or a dangling link: its real error
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "exists and is not a directory", str(folder)
+                ) from None
             probe = folder / f".busway-probe-{os.getpid()}"
             probe.touch()
             probe.unlink()
@@ -147,24 +175,40 @@ class Inbox:
         return adopted
 
     def finish(self, claim: Claim) -> Path | None:
-        """Move a fully published file to `done/` (or delete it); returns where it went."""
+        """Move a fully published file to `done/` (or delete it); returns where it went.
+
+        Raises FileVanished if the file is no longer in `processing/`.
+        """
         try:
             if self.done is None:
                 os.unlink(claim.path)
                 return None
             return _move_no_replace(claim.path, self.done, claim.name)
+        except FileNotFoundError:
+            if os.path.lexists(claim.path):
+                raise  # a folder is missing, not the file: the caller retries
+            raise FileVanished(claim.path) from None
         finally:
             claim.release()
 
     def fail(self, claim: Claim, explanation: str) -> Path:
-        """Move a file to `failed/` beside a `<name>.error` file saying why."""
+        """Move a file to `failed/` beside a `<name>.error` file saying why.
+
+        Raises FileVanished (after writing the `.error` file) if the file is no longer in
+        `processing/`.
+        """
         try:
             name = _free_name(self.failed, claim.name, also=".error")
             error_file = self.failed / f"{name}.error"
             temporary = self.failed / f".{name}.error.tmp"
             temporary.write_text(explanation, encoding="utf-8")
             os.replace(temporary, error_file)
-            return _move_no_replace(claim.path, self.failed, name)
+            try:
+                return _move_no_replace(claim.path, self.failed, name)
+            except FileNotFoundError:
+                if os.path.lexists(claim.path):
+                    raise
+                raise FileVanished(claim.path) from None
         finally:
             claim.release()
 
@@ -172,6 +216,11 @@ class Inbox:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            # Permission denied, an I/O error...: it cannot be published. Out of processing/,
+            # so that it neither blocks its name nor is retried at every rescan.
+            self.refused.append(Refused(path.name, exc, self._refuse(path, exc)))
             return None
         try:
             if not self._try_lock(fd):
@@ -199,6 +248,23 @@ class Inbox:
             identity=claim_identity(path.name, held.st_ino, held.st_size, held.st_mtime_ns),
             resumed=resumed,
         )
+
+    def _refuse(self, path: Path, exc: OSError) -> Path | None:
+        """Move an unopenable file to `failed/` beside its `.error`; None if that fails too."""
+        try:
+            name = _free_name(self.failed, path.name, also=".error")
+            temporary = self.failed / f".{name}.error.tmp"
+            temporary.write_text(
+                f"file: {_printable(path.name)}\n"
+                f"error: cannot open it: {exc.strerror or exc}\n"
+                "what to do: give the busway user read access to it and drop it into the "
+                "inbox again\n",
+                encoding="utf-8",
+            )
+            os.replace(temporary, self.failed / f"{name}.error")
+            return _move_no_replace(path, self.failed, name)
+        except OSError:
+            return None
 
     def _try_lock(self, fd: int) -> bool:
         if not self.locks_supported:

@@ -16,6 +16,11 @@ _HINTS = {
     errno.EPERM: "operation not permitted: check ownership and attributes; messages are retried",
     errno.EROFS: "the file system is read-only: remount it read-write; messages are retried",
     errno.ENOTDIR: "a path component is a file, not a directory: move it away; retried",
+    errno.EISDIR: "the path is a directory: set `path` to a file name or move the directory "
+    "away; messages are retried",
+    errno.ELOOP: "a symbolic link loop in the path: fix the link; messages are retried",
+    errno.ENOENT: "a directory on the path is missing (a dangling symbolic link?): create it; "
+    "messages are retried",
     errno.EIO: "an I/O error: check the disk and its logs; messages are retried",
 }
 # Retrying cannot fix a name the file system refuses: the message is dead-lettered.

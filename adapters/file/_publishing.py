@@ -25,6 +25,7 @@ import orjson
 
 from busway import ComponentStats, PublishAck, SourceContext
 from busway.adapters.file._claim import Claim
+from busway.adapters.file._names import printable
 from busway.adapters.file._records import (
     CsvReader,
     FileFormatError,
@@ -114,7 +115,9 @@ class FilePublisher:
         try:
             await context.state.delete(f"file.{claim.identity}")
         except Exception as exc:  # a leftover checkpoint is harmless: its file is gone
-            context.logger.warning("cannot delete the checkpoint of %s: %s", claim.name, exc)
+            context.logger.warning(
+                "cannot delete the checkpoint of %s: %s", printable(claim.name), exc
+            )
 
     async def _publish_records(
         self, claim: Claim, context: SourceContext, reader: RecordReader, key: str

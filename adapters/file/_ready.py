@@ -10,8 +10,10 @@ Three conventions, as producers differ:
 * `rename`: the producer writes under another name (`.tmp`, a dot-file) and renames the file
   into place, so any file matching the patterns is complete.
 
-Dot-files never match, nor do marker files themselves. Methods stat the disk: run them in a
-worker thread.
+Dot-files never match, nor do marker files themselves. Only regular files are taken: a
+matching symbolic link (a loop included), FIFO, socket or device is left where it is and
+reported once in `refused` (directories, such as `processing/`, are passed over silently).
+Methods stat the disk: run them in a worker thread.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class ReadyTracker:
         self._match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
         # name -> (size, mtime_ns, monotonic time that state was first seen)
         self._pending: dict[str, tuple[int, int, float]] = {}
+        self._refused: set[str] = set()
+        self.refused: list[tuple[str, str]] = []
+        """(name, what it is) of matching entries that are not regular files, each reported
+        once while it stays: the caller takes the list and logs it."""
 
     def matches(self, name: str) -> bool:
         """True for names this source takes (patterns match, not hidden, not a marker)."""
@@ -63,6 +69,7 @@ class ReadyTracker:
         present = set(names)
         for gone in self._pending.keys() - present:
             del self._pending[gone]
+        self._refused &= present
         return self.check(names)
 
     def check(self, names: Iterable[str]) -> list[str]:
@@ -78,6 +85,9 @@ class ReadyTracker:
                 self._pending.pop(name, None)
                 continue
             if not stat.S_ISREG(info.st_mode):
+                if not stat.S_ISDIR(info.st_mode) and name not in self._refused:
+                    self._refused.add(name)
+                    self.refused.append((name, _kind(info.st_mode)))
                 continue
             if self._is_ready(name, info.st_size, info.st_mtime_ns, now, wall_ns):
                 self._pending.pop(name, None)
@@ -119,3 +129,13 @@ class ReadyTracker:
             return True
         self._pending[name] = (size, mtime_ns, now)
         return False
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"

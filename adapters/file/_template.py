@@ -4,7 +4,8 @@
 
 Placeholders: `{id}` (the message id, stable across redeliveries), `{stream}`, `{seq}`,
 `{subject}`, `{subject[N]}` (the N-th token, 0-based, negative from the end),
-`{header[Name]}` and `{body[a.b]}` (a dotted path into the JSON body). `{{` and `}}` are
+`{header[Name]}`, `{body[a.b]}` (a dotted path into the JSON body) and `{daemon}` (this
+daemon's name, see `_daemon`; it alone does not tell messages apart). `{{` and `}}` are
 literal braces. Every substituted value is made a safe single path component (`/` and NUL
 become `_`, `.` and `..` become `_`), so a message can never write outside the template's
 directories.
@@ -36,8 +37,9 @@ class MissingValue(Exception):
 class PathTemplate:
     """A compiled template: `render(message)` gives the relative path of its file."""
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, *, daemon: str = "daemon") -> None:
         self.template = template
+        self.daemon = daemon
         self.uses_body = False
         self._parts: list[str | _Part] = []
         placeholders = 0
@@ -50,15 +52,16 @@ class PathTemplate:
                 continue
             self._parts.append(literal)
             self._parts.append(self._compile(found.group(1), found.group(2)))
-            placeholders += 1
+            placeholders += found.group(1) != "daemon"
         rest = template[position:]
         if "{" in rest or "}" in rest:
             raise ValueError(f"path template {template!r}: unbalanced brace in {rest!r}")
         self._parts.append(rest)
         if not placeholders:
             raise ValueError(
-                f"path template {template!r} has no placeholder, so every message would "
-                "overwrite the same file: add one such as {id}"
+                f"path template {template!r} has no placeholder that differs between "
+                "messages ({daemon} does not), so every message would overwrite the same "
+                "file: add one such as {id}"
             )
 
     def render(self, message: Message) -> str:
@@ -69,6 +72,9 @@ class PathTemplate:
         )
 
     def _compile(self, name: str, key: str | None) -> _Part:
+        if name == "daemon" and key is None:
+            daemon = _safe(self.daemon)
+            return lambda _message, _body: daemon
         if name in ("id", "stream", "seq") and key is None:
             attribute = {"id": "id", "stream": "stream", "seq": "sequence"}[name]
             return lambda message, _: _safe(str(getattr(message, attribute)))
@@ -89,7 +95,7 @@ class PathTemplate:
         raise ValueError(
             f"unknown placeholder {{{name}{'[' + key + ']' if key is not None else ''}}} in "
             f"path template {self.template!r}: use {{id}}, {{stream}}, {{seq}}, {{subject}}, "
-            "{subject[N]}, {header[Name]} or {body[field.path]}"
+            "{subject[N]}, {header[Name]}, {body[field.path]} or {daemon}"
         )
 
 

@@ -16,11 +16,13 @@
     path = "var/out/{subject[1]}/{id}.json" # see _template for the placeholders
 
 `append` writes each JSON body as one line; a batch is one write, one fsync, and one line
-in the segment's id index (see `_append`), so a redelivery after a crash between the write and
-the ack is skipped rather than written twice, and a batch that failed halfway (disk full) is
-truncated away. A body that is not JSON is dead-lettered on its own while the rest of the
-batch is written. Several daemons (or sinks) may append to one file: they take turns under a
-lock on `<file>.lock` (see `_append`), each batch whole, none lost or doubled.
+in the segment's id index (see `_append`), keyed by `Message.id`: a message that comes again
+(a redelivery after a crash between the write and the ack, a replayed dead letter, a record a
+source publishes again after the stream's duplicate window) is skipped rather than written
+twice, and a batch that failed halfway (disk full) is truncated away. A body that is not
+JSON is dead-lettered on its own while the rest of the batch is written. Several daemons (or
+sinks) may append to one file: they take turns under a lock on `<file>.lock` (see
+`_append`), each batch whole, none lost or doubled.
 
 `per-message` writes each body as it is to its own file through a temporary name, fsync and
 rename (see `_per_message`): readers never see half a file.
@@ -44,6 +46,7 @@ import orjson
 from busway import (
     BatchError,
     BuildContext,
+    ConfigError,
     DeliveryError,
     Duration,
     Message,
@@ -52,7 +55,8 @@ from busway import (
     Sink,
     SinkConfig,
 )
-from busway.adapters.file._append import AppendWriter
+from busway.adapters.file._append import AppendWriter, Line
+from busway.adapters.file._daemon import daemon_name
 from busway.adapters.file._oserrors import delivery_error
 from busway.adapters.file._per_message import PerMessageWriter, WriteFailed
 from busway.adapters.file._template import MissingValue, PathTemplate
@@ -62,13 +66,26 @@ __all__ = ["FileSink", "FileSinkConfig"]
 logger = logging.getLogger("busway.adapters.file")
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_DAEMON = "{daemon}"
+
+
+def _daemon(config: FileSinkConfig) -> str:
+    """This daemon's name if the paths use `{daemon}` (else "", and nothing is checked)."""
+    if _DAEMON not in config.path and _DAEMON not in config.rotated_path:
+        return ""
+    try:
+        return daemon_name()
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (the path uses {_DAEMON})", path="$.path") from None
 
 
 class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     """Where and how to write (relative paths start at the config file's directory)."""
 
     path: str
-    """`append`: the live file; `per-message`: a template naming each message's file."""
+    """`append`: the live file; `per-message`: a template naming each message's file. Either
+    may hold `{daemon}`, this daemon's name (`BUSWAY_DAEMON`, else the host name), so that
+    several daemons on one config write files of their own."""
     mode: Literal["append", "per-message"] = "append"
     """`append`: JSON lines into one file; `per-message`: one file per message."""
     fsync: bool = True
@@ -78,10 +95,14 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
     rotate_every: Duration | None = None
     """`append`: rotate at the first write of each window of this length (clock-aligned)."""
     rotated_path: str = "{stem}-{start:%Y%m%dT%H%M%SZ}{suffix}"
-    """`append`: where a rotated file goes, relative to the live file's directory."""
+    """`append`: where a rotated file goes, relative to the live file's directory (`{stem}`,
+    `{suffix}`, `{name}`, `{start:...}`, `{end:...}` in UTC, `{daemon}`)."""
     index_size: int = 100_000
-    """`append`: ids remembered against redelivery duplicates, across rotations (at least
-    `max_in_flight`).
+    """`append`: how many message ids (`Message.id`, the `Nats-Msg-Id`) the file remembers, the
+    newest written to it across rotations and daemons: a message that comes again (redelivered,
+    replayed, republished after the stream's duplicate window) while its id is among them is
+    not written twice. At least `max_in_flight`; memory: about 130 bytes per id of 40
+    characters (13 MB for the default).
     """
 
     def __post_init__(self) -> None:
@@ -101,11 +122,13 @@ class FileSinkConfig(SinkConfig, tag="file", frozen=True, kw_only=True):
                 "again, and the index must recognise each one that was already written"
             )
         try:
-            self.rotated_path.format(stem="", suffix="", name="", start=_EPOCH, end=_EPOCH)
+            self.rotated_path.format(
+                stem="", suffix="", name="", start=_EPOCH, end=_EPOCH, daemon=""
+            )
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"rotated_path {self.rotated_path!r}: {exc!r}; use {{stem}}, {{suffix}}, "
-                "{name}, {start:%Y%m%d...} and {end:...}"
+                "{name}, {start:%Y%m%d...}, {end:...} and {daemon}"
             ) from None
 
 
@@ -118,8 +141,9 @@ class FileSink(Sink):
         self._appender: AppendWriter | None = None
         self._template: PathTemplate | None = None
         self._writer: PerMessageWriter | None = None
+        daemon = _daemon(config)
         if config.mode == "append":
-            self.path: Path = context.resolve_path(config.path)
+            self.path: Path = context.resolve_path(config.path.replace(_DAEMON, daemon))
             self._appender = AppendWriter(
                 self.path,
                 fsync=config.fsync,
@@ -127,10 +151,11 @@ class FileSink(Sink):
                 rotate_every=float(config.rotate_every) if config.rotate_every else None,
                 rotated_path=config.rotated_path,
                 index_size=config.index_size,
+                daemon=daemon,
             )
         else:
             self.path = context.base_dir
-            self._template = PathTemplate(config.path)
+            self._template = PathTemplate(config.path, daemon=daemon)
             self._writer = PerMessageWriter(fsync=config.fsync)
 
     async def open(self) -> None:
@@ -164,7 +189,7 @@ class FileSink(Sink):
         return self._healthy
 
     async def _append(self, appender: AppendWriter, batch: Sequence[Message]) -> None:
-        entries: list[tuple[str, bytes]] = []
+        entries: list[Line] = []
         failures: dict[int, DeliveryError] = {}
         for index, message in enumerate(batch):
             data = message.data
@@ -177,7 +202,7 @@ class FileSink(Sink):
                 )
                 continue
             line = (data if b"\n" not in data else orjson.dumps(document)) + b"\n"
-            entries.append((f"{message.stream}:{message.sequence}", line))
+            entries.append(Line(message.id, f"{message.stream}:{message.sequence}", line))
         if entries:
             try:
                 await anyio.to_thread.run_sync(appender.write, entries)

@@ -41,7 +41,8 @@ from busway import (
     SourceContext,
     StartupError,
 )
-from busway.adapters.file._claim import Claim, Inbox
+from busway.adapters.file._claim import Claim, FileVanished, Inbox
+from busway.adapters.file._names import printable, unusable
 from busway.adapters.file._publishing import FileFailed, FilePublisher, ReaderSettings
 from busway.adapters.file._ready import ReadyTracker
 from busway.adapters.file._watch import watch_directory
@@ -146,6 +147,7 @@ class FileSource(Source):
 
     def __init__(self, config: FileSourceConfig, context: BuildContext) -> None:
         self.config = config
+        self._context = context
         self.inbox_path = context.resolve_path(config.path)
         done = None if config.on_done == "delete" else self._folder(config.done)
         self.inbox = Inbox(
@@ -183,7 +185,7 @@ class FileSource(Source):
         self._slots = anyio.Semaphore(config.concurrency)
 
     def _folder(self, path: str) -> Path:
-        return (self.inbox_path / Path(path).expanduser()).resolve()
+        return self._context.resolve_path(str(self.inbox_path / Path(path).expanduser()))
 
     def _count(self, context: SourceContext, what: str, amount: int) -> None:
         """Count on the source (tests read it) and in the metrics (`busway_events_total`)."""
@@ -233,6 +235,7 @@ class FileSource(Source):
                 ready = await self._blocking(context, self.tracker.scan)
             else:
                 ready = await self._blocking(context, self.tracker.check, changed)
+            self._report_refused(context)
             for name in ready or ():
                 if name not in self._active:
                     await self._claim(tg, context, name)
@@ -240,15 +243,44 @@ class FileSource(Source):
             with anyio.move_on_after(max(0.01, min(waits))):
                 await self._wake.wait()
 
+    def _report_refused(self, context: SourceContext) -> None:
+        """Log (once each) matching entries that are not regular files, left where they are."""
+        refused, self.tracker.refused = self.tracker.refused, []
+        for name, kind in refused:
+            context.stats.count_error("not_a_file")
+            context.logger.warning(
+                "%s in %s is %s, not a regular file: left where it is (the source takes "
+                "regular files only: drop the file itself, not a link to it)",
+                printable(name),
+                self.inbox_path,
+                kind,
+            )
+
+    def _report_unopenable(self, context: SourceContext) -> None:
+        """Log and count files that could not be opened (moved to failed/ by the inbox)."""
+        refused, self.inbox.refused = self.inbox.refused, []
+        for file in refused:
+            context.stats.count_error("unreadable")
+            if file.target is not None:
+                self._count(context, "failed", 1)
+            context.logger.warning(
+                "%s cannot be opened: %s (give the busway user read access and drop it "
+                "into the inbox again) -> %s",
+                printable(file.name),
+                file.error.strerror or file.error,
+                printable(file.target) if file.target else "left in processing/",
+            )
+
     async def _adopt_orphans(self, tg: TaskGroup, context: SourceContext) -> None:
         """Resume files left in processing/ by a daemon that died (their lock is free)."""
         orphans = await self._blocking(context, self.inbox.orphans, set(self._active)) or []
+        self._report_unopenable(context)
         try:
             while orphans:
                 await self._slots.acquire()
                 claim = orphans.pop(0)
                 context.logger.info(
-                    "resuming %s, left in processing/ by a stopped daemon", claim.name
+                    "resuming %s, left in processing/ by a stopped daemon", printable(claim.name)
                 )
                 self._count(context, "resumed", 1)
                 self._start(tg, context, claim)
@@ -264,11 +296,12 @@ class FileSource(Source):
         except OSError as exc:
             self._slots.release()
             context.stats.count_error("claim")
-            context.logger.warning("cannot claim %s: %s", name, exc)
+            context.logger.warning("cannot claim %s: %s", printable(name), printable(exc))
             return
         except BaseException:
             self._slots.release()
             raise
+        self._report_unopenable(context)
         if not isinstance(claim, Claim):
             self._slots.release()  # taken by another daemon, or a namesake still in progress
             return
@@ -277,11 +310,18 @@ class FileSource(Source):
 
     def _start(self, tg: TaskGroup, context: SourceContext, claim: Claim) -> None:
         self._active.add(claim.name)
-        tg.start_soon(self._process, context, claim, name=f"file {claim.name}")
+        tg.start_soon(self._process, context, claim, name=f"file {printable(claim.name)}")
 
     async def _process(self, context: SourceContext, claim: Claim) -> None:
         """Publish the file until it is done or failed; retry while JetStream is away."""
         try:
+            unfit = unusable(claim.name)
+            if unfit is not None:
+                # Its name cannot go into the Busway-File header: nothing is published.
+                await self._settle(
+                    context, claim, failure=f"{unfit}: rename it and drop it into the inbox again"
+                )
+                return
             delay = _RETRY_FIRST
             while True:
                 try:
@@ -291,7 +331,7 @@ class FileSource(Source):
                     context.logger.warning(
                         "%s: not confirmed by JetStream (%s); retrying in %.1fs from its last "
                         "checkpoint",
-                        claim.name,
+                        printable(claim.name),
                         exc,
                         delay,
                     )
@@ -311,6 +351,7 @@ class FileSource(Source):
     async def _settle(self, context: SourceContext, claim: Claim, *, failure: str | None) -> None:
         """Move the file to done/ or failed/, retrying while the file system refuses."""
         delay = _RETRY_FIRST
+        name = printable(claim.name)
         while True:
             try:
                 if failure is None:
@@ -318,26 +359,42 @@ class FileSource(Source):
                 else:
                     explanation = _explain_failure(claim, failure)
                     target = await anyio.to_thread.run_sync(self.inbox.fail, claim, explanation)
+            except FileVanished:
+                # Removed from processing/ by someone else while it was published: its
+                # records are all confirmed (or it failed) all the same; nothing is left to move.
+                context.stats.count_error("vanished")
+                context.logger.warning(
+                    "%s was removed from processing/ by another program before busway could "
+                    "move it to %s; busway read it through its open descriptor, so %s",
+                    name,
+                    "done/" if failure is None else "failed/",
+                    "every record is published"
+                    if failure is None
+                    else "only its .error file is in failed/",
+                )
+                target = None
             except OSError as exc:
                 context.stats.count_error("move")
                 context.logger.warning(
-                    "%s is published but cannot be moved out of processing/: %s; retrying",
-                    claim.name,
-                    exc,
+                    "%s is %s but cannot be moved out of processing/: %s; retrying",
+                    name,
+                    "published" if failure is None else "failed",
+                    printable(exc),
                 )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
             break
         await self.publisher.forget(claim, context)
+        where = printable(target) if target is not None else "(gone)"
         if failure is None:
             self._count(context, "done", 1)
             self._count(context, "bytes", claim.size)
-            context.logger.info("%s done (%d bytes) -> %s", claim.name, claim.size, target)
+            context.logger.info("%s done (%d bytes) -> %s", name, claim.size, where)
         else:
             self._count(context, "failed", 1)
             context.stats.count_error("bad_file")
-            context.logger.warning("%s failed: %s -> %s", claim.name, failure, target)
+            context.logger.warning("%s failed: %s -> %s", name, failure, where)
 
     async def _blocking(
         self, context: SourceContext, function: Callable[..., _T], *args: object
@@ -354,7 +411,7 @@ class FileSource(Source):
 def _explain_failure(claim: Claim, failure: str) -> str:
     """The text of a failed file's `.error` file."""
     return (
-        f"file: {claim.name}\n"
+        f"file: {printable(claim.name)}\n"
         f"size: {claim.size}\n"
         f"error: {failure}\n"
         "what to do: fix the file and drop it into the inbox again "
