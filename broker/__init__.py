@@ -27,6 +27,7 @@ from busway._components import (
 from busway._config.durations import Duration
 from busway._config.model import (
     CircuitConfig,
+    ClusterConfig,
     Config,
     DeadLetterConfig,
     HttpConfig,
@@ -73,6 +74,7 @@ __all__ = [
     "Bus",
     "BuswayError",
     "CircuitConfig",
+    "ClusterConfig",
     "ComponentStats",
     "Config",
     "ConfigError",

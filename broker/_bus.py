@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 from anyio import AsyncContextManagerMixin
@@ -55,6 +55,12 @@ from busway._egress.worker import SinkWorker
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._ingress.listener import DeferredApp, Listener, build_app
 from busway._ingress.source_runner import run_source
+from busway._nats.cluster import (
+    PubAckWatch,
+    check_replicas_possible,
+    open_state_bucket,
+    until_ready,
+)
 from busway._nats.embedded import EmbeddedNatsServer
 from busway._nats.jetstream import (
     JetStreamPublisher,
@@ -79,6 +85,8 @@ from busway.routers.route import Route
 __all__ = ["Bus", "ReloadReport"]
 
 logger = logging.getLogger("busway")
+
+_T = TypeVar("_T")
 
 
 class Bus(AsyncContextManagerMixin):
@@ -115,6 +123,7 @@ class Bus(AsyncContextManagerMixin):
         self._publisher: JetStreamPublisher | None = None
         self._state: KeyValue | None = None
         self._refusals = WriteRefusals()
+        self._pub_acks: PubAckWatch | None = None
         self._gate: IsolationGate | None = None
         self._ledger: AttemptLedger | None = None
         self._reload_lock = anyio.Lock()
@@ -165,6 +174,7 @@ class Bus(AsyncContextManagerMixin):
         checks: dict[str, str | None] = {
             "nats": None if self._client and self._client.is_connected else "not connected",
             "jetstream": self._refusals.reason(),
+            "pub_acks": self._pub_acks.reason() if self._pub_acks else None,
         }
         for stats in self.metrics.stats:
             checks[f"{stats.kind}:{stats.name}"] = component_reason(stats)
@@ -210,10 +220,18 @@ class Bus(AsyncContextManagerMixin):
             )
             self._client = client
             stack.push_async_callback(self._close_client, client)
+            check_replicas_possible(client, config)
             js = jetstream(client, window=config.nats.publish_window)
             self._js = js
+            self._pub_acks = PubAckWatch(js, after=min(5.0, float(config.nats.publish_timeout)))
             for stream in [*config.streams, config.dead_letter_stream]:
-                await ensure_stream(js, stream)
+                await self._when_ready(f"stream {stream.name!r}", ensure_stream, js, stream)
+            self._state = await self._when_ready(
+                "the state bucket",
+                functools.partial(open_state_bucket, replicas=config.cluster.replicas),
+                js,
+                config.state_bucket,
+            )
             self._requester = Requester(
                 client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
             )
@@ -337,7 +355,7 @@ class Bus(AsyncContextManagerMixin):
         itself (`[nats]`, `[http]`, dead letters, state bucket) need a restart: ConfigError.
         """
         async with self._reload_lock:
-            for section in ("nats", "http", "dead_letter", "state_bucket"):
+            for section in ("nats", "cluster", "http", "dead_letter", "state_bucket"):
                 if getattr(config, section) != getattr(self.config, section):
                     raise ConfigError(
                         f"[{section}] changed: that needs a restart, not a reload",
@@ -393,7 +411,9 @@ class Bus(AsyncContextManagerMixin):
         stats = ComponentStats(route_config.name, "route")
         worker = RouteWorker(
             route=route,
-            services=NatsRouteServices(self._js, self._requester),
+            services=NatsRouteServices(
+                self._js, self._requester, replicas=self.config.cluster.replicas
+            ),
             state_bucket=self.config.state_bucket,
             hop_limit=self.plan.hop_limit(route_config),
             stats=stats,
@@ -439,8 +459,26 @@ class Bus(AsyncContextManagerMixin):
         name = (
             f"busway_dedup_{stream.name}_{source.name}" if stream else f"busway_dedup_{source.name}"
         )
-        return await dedup_store(
-            self._js, name, [s.name for s in streams], timeout=self.config.nats.publish_timeout
+        return await self._when_ready(
+            f"the dedup bucket {name!r}",
+            functools.partial(
+                dedup_store,
+                timeout=self.config.nats.publish_timeout,
+                replicas=self.config.cluster.replicas,
+            ),
+            self._js,
+            name,
+            [s.name for s in streams],
+        )
+
+    async def _when_ready(self, what: str, declare: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """`declare(*args)`, retried while JetStream is not ready (`[cluster] startup_timeout`)."""
+        return await until_ready(
+            what,
+            functools.partial(declare, *args),
+            timeout=float(self.config.cluster.startup_timeout),
+            client=self._client,
+            replicas=self.config.cluster.replicas,
         )
 
     async def _supervise(
@@ -533,6 +571,7 @@ class Bus(AsyncContextManagerMixin):
             "dead_letter_subject": self.config.dead_letter_subject(component),
             "refusals": self._refusals,
             "start": component.start,
+            "startup_timeout": float(self.config.cluster.startup_timeout),
         }
 
     def _bind_listener(self) -> Listener:

@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 from busway._components import PublishAck
 from busway._config.model import NatsConfig, StreamConfig, start_time
 from busway._errors import PublishError, RetryableError, StartupError
+from busway._nats.cluster import connect_options
 from busway._observe.readiness import WriteRefusals
 
 __all__ = [
@@ -110,8 +111,7 @@ async def connect(
                 servers,
                 name=config.name,
                 connect_timeout=max(1, round(config.connect_timeout)),
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type] # a float works; typed int
+                **connect_options(config),
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
                 reconnected_cb=reconnected_cb,
@@ -605,15 +605,16 @@ class KeyValueDedupStore:
 
 
 async def dedup_store(
-    js: JetStreamContext, name: str, streams: list[str], *, timeout: float
+    js: JetStreamContext, name: str, streams: list[str], *, timeout: float, replicas: int = 1
 ) -> KeyValueDedupStore:
     """The bucket `name`, its TTL the longest duplicate window of `streams` (as JetStream has
-    them, so `create = false` streams count too), its replicas theirs; created if missing,
+    them, so `create = false` streams count too), its replicas theirs or `replicas` (`[cluster]
+    replicas`), whichever is more; created if missing,
     its TTL updated if a window changed."""
     with _startup_errors(f"cannot open the dedup bucket {name!r}"):
         configs = [(await js.stream_info(stream)).config for stream in streams]
         ttl = max((config.duplicate_window or 120.0 for config in configs), default=120.0)
-        replicas = max((config.num_replicas or 1 for config in configs), default=1)
+        replicas = max([replicas, *(config.num_replicas or 1 for config in configs)])
         config = KeyValueConfig(
             bucket=name, history=1, ttl=ttl, replicas=replicas, storage=StorageType.FILE
         )
@@ -625,6 +626,7 @@ async def dedup_store(
             existing = (await js.stream_info(f"KV_{name}")).config
             existing.max_age = ttl
             existing.duplicate_window = min(ttl, 120.0)
+            existing.num_replicas = replicas
             await js.update_stream(existing)
             bucket = await js.key_value(name)
     return KeyValueDedupStore(bucket, ttl, timeout=timeout)

@@ -25,9 +25,10 @@ _BUCKET_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 class NatsRouteServices:
     """`RouteServices` for one route, on its connection."""
 
-    def __init__(self, js: JetStreamContext, requester: Requester) -> None:
+    def __init__(self, js: JetStreamContext, requester: Requester, *, replicas: int = 1) -> None:
         self._js = js
         self._requester = requester
+        self._replicas = replicas
         self._buckets: dict[str, KeyValue] = {}
 
     async def request(
@@ -66,7 +67,13 @@ class NatsRouteServices:
                 bucket = await self._js.key_value(name)
             except nats.js.errors.BucketNotFoundError:
                 bucket = await self._js.create_key_value(
-                    KeyValueConfig(bucket=name, history=1, ttl=window, storage=StorageType.FILE)
+                    KeyValueConfig(
+                        bucket=name,
+                        history=1,
+                        ttl=window,
+                        storage=StorageType.FILE,
+                        replicas=self._replicas,
+                    )
                 )
             self._buckets[scope] = bucket
         return bucket
