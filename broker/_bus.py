@@ -223,7 +223,9 @@ class Bus(AsyncContextManagerMixin):
             check_replicas_possible(client, config)
             js = jetstream(client, window=config.nats.publish_window)
             self._js = js
-            self._pub_acks = PubAckWatch(js, after=min(5.0, float(config.nats.publish_timeout)))
+            self._pub_acks = PubAckWatch(
+                js, after=min(float(config.nats.ping_interval), float(config.nats.publish_timeout))
+            )
             for stream in [*config.streams, config.dead_letter_stream]:
                 await self._when_ready(f"stream {stream.name!r}", ensure_stream, js, stream)
             self._state = await self._when_ready(

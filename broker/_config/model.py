@@ -191,6 +191,8 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             raise ValueError(f"ping_interval must be at least {_SHORTEST_PING * 1000:g}ms")
         if not self.reconnect_wait >= 0:
             raise ValueError("reconnect_wait must be 0s or more")
+        if self.max_reconnect_attempts == 0:  # nats-py would read 0 as "forever"
+            raise ValueError("max_reconnect_attempts must be -1 (forever) or at least 1")
         if self.servers is not None:
             if not self.servers:
                 raise ValueError("servers is empty: list NATS URLs, or remove it to embed one")

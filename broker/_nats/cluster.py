@@ -13,7 +13,7 @@ Three things differ from a single server, and each has its function here:
 * **Replicas must exist.** A standalone server cannot hold an R3 stream (10074): that is a
   configuration mistake, reported at once by `check_replicas_possible`, never retried.
 
-`PubAckWatch` makes a stalled connection visible on `/readyz` ("no PubAck for 5s") before the
+`PubAckWatch` makes a stalled connection visible on `/readyz` ("no PubAck for 2s") before the
 pings declare it dead.
 """
 
@@ -62,8 +62,19 @@ _LONGEST_BACKOFF = 5.0
 
 
 def connect_options(config: NatsConfig) -> dict[str, Any]:
-    """nats-py `connect` options for failover: pings, reconnect pause and attempts."""
+    """nats-py `connect` options for failover: pings, reconnect pause and attempts, and how
+    long one attempt on one server may take.
+
+    nats-py spends its `connect_timeout` on *each* attempt, reconnections included, and a
+    frozen server accepts TCP connections (the kernel does) but never sends its INFO: with
+    `[nats] connect_timeout` there, every pass over the pool waited that long on the frozen
+    node. One attempt gets what the pings allow a silent server, `ping_interval *
+    max_outstanding_pings` (at least 1 s, at most `connect_timeout`); the first connection
+    as a whole stays bounded by `connect_timeout`, retrying within it.
+    """
+    silent = float(config.ping_interval) * config.max_outstanding_pings
     return {
+        "connect_timeout": min(float(config.connect_timeout), max(1.0, silent)),
         "ping_interval": float(config.ping_interval),
         "max_outstanding_pings": config.max_outstanding_pings,
         "reconnect_time_wait": float(config.reconnect_wait),
@@ -241,7 +252,7 @@ class PubAckWatch:
 
     def __init__(self, js: JetStreamContext, *, after: float) -> None:
         self.after = after
-        self._futures: dict[str, Any] = js._publish_async_futures
+        self._js = js  # its futures dict is replaced on the first publish: read it each time
         self._last_answer = time.monotonic()
         self._waiting_since: float | None = None
         handle = js._handle_async_reply
@@ -254,7 +265,8 @@ class PubAckWatch:
 
     def reason(self) -> str | None:
         """ "no PubAck for Ns" while publishes wait and none was answered lately, else None."""
-        waiting = sum(1 for future in list(self._futures.values()) if not future.done())
+        futures = self._js._publish_async_futures
+        waiting = sum(1 for future in list(futures.values()) if not future.done())
         now = time.monotonic()
         if not waiting:
             self._waiting_since = None

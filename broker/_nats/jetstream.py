@@ -110,7 +110,6 @@ async def connect(
             await client.connect(
                 servers,
                 name=config.name,
-                connect_timeout=max(1, round(config.connect_timeout)),
                 **connect_options(config),
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
