@@ -59,6 +59,7 @@ from busway._nats.cluster import (
     PubAckWatch,
     check_replicas_possible,
     open_state_bucket,
+    shared_consumer_notes,
     until_ready,
 )
 from busway._nats.embedded import EmbeddedNatsServer
@@ -368,8 +369,10 @@ class Bus(AsyncContextManagerMixin):
             for stream in config.streams:
                 await ensure_stream(self._js, stream)
             old_plan = self.plan
+            report = ReloadReport(notes=shared_consumer_notes(self.config, config))
+            for note in report.notes:
+                logger.warning("%s", note)
             self.config, self.plan = config, plan
-            report = ReloadReport()
             wanted = {key: component for key, component in _components(plan)}
             for key, component in _components(old_plan):
                 if wanted.get(key, (None,))[0] != component[0]:
@@ -702,6 +705,8 @@ class ReloadReport:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the operator should know: consumers the change applies to on every daemon."""
 
     def __str__(self) -> str:
         parts = [
@@ -713,7 +718,7 @@ class ReloadReport:
             )
             if names
         ]
-        return "; ".join(parts) or "nothing changed"
+        return "; ".join([*parts, *self.notes]) or "nothing changed"
 
 
 def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]]]:

@@ -1,5 +1,5 @@
 """Running on a NATS cluster: fast failover, start-up against a cluster that is not ready yet,
-replica checks, and busway's own replicated state bucket.
+replica checks, busway's own replicated state bucket, and consumers shared by daemons.
 
 Three things differ from a single server, and each has its function here:
 
@@ -37,12 +37,15 @@ from busway._config.model import Config, NatsConfig
 from busway._errors import StartupError
 
 __all__ = [
+    "ConsumerSummary",
     "PubAckWatch",
     "check_replicas_possible",
     "connect_options",
+    "durable_consumers",
     "is_clustered",
     "not_ready_reason",
     "open_state_bucket",
+    "shared_consumer_notes",
     "until_ready",
 ]
 
@@ -280,3 +283,74 @@ class PubAckWatch:
             f"no PubAck for {silent:.0f}s ({waiting} publish(es) waiting): JetStream is slow or "
             "its server unreachable; busway fails over when the pings time out"
         )
+
+
+# -- consumers shared by every daemon on one config ---------------------------------------------
+
+_CONSUMER_SETTINGS = (
+    ("from_", "from"),
+    ("stream", "stream"),
+    ("max_in_flight", "max_in_flight"),
+    ("ack_wait", "ack_wait"),
+    ("start", "start"),
+)
+
+
+def shared_consumer_notes(old: Config, new: Config) -> list[str]:
+    """What a reload from `old` to `new` changes in durable consumers, one sentence each.
+
+    A durable consumer is named after its component (`busway-route-<name>`), so every daemon
+    running the same config pulls from the same one: reloading one daemon changes it under all
+    of them, and the others keep running their old settings against it until they reload too.
+    """
+    notes = []
+    for kind, before, after in (("route", old.routes, new.routes), ("sink", old.sinks, new.sinks)):
+        now = {component.name: component for component in after}
+        for component in before:
+            other = now.get(component.name)
+            if other is None:
+                continue
+            changed = [
+                key
+                for field, key in _CONSUMER_SETTINGS
+                if getattr(component, field) != getattr(other, field)
+            ]
+            if changed:
+                notes.append(
+                    f"consumer busway-{kind}-{component.name} ({', '.join(changed)} changed) is "
+                    "shared by every daemon on this config: the change applies to all of them; "
+                    "reload the others too"
+                )
+    return notes
+
+
+class ConsumerSummary:
+    """One durable consumer of a stream, as `busway status --orphans` lists it."""
+
+    __slots__ = ("ack_pending", "name", "pending", "stream")
+
+    def __init__(self, stream: str, name: str, pending: int, ack_pending: int) -> None:
+        self.stream = stream
+        self.name = name
+        self.pending = pending
+        self.ack_pending = ack_pending
+
+
+async def durable_consumers(client: NatsClient, streams: list[str]) -> list[ConsumerSummary]:
+    """Every durable consumer of `streams` (missing streams are skipped); StartupError if
+    JetStream cannot list them."""
+    js = client.jetstream()
+    found: list[ConsumerSummary] = []
+    for stream in streams:
+        try:
+            infos = await js.consumers_info(stream)
+        except nats.js.errors.NotFoundError:
+            continue
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StartupError(f"cannot list the consumers of stream {stream!r}: {exc}") from exc
+        found.extend(
+            ConsumerSummary(stream, info.name, info.num_pending or 0, info.num_ack_pending or 0)
+            for info in infos
+            if info.config.durable_name
+        )
+    return found
