@@ -133,6 +133,8 @@ class Bus(AsyncContextManagerMixin):
         self._stop_requested = anyio.Event()
         self._embedded: EmbeddedNatsServer | None = None
         self._failure: BuswayError | None = None
+        self._closing = False
+        """True once busway closes its NATS connection itself (not a connection lost)."""
 
     @classmethod
     def from_file(
@@ -218,6 +220,7 @@ class Bus(AsyncContextManagerMixin):
                 on_reconnected=self._on_reconnected,
                 auth=auth,
                 server_name=embedded.server_name if embedded is not None else None,
+                on_closed=self._on_closed,
             )
             self._client = client
             stack.push_async_callback(self._close_client, client)
@@ -663,7 +666,18 @@ class Bus(AsyncContextManagerMixin):
         for worker in self._workers:
             await worker.reset_pull()
 
+    async def _on_closed(self) -> None:
+        """The connection closed for good: when busway did not close it, stop the bus."""
+        if not self._closing:
+            self._fail(
+                StartupError(
+                    "the NATS connection is closed for good: every reconnection attempt failed "
+                    "([nats] max_reconnect_attempts); restart busway once NATS is reachable"
+                )
+            )
+
     async def _close_client(self, client: NatsClient) -> None:
+        self._closing = True
         with anyio.move_on_after(5, shield=True):
             if not client.is_closed:
                 with contextlib.suppress(Exception):

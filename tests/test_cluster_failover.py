@@ -18,10 +18,10 @@ import nats.errors
 import pytest
 from nats.js import JetStreamContext
 
-from busway import Bus
+from busway import Bus, StartupError
 from tests.cluster_support import nats_cluster
 from tests.faults.helpers import Daemon
-from tests.support import decode_test_config, eventually
+from tests.support import NatsServer, decode_test_config, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +145,29 @@ async def test_start_up_waits_for_a_cluster_that_is_still_forming(tmp_path: Path
             assert await daemon.terminate() == 0
         finally:
             daemon.kill()
+
+
+async def test_a_connection_that_runs_out_of_reconnect_attempts_stops_the_bus(
+    tmp_path: Path,
+) -> None:
+    """With a finite `max_reconnect_attempts`, a daemon must not sit unready forever: it stops
+    with an error, for its supervisor to restart it."""
+    store = tmp_path / "nats"
+    store.mkdir()
+    server = NatsServer(store)
+    config = decode_test_config(
+        f'[nats]\nservers = ["{server.url}"]\nmax_reconnect_attempts = 2\nreconnect_wait = "100ms"',
+        tmp_path,
+    )
+
+    async def lose_the_server_for_good() -> None:
+        async with Bus(config) as bus:
+            server.stop()
+            with anyio.fail_after(60):
+                await bus.wait_until_stopped()
+
+    try:
+        with pytest.raises(StartupError, match=r"closed for good.*max_reconnect_attempts"):
+            await lose_the_server_for_good()
+    finally:
+        server.stop()

@@ -71,6 +71,7 @@ async def connect(
     on_reconnected: Callable[[], Awaitable[None]],
     auth: Mapping[str, Any] | None = None,
     server_name: str | None = None,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
 ) -> NatsClient:
     """Connect to `servers` within `[nats] connect_timeout`, then reconnect forever.
 
@@ -79,7 +80,9 @@ async def connect(
     fix them). The first connection's errors are reported once, in the StartupError, rather
     than logged per attempt. Cancelling (SIGTERM while connecting) abandons the attempt cleanly.
     `auth` comes from `nats_auth`. With `server_name`, the server must announce that name in
-    its INFO (the embedded server busway started), else StartupError.
+    its INFO (the embedded server busway started), else StartupError. `on_closed` is called if
+    the connection closes for good after it started (`[nats] max_reconnect_attempts` ran out,
+    or a `close()`).
     """
     client = NatsClient()
     started = False
@@ -105,6 +108,10 @@ async def connect(
         )
         await on_reconnected()
 
+    async def closed_cb() -> None:
+        if started and on_closed is not None:
+            await on_closed()
+
     try:
         with attempt:
             await client.connect(
@@ -114,6 +121,7 @@ async def connect(
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
                 reconnected_cb=reconnected_cb,
+                closed_cb=closed_cb,
                 pending_size=8 * 1024 * 1024,
                 # Every subject busway publishes to is validated when the config is checked, and
                 # ack subjects come from the server; nats-py's per-publish regex is pure cost.
