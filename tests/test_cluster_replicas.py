@@ -128,3 +128,20 @@ async def test_losing_the_dead_letter_leader_neither_stops_start_up_nor_dead_let
             assert letter.subject == "busway.deadletter.parse"
         finally:
             await client.close()
+
+
+async def test_more_replicas_than_servers_fails_after_the_startup_timeout_saying_so(
+    tmp_path: Path,
+) -> None:
+    async with nats_cluster(tmp_path / "cluster") as cluster:
+        text = cluster_config(cluster.urls, replicas=5).replace(
+            'startup_timeout = "60s"', 'startup_timeout = "2s"'
+        )
+        config = decode_test_config(text, tmp_path)
+        with pytest.raises(StartupError) as raised:
+            async with Bus(config):
+                pass
+    message = str(raised.value)
+    assert "no suitable peers for placement (code 10005)" in message, message
+    assert "[cluster] startup_timeout" in message, message
+    assert "5 replicas need 5 servers up, the cluster has 3 server(s) visible now" in message

@@ -170,7 +170,7 @@ async def until_ready(
             _explain_needs_cluster(exc, replicas)
             reason = not_ready_reason(exc)
             left = deadline - time.monotonic()
-            if reason is None:
+            if reason is None or timeout <= 0:  # not a "not yet", or retrying is off
                 raise
             if left <= 0:
                 raise StartupError(
