@@ -114,7 +114,7 @@ async def test_a_frozen_server_is_left_within_seconds_and_readyz_says_why(
                         tg.cancel_scope.cancel()
                 took = time.monotonic() - frozen_at
                 print(f"\n[cluster:freeze] flowing again {took:.1f}s after the freeze")
-                assert any("no PubAck" in r or "not connected" in r for r in reasons), reasons
+                assert any(r.startswith("no PubAck for ") for r in reasons), reasons
                 assert cluster.node_serving("busway-freeze") not in (None, frozen)
             finally:
                 cluster.thaw(frozen)
