@@ -8,11 +8,13 @@ BUSWAY_DEADLETTER").
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
 import nats.errors
 import pytest
+from nats.js import JetStreamContext
 
 from busway import Bus, ConfigError, StartupError
 from tests.cluster_support import nats_cluster
@@ -91,43 +93,62 @@ async def test_a_standalone_server_refuses_3_replicas_at_once(
             pass
 
 
-async def test_losing_the_dead_letter_leader_neither_stops_start_up_nor_dead_letters(
+async def test_losing_the_dead_letter_or_state_leader_stops_neither_start_up_nor_dead_letters(
     tmp_path: Path,
 ) -> None:
+    dedupe = """
+[[routes]]
+name = "once"
+from = "in.once"
+to = ["out.once"]
+stages = [{ dedupe = { key = "event_id", window = "1m" } }]
+"""
     async with nats_cluster(tmp_path / "cluster") as cluster:
-        config = decode_test_config(cluster_config(cluster.urls), tmp_path)
-        async with Bus(config):
-            pass  # creates the streams, the state bucket and the consumer
+        config = decode_test_config(cluster_config(cluster.urls, extra=dedupe), tmp_path)
         client = await nats.connect(cluster.urls)
         try:
             js = client.jetstream()
-            for stream in ("BUSWAY_DEADLETTER", "KV_busway_state", "IN", "OUT"):
+            async with Bus(config):  # creates the streams, the buckets and the consumers
+                await js.publish("in.once", b'{"event_id": "e1"}')
+                await eventually(stored(js, "OUT", 1), timeout=60)
+            names = [info.config.name for info in await js.streams_info()]
+            [dedupe_bucket] = [name for name in names if name.startswith("KV_busway_dedupe_")]
+            for stream in ("BUSWAY_DEADLETTER", "KV_busway_state", dedupe_bucket, "IN", "OUT"):
                 assert (await js.stream_info(stream)).config.num_replicas == 3, stream
             consumer = await js.consumer_info("IN", "busway-route-parse")
             assert consumer.cluster is not None
             assert len(consumer.cluster.replicas or []) == 2  # the leader and two followers
-
-            leader = await cluster.leader_of("BUSWAY_DEADLETTER")
-            cluster.kill(leader)
-            await client.close()
-            client = await nats.connect([url for i, url in enumerate(cluster.urls) if i != leader])
-            js = client.jetstream()
-
-            async with Bus(config):
-                await js.publish("in.events", b"not json")
-
-                async def dead_lettered() -> bool:
-                    try:  # this client may be failing over from the killed node itself
-                        info = await js.stream_info("BUSWAY_DEADLETTER")
-                    except nats.errors.Error:
-                        return False
-                    return info.state.messages == 1
-
-                await eventually(dead_lettered, timeout=60)
-            [letter] = await stream_messages(client, "BUSWAY_DEADLETTER")
-            assert letter.subject == "busway.deadletter.parse"
         finally:
             await client.close()
+
+        for letters, asset in enumerate(("BUSWAY_DEADLETTER", "KV_busway_state"), start=1):
+            leader = await cluster.leader_of(asset)
+            cluster.kill(leader)
+            client = await nats.connect([url for i, url in enumerate(cluster.urls) if i != leader])
+            try:
+                js = client.jetstream()
+                async with Bus(config):
+                    await js.publish("in.events", b"not json")
+                    await eventually(stored(js, "BUSWAY_DEADLETTER", letters), timeout=60)
+                dead = await stream_messages(client, "BUSWAY_DEADLETTER")
+                assert [letter.subject for letter in dead] == ["busway.deadletter.parse"] * letters
+            finally:
+                await client.close()
+            cluster.restart(leader)
+            await cluster.wait_ready()
+
+
+def stored(js: JetStreamContext, stream: str, count: int) -> Callable[[], Awaitable[bool]]:
+    """A check for `eventually`: `stream` holds `count` messages (False while it cannot answer:
+    its leader may be moving)."""
+
+    async def stream_holds() -> bool:
+        try:
+            return (await js.stream_info(stream)).state.messages == count
+        except nats.errors.Error:
+            return False
+
+    return stream_holds
 
 
 async def test_more_replicas_than_servers_fails_after_the_startup_timeout_saying_so(
