@@ -14,7 +14,9 @@ Three things differ from a single server, and each has its function here:
   configuration mistake, reported at once by `check_replicas_possible`, never retried.
 
 `PubAckWatch` makes a stalled connection visible on `/readyz` ("no PubAck for 2s") before the
-pings declare it dead.
+pings declare it dead. Daemons on one config share each durable consumer: a reload says which
+ones it changes for all of them (`shared_consumer_notes`), and `busway status --orphans` lists
+the ones no component uses any more (`durable_consumers`).
 """
 
 from __future__ import annotations
