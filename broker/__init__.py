@@ -33,6 +33,7 @@ from busway._components import (
 from busway._config.durations import Duration
 from busway._config.model import (
     CircuitConfig,
+    ClusterConfig,
     Config,
     DeadLetterConfig,
     HttpConfig,
@@ -85,6 +86,7 @@ __all__ = [
     "Bus",
     "BuswayError",
     "CircuitConfig",
+    "ClusterConfig",
     "ComponentStats",
     "ComponentStatus",
     "Config",

@@ -27,7 +27,7 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -55,6 +55,13 @@ from busway._egress.worker import SinkWorker
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._ingress.listener import DeferredApp, Listener, build_app
 from busway._ingress.source_runner import run_source
+from busway._nats.cluster import (
+    PubAckWatch,
+    check_replicas_possible,
+    open_state_bucket,
+    shared_consumer_notes,
+    until_ready,
+)
 from busway._nats.embedded import EmbeddedNatsServer
 from busway._nats.jetstream import (
     JetStreamPublisher,
@@ -84,6 +91,8 @@ from busway.routers.route import Route
 __all__ = ["Bus", "ReloadReport"]
 
 logger = logging.getLogger("busway")
+
+_T = TypeVar("_T")
 
 
 class Bus(AsyncContextManagerMixin):
@@ -147,6 +156,7 @@ class Bus(AsyncContextManagerMixin):
         self._publisher: JetStreamPublisher | None = None
         self._state: Bucket | None = None
         self._refusals = WriteRefusals()
+        self._pub_acks: PubAckWatch | None = None
         self._gate: IsolationGate | None = None
         self._ledger: AttemptLedger | None = None
         self._reload_lock = anyio.Lock()
@@ -157,6 +167,8 @@ class Bus(AsyncContextManagerMixin):
         self._failure: BuswayError | None = None
         self._holder_id = new_holder_id()
         """This daemon's name in the leases it holds."""
+        self._closing = False
+        """True once busway closes its NATS connection itself (not a connection lost)."""
 
     @classmethod
     def from_file(
@@ -216,6 +228,7 @@ class Bus(AsyncContextManagerMixin):
         checks: dict[str, str | None] = {
             "nats": None if self._client and self._client.is_connected else "not connected",
             "jetstream": self._refusals.reason(),
+            "pub_acks": self._pub_acks.reason() if self._pub_acks else None,
         }
         for stats in self.metrics.stats:
             checks[f"{stats.kind}:{stats.name}"] = component_reason(stats)
@@ -258,13 +271,27 @@ class Bus(AsyncContextManagerMixin):
                 on_reconnected=self._on_reconnected,
                 auth=auth,
                 server_name=embedded.server_name if embedded is not None else None,
+                on_closed=self._on_closed,
             )
             self._client = client
             stack.push_async_callback(self._close_client, client)
+            check_replicas_possible(client, config)
             js = jetstream(client, window=config.nats.publish_window)
             self._js = js
+            self._pub_acks = PubAckWatch(
+                js, after=min(float(config.nats.ping_interval), float(config.nats.publish_timeout))
+            )
             for stream in [*config.streams, config.dead_letter_stream]:
-                await ensure_stream(js, stream)
+                await self._when_ready(f"stream {stream.name!r}", ensure_stream, js, stream)
+            self._state = Bucket(
+                await self._when_ready(
+                    "the state bucket",
+                    functools.partial(open_state_bucket, replicas=config.cluster.replicas),
+                    js,
+                    config.state_bucket,
+                ),
+                config.state_bucket,
+            )
             self._requester = Requester(
                 client, js, is_stored=self._is_stored, publish_timeout=config.nats.publish_timeout
             )
@@ -397,7 +424,7 @@ class Bus(AsyncContextManagerMixin):
         itself (`[nats]`, `[http]`, dead letters, state bucket) need a restart: ConfigError.
         """
         async with self._reload_lock:
-            for section in ("nats", "http", "dead_letter", "state_bucket"):
+            for section in ("nats", "cluster", "http", "dead_letter", "state_bucket"):
                 if getattr(config, section) != getattr(self.config, section):
                     raise ConfigError(
                         f"[{section}] changed: that needs a restart, not a reload",
@@ -408,8 +435,10 @@ class Bus(AsyncContextManagerMixin):
             for stream in config.streams:
                 await ensure_stream(self._js, stream)
             old_plan = self.plan
+            report = ReloadReport(notes=shared_consumer_notes(self.config, config))
+            for note in report.notes:
+                logger.warning("%s", note)
             self.config, self.plan = config, plan
-            report = ReloadReport()
             wanted = {key: component for key, component in _components(plan)}
             for key, component in _components(old_plan):
                 if wanted.get(key, (None,))[0] != component[0]:
@@ -453,7 +482,9 @@ class Bus(AsyncContextManagerMixin):
         stats = ComponentStats(route_config.name, "route")
         worker = RouteWorker(
             route=route,
-            services=NatsRouteServices(self._js, self._requester),
+            services=NatsRouteServices(
+                self._js, self._requester, replicas=self.config.cluster.replicas
+            ),
             state_bucket=self.config.state_bucket,
             hop_limit=self.plan.hop_limit(route_config),
             stats=stats,
@@ -513,8 +544,26 @@ class Bus(AsyncContextManagerMixin):
         name = (
             f"busway_dedup_{stream.name}_{source.name}" if stream else f"busway_dedup_{source.name}"
         )
-        return await dedup_store(
-            self._js, name, [s.name for s in streams], timeout=self.config.nats.publish_timeout
+        return await self._when_ready(
+            f"the dedup bucket {name!r}",
+            functools.partial(
+                dedup_store,
+                timeout=self.config.nats.publish_timeout,
+                replicas=self.config.cluster.replicas,
+            ),
+            self._js,
+            name,
+            [s.name for s in streams],
+        )
+
+    async def _when_ready(self, what: str, declare: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """`declare(*args)`, retried while JetStream is not ready (`[cluster] startup_timeout`)."""
+        return await until_ready(
+            what,
+            functools.partial(declare, *args),
+            timeout=float(self.config.cluster.startup_timeout),
+            client=self._client,
+            replicas=self.config.cluster.replicas,
         )
 
     async def _supervise(
@@ -607,6 +656,7 @@ class Bus(AsyncContextManagerMixin):
             "dead_letter_subject": self.config.dead_letter_subject(component),
             "refusals": self._refusals,
             "start": component.start,
+            "startup_timeout": float(self.config.cluster.startup_timeout),
         }
 
     def _bind_listener(self) -> Listener:
@@ -693,7 +743,18 @@ class Bus(AsyncContextManagerMixin):
         for worker in self._workers:
             await worker.reset_pull()
 
+    async def _on_closed(self) -> None:
+        """The connection closed for good: when busway did not close it, stop the bus."""
+        if not self._closing:
+            self._fail(
+                StartupError(
+                    "the NATS connection is closed for good: every reconnection attempt failed "
+                    "([nats] max_reconnect_attempts); restart busway once NATS is reachable"
+                )
+            )
+
     async def _close_client(self, client: NatsClient) -> None:
+        self._closing = True
         await close_connection(client)
 
 
@@ -727,6 +788,8 @@ class ReloadReport:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the operator should know: consumers the change applies to on every daemon."""
 
     def __str__(self) -> str:
         parts = [
@@ -738,7 +801,7 @@ class ReloadReport:
             )
             if names
         ]
-        return "; ".join(parts) or "nothing changed"
+        return "; ".join([*parts, *self.notes]) or "nothing changed"
 
 
 def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]]]:

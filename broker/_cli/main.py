@@ -5,6 +5,7 @@
     busway test routes.test.toml  run route test cases against the compiled routes, no broker
     busway reload busway.toml   check the config, SIGHUP the running daemon, report its outcome
     busway status busway.toml   per component: state, rates, backlog, circuit, last error
+    busway status --orphans busway.toml   durable consumers no route or sink uses any more
     busway schema [--markdown]  the config's JSON Schema (editors) or Markdown reference
     busway dlq list|show|replay|purge busway.toml  inspect, replay or purge dead letters
 
@@ -36,6 +37,7 @@ import anyio
 from busway import __version__
 from busway._bus import Bus
 from busway._cli.dlq import add_dlq_parser, run_dlq
+from busway._cli.orphans import print_orphans
 from busway._cli.route_tests import config_path_of, load_cases, run_cases
 from busway._cli.support import (
     EXIT_CONFIG,
@@ -102,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("config", help="path of the busway TOML file the daemon runs")
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    status.add_argument(
+        "--orphans",
+        action="store_true",
+        help="list durable consumers on busway's streams that no route or sink uses (read-only)",
+    )
     reload = commands.add_parser(
         "reload",
         help="check a config, make the running daemon reload it (SIGHUP), report the outcome",
@@ -383,6 +390,8 @@ def _status_command(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
+    if args.orphans:
+        return print_orphans(config)
     if not config.http.listen:
         print("busway: [http] listen is off: the daemon serves no /status", file=sys.stderr)
         return EXIT_CONFIG

@@ -40,6 +40,7 @@ from busway.routers.subject import covers, is_valid_subject, overlaps
 
 __all__ = [
     "CircuitConfig",
+    "ClusterConfig",
     "Config",
     "DeadLetterConfig",
     "HttpConfig",
@@ -172,8 +173,26 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     """How long to wait for a PubAck before a publish counts as failed."""
     publish_window: Count = 1024
     """PubAcks in flight per connection (the pipelining bound)."""
+    ping_interval: Duration = Duration(2.0)
+    """How often busway pings its NATS server; with `max_outstanding_pings` it bounds how long
+    a hung (frozen, partitioned) server goes unnoticed before busway fails over to another one:
+    about `ping_interval * (max_outstanding_pings + 1)`."""
+    max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    """Pings left unanswered before the connection counts as dead and busway reconnects."""
+    reconnect_wait: Duration = Duration(0.5)
+    """Pause before reconnecting to a server that was just tried (others are tried at once)."""
+    max_reconnect_attempts: Annotated[int, msgspec.Meta(ge=-1, le=1_000_000)] = -1
+    """Reconnection attempts after losing the connection; -1 (the default) retries forever.
+    When a finite number runs out, the daemon stops with an error for its supervisor to
+    restart it."""
 
     def __post_init__(self) -> None:
+        if not self.ping_interval >= _SHORTEST_PING:
+            raise ValueError(f"ping_interval must be at least {_SHORTEST_PING * 1000:g}ms")
+        if not self.reconnect_wait >= 0:
+            raise ValueError("reconnect_wait must be 0s or more")
+        if self.max_reconnect_attempts == 0:  # nats-py would read 0 as "forever"
+            raise ValueError("max_reconnect_attempts must be -1 (forever) or at least 1")
         if self.servers is not None:
             if not self.servers:
                 raise ValueError("servers is empty: list NATS URLs, or remove it to embed one")
@@ -199,6 +218,7 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
 
 
 _SHORTEST_CONNECT = 0.5  # seconds
+_SHORTEST_PING = 0.1  # seconds: shorter pings are load, not faster failover
 
 # Characters that would break out of a quoted string in nats-server's config file.
 _UNSAFE_IN_SERVER_CONFIG = re.compile(r'["\\\x00-\x1f\x7f]')
@@ -251,8 +271,8 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """How long `Nats-Msg-Id`s are remembered to drop copies: cover a restart plus `ack_wait`."""
     storage: Literal["file", "memory"] = "file"
     """File (durable) or memory."""
-    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
-    """Copies in a NATS cluster (1, 3 or 5)."""
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] | None = None
+    """Copies in a NATS cluster: 1, 3 or 5 (default: `[cluster] replicas`)."""
     max_age: Duration | None = None
     """Discard messages older than this (default: keep)."""
     max_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
@@ -263,6 +283,8 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """`false`: the stream is managed elsewhere; busway only checks it exists."""
 
     def __post_init__(self) -> None:
+        if self.replicas is not None:
+            _check_replicas(self.replicas)
         if not self.duplicate_window >= _MIN_MAX_AGE:
             raise ValueError("duplicate_window must be at least 100ms (JetStream's minimum)")
         if self.max_age and self.max_age < _MIN_MAX_AGE:
@@ -272,6 +294,32 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
                 f"duplicate_window ({float(self.duplicate_window):g}s) is longer than max_age "
                 f"({float(self.max_age):g}s): JetStream refuses that; shorten duplicate_window"
             )
+
+
+def _check_replicas(replicas: int) -> None:
+    """1, 3 or 5: an even count adds a copy but no fault tolerance (a quorum of 2 of 2 or 3
+    of 4 survives no more failures than 1 of 1 or 2 of 3)."""
+    if replicas not in (1, 3, 5):
+        raise ValueError(f"replicas must be 1, 3 or 5, got {replicas}")
+
+
+class ClusterConfig(_Strict, frozen=True, kw_only=True):
+    """Running on a NATS cluster: how busway's own assets are replicated, how long start-up
+    waits for a cluster that is not ready. See docs/cluster.md."""
+
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    """Copies (1, 3 or 5) of what busway creates for itself: the dead-letter stream, the state
+    bucket (source state, the isolation ledger, aggregates), dedupe and idempotency buckets;
+    also the default `replicas` of `[[streams]]`. Consumers follow their stream's count. More
+    than 1 needs `[nats] servers` pointing at a cluster of at least that many servers."""
+    startup_timeout: Duration = Duration(60.0)
+    """How long start-up keeps retrying while JetStream is not ready (a cluster still forming,
+    electing a leader, or missing a server) before it fails; one log line per attempt."""
+
+    def __post_init__(self) -> None:
+        _check_replicas(self.replicas)
+        if not self.startup_timeout >= 0:
+            raise ValueError("startup_timeout must be 0s or more")
 
 
 class DeadLetterConfig(_Strict, frozen=True, kw_only=True):
@@ -387,6 +435,9 @@ class Config(_Strict, frozen=True, kw_only=True):
 
     nats: NatsConfig = NatsConfig()
     """Where JetStream is: `[nats]`; without `servers`, an embedded nats-server."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Several daemons and NATS nodes: `[cluster]` (replicas of busway's own assets, start-up
+    retry against a forming cluster)."""
     http: HttpConfig = HttpConfig()
     """The shared HTTP listener: `[http]`."""
     dead_letter: DeadLetterConfig = DeadLetterConfig()
@@ -408,6 +459,21 @@ class Config(_Strict, frozen=True, kw_only=True):
     """What delivers messages out: `[[sinks]]`, one table per sink, its adapter by `type`."""
     base_dir: str = "."
     """Directory relative paths are resolved against: the config file's own directory."""
+
+    def __post_init__(self) -> None:
+        # A stream without its own `replicas` takes `[cluster] replicas`: after decoding, every
+        # stream of a Config says how many copies it has.
+        if any(stream.replicas is None for stream in self.streams):
+            msgspec.structs.force_setattr(
+                self,
+                "streams",
+                [
+                    stream
+                    if stream.replicas is not None
+                    else msgspec.structs.replace(stream, replicas=self.cluster.replicas)
+                    for stream in self.streams
+                ],
+            )
 
     def resolve_path(self, path: str) -> Path:
         """`path` made absolute against the config file's directory."""
@@ -431,6 +497,7 @@ class Config(_Strict, frozen=True, kw_only=True):
             name=self.dead_letter.stream,
             subjects=[f"{self.dead_letter.subject_prefix}.>"],
             max_age=max_age,
+            replicas=self.cluster.replicas,
             # JetStream refuses a duplicate window longer than max_age.
             duplicate_window=Duration(min(window, max_age)) if max_age else window,
         )
@@ -675,6 +742,7 @@ def _kind(value: object) -> str:
 
 def _check_topology(config: Config) -> None:
     _check_busway_assets(config)
+    _check_embedded_replicas(config)
     stream_names: set[str] = set()
     for i, stream in enumerate(config.streams):
         path = f"$.streams[{i}]"
@@ -775,6 +843,21 @@ def _check_busway_assets(config: Config) -> None:
             f"state_bucket {short(config.state_bucket)!r} must be 1-64 letters, digits, '-' or '_'",
             path="$.state_bucket",
         )
+
+
+def _check_embedded_replicas(config: Config) -> None:
+    """The embedded nats-server is one server: nothing it holds can have more than one copy."""
+    if config.nats.servers is not None:
+        return
+    wanted = [("$.cluster.replicas", config.cluster.replicas)]
+    wanted += [(f"$.streams[{i}].replicas", s.replicas or 1) for i, s in enumerate(config.streams)]
+    for path, replicas in wanted:
+        if replicas > 1:
+            raise ConfigError(
+                f"replicas = {replicas} needs a NATS cluster, but busway runs an embedded single "
+                "nats-server (no [nats] servers): set [nats] servers to a cluster, or replicas = 1",
+                path=path,
+            )
 
 
 def _reserved_subjects(config: Config) -> list[tuple[str, str]]:

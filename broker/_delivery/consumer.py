@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from busway._delivery.contract import (
 from busway._delivery.delivery import Delivery
 from busway._delivery.isolation import AttemptLedger, Isolation, IsolationGate
 from busway._errors import PermanentError, PublishError
+from busway._nats.cluster import until_ready
 from busway._nats.errors import looks_transient
 from busway._nats.jetstream import ensure_consumer, publish_confirmed
 from busway._nats.pull import ContinuousPull
@@ -89,6 +91,7 @@ class ConsumerComponent(abc.ABC):
         gate: IsolationGate,
         ledger: AttemptLedger,
         start: str | None = None,
+        startup_timeout: float = 0.0,
     ) -> None:
         self.client = client
         self.js = js
@@ -104,6 +107,8 @@ class ConsumerComponent(abc.ABC):
         self.refusals = refusals if refusals is not None else WriteRefusals()
         """Where refused writes (JetStream full) are reported, for `/readyz`."""
         self.start = start
+        self.startup_timeout = startup_timeout
+        """How long declaring the consumer is retried while JetStream is not ready."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
         self.pull = ContinuousPull(
@@ -137,14 +142,20 @@ class ConsumerComponent(abc.ABC):
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Declare the consumer, start pulling and settling; runs until cancelled."""
-        await ensure_consumer(
-            self.js,
-            stream=self.stream,
-            durable=self.durable,
-            filter_subject=self.filter_subject,
-            ack_wait=self.ack_wait,
-            max_ack_pending=self.max_in_flight,
-            start=self.start,
+        await until_ready(
+            f"consumer {self.durable!r}",
+            functools.partial(
+                ensure_consumer,
+                self.js,
+                stream=self.stream,
+                durable=self.durable,
+                filter_subject=self.filter_subject,
+                ack_wait=self.ack_wait,
+                max_ack_pending=self.max_in_flight,
+                start=self.start,
+            ),
+            timeout=self.startup_timeout,
+            client=self.client,
         )
         async with anyio.create_task_group() as tg:
             self._task_group = tg

@@ -2,12 +2,16 @@
 
 busway reaches under nats-py's public API in a few measured or necessary places:
 
-* `Client._server_info`: the server's name (is it our embedded one?); without it, not checked;
+* `Client._server_info`: the server's name (is it our embedded one?), whether it is clustered
+  and how many servers it announces; without it, not checked;
 * `Client._transport`: close a socket an aborted connect left open; without it, `close()` only;
 * `Client._inbox_prefix`, `JetStreamContext._handle_async_reply`, `._publish_async_futures`:
   a refused async publish fails its future at once; without them, it times out;
 * `JetStreamContext._publish_async_futures`: fail the PubAcks a reconnect lost
   (`fail_unconfirmed`); without it, each times out;
+* `JetStreamContext._handle_async_reply`, `._publish_async_futures`: the time of the last
+  PubAck and how many wait (`PubAckWatch`, "no PubAck for Ns" on /readyz); without them, no
+  such readiness reason (pings still notice a dead server);
 * `JetStreamContext._publish_async_pending_semaphore`: pass `wait_stall` only when the publish
   window is full; without it, always passed (slower);
 * `publish_output`'s fast path (`Client._nuid`, `._send_command`, `._flush_queue`...): the
@@ -139,10 +143,15 @@ def set_fast_publish(enabled: bool) -> bool:
 # -- the connection ---------------------------------------------------------------------------
 
 
+def server_info(client: NatsClient) -> dict[str, Any]:
+    """The INFO the connected server announced ({} if nats-py does not keep it)."""
+    info = getattr(client, "_server_info", None)
+    return info if isinstance(info, dict) else {}
+
+
 def server_name(client: NatsClient) -> str | None:
     """The `server_name` the server announced in its INFO (None if unknown)."""
-    info = getattr(client, "_server_info", None)
-    name = info.get("server_name") if isinstance(info, dict) else None
+    name = server_info(client).get("server_name")
     return name if isinstance(name, str) else None
 
 
@@ -181,6 +190,28 @@ def resolve_refusals_at_once(client: NatsClient, js: JetStreamContext) -> None:
                 future.set_exception(exc)
 
     js._handle_async_reply = handle_async_reply  # type: ignore[method-assign,assignment]
+
+
+def on_pub_ack(js: JetStreamContext, callback: Callable[[], None]) -> bool:
+    """Call `callback` on every PubAck (or refusal) JetStream sends `js`; False if nats-py
+    offers no place to hook it (then nothing is called)."""
+    handle: Callable[[Msg], Awaitable[None]] | None = getattr(js, "_handle_async_reply", None)
+    if handle is None:
+        return False
+
+    async def handle_async_reply(message: Msg) -> None:
+        callback()
+        await handle(message)
+
+    js._handle_async_reply = handle_async_reply  # type: ignore[method-assign,assignment]
+    return True
+
+
+def waiting_pub_acks(js: JetStreamContext) -> int:
+    """How many async publishes wait for their PubAck (0 if nats-py does not say)."""
+    # Looked up each time: nats-py replaces the dict when it sets up its reply inbox.
+    futures: dict[str, asyncio.Future[PubAck]] | None = getattr(js, "_publish_async_futures", None)
+    return sum(1 for future in list((futures or {}).values()) if not future.done())
 
 
 def fail_pending_publishes(js: JetStreamContext, error: BaseException) -> int:

@@ -39,6 +39,7 @@ from busway._components import PublishAck
 from busway._config.model import NatsConfig, StreamConfig, start_time
 from busway._errors import BusUnavailable, PublishError, StartupError
 from busway._nats import internals
+from busway._nats.cluster import connect_options
 from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
 from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
 from busway._observe.readiness import WriteRefusals
@@ -76,6 +77,7 @@ async def connect(
     on_reconnected: Callable[[], Awaitable[None]],
     auth: Mapping[str, Any] | None = None,
     server_name: str | None = None,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
 ) -> NatsClient:
     """Connect to `servers` within `[nats] connect_timeout`, then reconnect forever.
 
@@ -84,7 +86,9 @@ async def connect(
     fix them). The first connection's errors are reported once, in the StartupError, rather
     than logged per attempt. Cancelling (SIGTERM while connecting) abandons the attempt cleanly.
     `auth` comes from `nats_auth`. With `server_name`, the server must announce that name in
-    its INFO (the embedded server busway started), else StartupError.
+    its INFO (the embedded server busway started), else StartupError. `on_closed` is called if
+    the connection closes for good after it started (`[nats] max_reconnect_attempts` ran out,
+    or a `close()`).
     """
     client = NatsClient()
     started = False
@@ -110,17 +114,20 @@ async def connect(
         )
         await on_reconnected()
 
+    async def closed_cb() -> None:
+        if started and on_closed is not None:
+            await on_closed()
+
     try:
         with attempt:
             await client.connect(
                 servers,
                 name=config.name,
-                connect_timeout=max(1, round(config.connect_timeout)),
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type] # a float works; typed int
+                **connect_options(config),
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
                 reconnected_cb=reconnected_cb,
+                closed_cb=closed_cb,
                 pending_size=8 * 1024 * 1024,
                 # Every subject busway publishes to is validated when the config is checked, and
                 # ack subjects come from the server; nats-py's per-publish regex is pure cost.
@@ -582,15 +589,16 @@ async def open_state(js: JetStreamContext, name: str) -> Bucket:
 
 
 async def dedup_store(
-    js: JetStreamContext, name: str, streams: list[str], *, timeout: float
+    js: JetStreamContext, name: str, streams: list[str], *, timeout: float, replicas: int = 1
 ) -> KeyValueDedupStore:
     """The bucket `name`, its TTL the longest duplicate window of `streams` (as JetStream has
-    them, so `create = false` streams count too), its replicas theirs; created if missing,
+    them, so `create = false` streams count too), its replicas theirs or `replicas` (`[cluster]
+    replicas`), whichever is more; created if missing,
     its TTL updated if a window changed."""
     with startup_errors(f"cannot open the dedup bucket {name!r}"):
         configs = [(await js.stream_info(stream)).config for stream in streams]
         ttl = max((config.duplicate_window or 120.0 for config in configs), default=120.0)
-        replicas = max((config.num_replicas or 1 for config in configs), default=1)
+        replicas = max([replicas, *(config.num_replicas or 1 for config in configs)])
         config = KeyValueConfig(
             bucket=name, history=1, ttl=ttl, replicas=replicas, storage=StorageType.FILE
         )
@@ -602,6 +610,7 @@ async def dedup_store(
             existing = (await js.stream_info(f"KV_{name}")).config
             existing.max_age = ttl
             existing.duplicate_window = min(ttl, 120.0)
+            existing.num_replicas = replicas
             await js.update_stream(existing)
             bucket = await js.key_value(name)
     return KeyValueDedupStore(bucket, ttl, timeout=timeout)

@@ -120,14 +120,16 @@ class Bucket:
         return found
 
 
-async def open_bucket(js: JetStreamContext, name: str, *, ttl: float) -> Bucket:
-    """The bucket `name`, created (entries live `ttl` seconds) if missing."""
+async def open_bucket(js: JetStreamContext, name: str, *, ttl: float, replicas: int = 1) -> Bucket:
+    """The bucket `name`, created (entries live `ttl` seconds, on `replicas` servers) if missing."""
     with map_exceptions(f"cannot open bucket {name!r}"):
         try:
             kv = await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             kv = await js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=name, history=1, ttl=ttl, storage=StorageType.FILE, replicas=replicas
+                )
             )
     return Bucket(kv, name)
 

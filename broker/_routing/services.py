@@ -24,9 +24,10 @@ _BUCKET_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 class NatsRouteServices:
     """`RouteServices` for one route, on its connection."""
 
-    def __init__(self, js: JetStream, requester: Requester) -> None:
+    def __init__(self, js: JetStream, requester: Requester, *, replicas: int = 1) -> None:
         self._js = js
         self._requester = requester
+        self._replicas = replicas
         self._buckets: dict[str, Bucket] = {}
 
     async def request(
@@ -57,5 +58,7 @@ class NatsRouteServices:
         bucket = self._buckets.get(scope)
         if bucket is None:
             name = "busway_dedupe_" + _BUCKET_UNSAFE.sub("_", scope)
-            bucket = self._buckets[scope] = await open_bucket(self._js, name, ttl=window)
+            bucket = self._buckets[scope] = await open_bucket(
+                self._js, name, ttl=window, replicas=self._replicas
+            )
         return bucket
