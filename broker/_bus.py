@@ -72,6 +72,7 @@ from busway._nats.jetstream import (
 from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
+from busway._observe.redact import redaction
 from busway._registry import AdapterRegistry, default_registry
 from busway._routing.requests import Requester
 from busway._routing.services import NatsRouteServices
@@ -191,6 +192,7 @@ class Bus(AsyncContextManagerMixin):
     async def _running(self) -> AsyncGenerator[Self]:
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(redaction(config.redaction))  # [redaction] what busway shows
             if self.serve_http and config.http.listen:
                 stack.callback(self._bind_listener().close)
             auth = nats_auth(config.nats, config.resolve_path)

@@ -41,6 +41,7 @@ from busway._dlq.read import (
 from busway._dlq.replay import purge_dead_letters, replay_dead_letters
 from busway._errors import StartupError
 from busway._nats.jetstream import nats_auth
+from busway._observe.redact import install_redaction, redact
 from busway.routers.durations import parse_duration
 
 __all__ = ["add_dlq_parser", "run_dlq"]
@@ -156,6 +157,7 @@ def run_dlq(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
+    install_redaction(config.redaction)  # [redaction] what `show` and `list` print is masked
     if args.dlq_command == "purge" and not args.all and not any(_given_filters(args).values()):
         print("busway: purge needs a filter (--component, --reason, ...) or --all", file=sys.stderr)
         return EXIT_CONFIG
@@ -199,7 +201,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_FAILURE
-            print(_json(letter) if args.json else _details(letter))
+            print(redact(_json(letter) if args.json else _details(letter)))
             return 0
         if args.dlq_command == "replay":
             report = await replay_dead_letters(
@@ -229,7 +231,7 @@ async def _list(
     async for letter in iter_dead_letters(js, config, limit=limit, **filters):
         shown += 1
         if as_json:
-            print(_json(letter))
+            print(redact(_json(letter)))
             continue
         print(
             _row(
@@ -240,7 +242,7 @@ async def _list(
                 letter.reason,
                 "" if letter.attempts is None else str(letter.attempts),
                 _from(letter),
-                _shorten(letter.error, _ERROR_WIDTH),
+                _shorten(redact(letter.error), _ERROR_WIDTH),
             )
         )
     if not as_json:
