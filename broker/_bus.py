@@ -340,10 +340,11 @@ class Bus(AsyncContextManagerMixin):
         start; changed ones drain, then restart with the new settings on the same durable
         consumer, so what the old one had not acked is redelivered to the new one (and its
         outputs' message ids make a reprocessed message harmless). Settings of the connection
-        itself (`[nats]`, `[http]`, dead letters, state bucket) need a restart: ConfigError.
+        itself (`[nats]`, `[http]`, dead letters, state bucket) and `[redaction]` need a restart:
+        ConfigError.
         """
         async with self._reload_lock:
-            for section in ("nats", "http", "dead_letter", "state_bucket"):
+            for section in ("nats", "http", "dead_letter", "state_bucket", "redaction"):
                 if getattr(config, section) != getattr(self.config, section):
                     raise ConfigError(
                         f"[{section}] changed: that needs a restart, not a reload",

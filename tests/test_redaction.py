@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from busway import Bus
+from busway import Bus, ConfigError
 from busway._config.model import RedactionConfig
 from busway._observe.redact import redact, redaction
 from busway.routers import Reject
@@ -278,3 +278,23 @@ stages = [{{ python = "tests.test_redaction:refuse_card" }}]
     shown = run_cli("dlq", "show", str(path), seq)
     assert f"error:         {expected}" in shown.stdout
     assert f'"card":"{MASKED_CARD}"' in shown.stdout
+
+
+@pytest.mark.anyio
+async def test_changed_redaction_rules_need_a_restart_not_a_reload(
+    nats_server: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    """The rules are process-wide (logging is): a reload must not half-apply new ones."""
+    routes = f"""
+[[routes]]
+name = "r{unique}"
+from = "in{unique}.a"
+to = ["out{unique}.a"]
+"""
+    text = config_text(nats_server, unique, routes)
+    config = decode_test_config(text, tmp_path)
+    changed = decode_test_config(text.replace('["card", "email"]', '["card"]'), tmp_path)
+    async with Bus(config) as bus:
+        with pytest.raises(ConfigError, match=r"\[redaction\] changed: that needs a restart"):
+            await bus.reload(changed)
+        assert redact("ada@example.com") == "***@example.com"  # the running rules still apply
