@@ -380,7 +380,8 @@ def test_sign_then_verify_in_one_route_and_a_later_change_breaks_it(tmp_path: Pa
         (
             'sign = { algorithm = "rsa-pss", keys = [{ id = "s1", file = "KEYFILE" }] }',
             b"unused",
-            "unknown signature algorithm 'rsa-pss': use 'ed25519' or 'hmac-sha256'",
+            "$.routes[0].stages[0].sign: unknown signature algorithm 'rsa-pss': use 'ed25519' "
+            "or 'hmac-sha256'",
         ),
     ],
     ids=["wrong-length", "missing-file", "bad-pem", "short-secret", "unknown-algorithm"],
