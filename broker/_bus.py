@@ -82,6 +82,7 @@ from busway._nats.requests import Requester
 from busway._nats.types import JetStream, NatsClient
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
+from busway._observe.redact import redaction
 from busway._observe.status import ComponentStatus, StatusReport
 from busway._registry import Adapter, AdapterRegistry, default_registry
 from busway._routing.services import NatsRouteServices
@@ -251,6 +252,7 @@ class Bus(AsyncContextManagerMixin):
     async def _running(self) -> AsyncGenerator[Self]:
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(redaction(config.redaction))  # [redaction] what busway shows
             if self.serve_http and config.http.listen:
                 stack.callback(self._bind_listener().close)
             auth = nats_auth(config.nats, config.resolve_path)
@@ -421,10 +423,11 @@ class Bus(AsyncContextManagerMixin):
         start; changed ones drain, then restart with the new settings on the same durable
         consumer, so what the old one had not acked is redelivered to the new one (and its
         outputs' message ids make a reprocessed message harmless). Settings of the connection
-        itself (`[nats]`, `[http]`, dead letters, state bucket) need a restart: ConfigError.
+        itself (`[nats]`, `[http]`, dead letters, state bucket) and `[redaction]` need a restart:
+        ConfigError.
         """
         async with self._reload_lock:
-            for section in ("nats", "cluster", "http", "dead_letter", "state_bucket"):
+            for section in ("nats", "cluster", "http", "dead_letter", "state_bucket", "redaction"):
                 if getattr(config, section) != getattr(self.config, section):
                     raise ConfigError(
                         f"[{section}] changed: that needs a restart, not a reload",

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from anyio.abc import TaskStatus
 
+from busway._observe.redact import redact
+
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
@@ -295,7 +297,7 @@ class SourceContext:
                 "Busway-Component": self.name,
                 "Busway-Component-Kind": "source",
                 "Busway-Error-Reason": reason,
-                "Busway-Error": " ".join(error.split())[:1024],
+                "Busway-Error": " ".join(redact(error).split())[:1024],
                 "Busway-Origin": origin,
             }
         )

@@ -53,6 +53,13 @@ class Path:
         assert parent is not None
         parent[self.leaf] = value
 
+    def get(self, document: Any) -> tuple[bool, Any]:
+        """The value at this path: `(found, value)`; nothing is changed."""
+        parent = self._parent(document, create=False)
+        if parent is None or self.leaf not in parent:
+            return False, None
+        return True, parent[self.leaf]
+
     def pop(self, document: Any) -> tuple[bool, Any]:
         """Remove and return the value at this path: `(found, value)`."""
         parent = self._parent(document, create=False)

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import orjson
 
+from busway.routers import crypto_stages
 from busway.routers.context import CONTEXT_FUNCTIONS, MESSAGE_FUNCTIONS, MessageContext
 from busway.routers.expression import (
     Expression,
@@ -35,7 +36,8 @@ from busway.routers.pipeline import (
     Step,
     expression_error,
 )
-from busway.routers.stages import PythonStage, StageConfig
+from busway.routers.redact import RedactStageError, redact
+from busway.routers.stages import CryptoStage, PythonStage, RedactStage, SignatureStage, StageConfig
 from busway.routers.throttle import TokenBuckets
 from busway.routers.user_code import ThreadedCall, load_object
 from busway.routers.validation import Validator, schema_validator, type_validator
@@ -432,6 +434,36 @@ class StageCompiler:
             return kept
 
         return python_step, True
+
+    # -- protected payloads (busway.routers.crypto_stages, busway.routers.redact) -------------
+
+    def _encrypt(self, spec: CryptoStage, field: str) -> Step:
+        return self._protect(crypto_stages.encrypt, spec, field)
+
+    def _decrypt(self, spec: CryptoStage, field: str) -> Step:
+        return self._protect(crypto_stages.decrypt, spec, field)
+
+    def _sign(self, spec: SignatureStage, field: str) -> Step:
+        return self._protect(crypto_stages.sign, spec, field)
+
+    def _verify(self, spec: SignatureStage, field: str) -> Step:
+        if spec.field is None:
+            self.needs_context = True  # the signature is in the input's headers
+        return self._protect(crypto_stages.verify, spec, field)
+
+    def _redact(self, spec: RedactStage, field: str) -> Step:
+        try:
+            return redact(spec, field)
+        except RedactStageError as exc:
+            raise StageCompileError(exc.field, str(exc)) from None
+
+    def _protect(
+        self, build: Callable[[Any, str, Callable[[str], Path]], Step], spec: Any, field: str
+    ) -> Step:
+        try:
+            return build(spec, field, self.resolve_path)
+        except crypto_stages.CryptoStageError as exc:
+            raise StageCompileError(exc.field, str(exc)) from None
 
     # -- stages that wait on the outside world ------------------------------------------------
 

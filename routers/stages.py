@@ -19,15 +19,24 @@ live here rather than with the engine's config so the routers stay testable on t
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
 import msgspec
 
 from busway.routers.durations import Duration
 
 __all__ = [
     "AggregateStage",
+    "CryptoStage",
     "DedupeStage",
+    "DlpPattern",
+    "DlpRules",
     "EnrichStage",
+    "KeySource",
     "PythonStage",
+    "RedactStage",
+    "SignatureStage",
     "SplitStage",
     "StageConfig",
     "SwitchCase",
@@ -197,6 +206,135 @@ class ValidateStage(_Table, frozen=True, kw_only=True):
             raise ValueError("validate takes exactly one of `schema` (a file) or `type`")
 
 
+_KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class KeySource(_Table, frozen=True, kw_only=True):
+    """Where one key is: `{ id = "2025-06", file = "keys/2025-06.key" }` or `env = "VAR"`.
+
+    The config names the key's place, never the key. Keys are read and checked at start-up.
+    """
+
+    id: str
+    """The key's id (letters, digits, `.`, `_`, `-`; at most 64): written into every
+    envelope and signature, so a receiver knows which key to use."""
+    file: str | None = None
+    """A file holding the key (relative to the config file). AES: 32 raw bytes, 64 hex
+    digits or base64; HMAC: the secret (at least 32 bytes); Ed25519: a PEM."""
+    env: str | None = None
+    """An environment variable holding the key (AES: hex or base64; HMAC: the secret;
+    Ed25519: the PEM text), instead of `file`."""
+
+    def __post_init__(self) -> None:
+        if not _KEY_ID.match(self.id):
+            raise ValueError(
+                f"key id {self.id[:70]!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if (self.file is None) == (self.env is None):
+            raise ValueError(f"key {self.id!r} takes exactly one of `file` or `env`")
+
+
+def _check_keys(keys: list[KeySource], stage: str) -> None:
+    if not keys:
+        raise ValueError(f"{stage} needs at least one key in `keys`")
+    ids = [key.id for key in keys]
+    duplicates = sorted({kid for kid in ids if ids.count(kid) > 1})
+    if duplicates:
+        raise ValueError(f"{stage} lists key id {duplicates[0]!r} twice")
+
+
+class CryptoStage(_Table, frozen=True, kw_only=True):
+    """`encrypt` / `decrypt`: AES-256-GCM envelopes of fields or of the whole body.
+
+    `{ encrypt = { fields = ["card.number"], keys = [{ id = "k2", file = "keys/k2.key" }] } }`
+    """
+
+    keys: list[KeySource]
+    """The AES-256 keys: the first encrypts; any listed key decrypts. To rotate, put the new
+    key first and keep the old ones listed until their messages are gone."""
+    fields: list[str] = []
+    """Dotted paths of the values to encrypt/decrypt (absent ones are skipped); empty = the
+    whole body becomes (or is) one envelope. `decrypt` must name the paths `encrypt` used."""
+
+    def __post_init__(self) -> None:
+        _check_keys(self.keys, "encrypt/decrypt")
+
+
+class SignatureStage(_Table, frozen=True, kw_only=True):
+    """`sign` / `verify`: Ed25519 or HMAC-SHA256 over the body's canonical form.
+
+    `{ sign = { algorithm = "ed25519", keys = [{ id = "s1", file = "keys/s1.pem" }] } }`
+    """
+
+    algorithm: str
+    """`ed25519` (keys are PEM files: a private key to sign, a public key to verify) or
+    `hmac-sha256` (a shared secret of at least 32 bytes)."""
+    keys: list[KeySource]
+    """The keys: the first signs; any listed key verifies (rotation, several senders)."""
+    header: str | None = None
+    """The header carrying the signature (default `Busway-Signature`, unless `field` is set)."""
+    field: str | None = None
+    """A top-level body field carrying the signature instead of a header; it is left out of
+    the signed form, and `verify` removes it once checked."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("ed25519", "hmac-sha256"):
+            raise ValueError(
+                f"unknown signature algorithm {self.algorithm[:40]!r}: use 'ed25519' or "
+                "'hmac-sha256'"
+            )
+        _check_keys(self.keys, "sign/verify")
+        if self.header is not None and self.field is not None:
+            raise ValueError("sign/verify take `header` or `field`, not both")
+        if self.field is not None and ("." in self.field or not self.field):
+            raise ValueError("a signature `field` is a top-level key (no dots)")
+
+
+class DlpPattern(_Table, frozen=True, kw_only=True):
+    """A rule of your own: `{ name = "order-ref", regex = 'ORD-[0-9]{8}' }`."""
+
+    name: str
+    """The rule's name, used in dead-letter reasons and metrics (never the matched text)."""
+    regex: str
+    """A Python regular expression; every match in a string value (or shown text) is a hit."""
+    mask: str = "[redacted]"
+    """What a match is replaced with."""
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.regex)
+        except re.error as exc:
+            raise ValueError(f"pattern {self.name!r}: bad regex: {exc}") from None
+
+
+class DlpRules(_Table, frozen=True, kw_only=True):
+    """Data-loss-prevention rules: built-in detectors, your patterns, and secret field names."""
+
+    builtins: list[Literal["card", "iban", "email"]] = msgspec.field(
+        default_factory=lambda: ["card"]
+    )
+    """Built-in detectors: `card` (payment card numbers: known issuer prefixes and lengths,
+    Luhn check; all but the last 4 digits masked), `iban` (ISO 13616 checksum; all but the
+    country and last 4 masked), `email` (the part before `@` masked)."""
+    patterns: list[DlpPattern] = []
+    """Your own rules: `[{ name = "ssn", regex = "...", mask = "***" }]`."""
+    fields: list[str] = msgspec.field(
+        default_factory=lambda: ["password", "secret", "token", "api_key", "authorization"]
+    )
+    """Field names (any depth, case-insensitive) whose whole value is a secret and masked."""
+
+
+class RedactStage(DlpRules, frozen=True, kw_only=True):
+    """Apply DLP rules to the message itself: mask what they find, or dead-letter it."""
+
+    action: Literal["mask", "dead_letter"] = "mask"
+    """`mask`: replace what the rules find and pass the message on; `dead_letter`: a message
+    in which any rule finds something is dead-lettered at once (reason `dlp`, naming the rule
+    and the path, never the value)."""
+    paths: list[str] = []
+    """Dotted paths to look in (each value searched at every depth); empty = the whole body."""
+
+
 class StageConfig(_Table, frozen=True, kw_only=True):
     """One stage: exactly one of these keys is set."""
 
@@ -237,6 +375,19 @@ class StageConfig(_Table, frozen=True, kw_only=True):
     """`{ Header-Name = "expression" }`: add headers (non-strings as JSON; null = not set)."""
     reply: str | None = None
     """Answer a request: publish `reply` (an expression; `@` for the body) to its reply inbox."""
+    encrypt: CryptoStage | None = None
+    """Replace fields (or the whole body) by AES-256-GCM envelopes carrying the key id."""
+    decrypt: CryptoStage | None = None
+    """Open envelopes with any listed key; a wrong/unknown key id, a tampered or malformed
+    envelope dead-letters the message (reason `decrypt`)."""
+    sign: SignatureStage | None = None
+    """Sign the body's canonical form (Ed25519 or HMAC-SHA256) into a header or field."""
+    verify: SignatureStage | None = None
+    """Check the body's signature; a missing, unknown-key or wrong one dead-letters the
+    message (reason `signature`)."""
+    redact: RedactStage | None = None
+    """Mask card numbers, IBANs, e-mails, your patterns and secret fields in the message, or
+    dead-letter a message holding any (reason `dlp`)."""
 
     def __post_init__(self) -> None:
         kinds = self.kinds()

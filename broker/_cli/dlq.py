@@ -38,6 +38,7 @@ from busway._dlq.replay import purge_dead_letters, replay_dead_letters
 from busway._errors import BusUnavailable, StartupError
 from busway._nats.jetstream import close_connection, connect_once, jetstream, nats_auth
 from busway._nats.types import JetStream, NatsClient
+from busway._observe.redact import install_redaction, redact
 from busway.routers.durations import parse_duration
 
 __all__ = ["add_dlq_parser", "run_dlq"]
@@ -154,6 +155,7 @@ def run_dlq(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
+    install_redaction(config.redaction)  # [redaction] what `show` and `list` print is masked
     if args.dlq_command == "purge" and not args.all and not any(_given_filters(args).values()):
         print("busway: purge needs a filter (--component, --reason, ...) or --all", file=sys.stderr)
         return EXIT_CONFIG
@@ -197,7 +199,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_FAILURE
-            print(_json(letter) if args.json else _details(letter))
+            print(redact(_json(letter) if args.json else _details(letter)))
             return 0
         if args.dlq_command == "replay":
             report = await replay_dead_letters(
@@ -227,7 +229,7 @@ async def _list(
     async for letter in iter_dead_letters(js, config, limit=limit, **filters):
         shown += 1
         if as_json:
-            print(_json(letter))
+            print(redact(_json(letter)))
             continue
         print(
             _row(
@@ -238,7 +240,7 @@ async def _list(
                 letter.reason,
                 "" if letter.attempts is None else str(letter.attempts),
                 _from(letter),
-                _shorten(letter.error, _ERROR_WIDTH),
+                _shorten(redact(letter.error), _ERROR_WIDTH),
             )
         )
     if not as_json:

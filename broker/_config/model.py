@@ -35,7 +35,7 @@ from busway._config.document import (
 from busway._config.lines import key_line, line_of, locate_in_file
 from busway._errors import ConfigError
 from busway.routers.durations import Duration, decode_hook, parse_duration
-from busway.routers.stages import StageConfig
+from busway.routers.stages import DlpRules, StageConfig
 from busway.routers.subject import covers, is_valid_subject, overlaps
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "DeadLetterConfig",
     "HttpConfig",
     "NatsConfig",
+    "RedactionConfig",
     "RetryPolicy",
     "RouteConfig",
     "SinkConfig",
@@ -430,6 +431,15 @@ class SinkConfig(_Consumer, frozen=True, kw_only=True, tag_field="type"):
     """Circuit breaker: pause delivery after consecutive failures."""
 
 
+class RedactionConfig(DlpRules, frozen=True, kw_only=True):
+    """What busway masks wherever it shows a payload: logs, dead-letter reasons, `/status`'s
+    last errors, `busway dlq show` and `list`. Messages themselves are left alone (the
+    `redact` stage changes those); dead letters keep their bodies for replay."""
+
+    enabled: bool = True
+    """`false`: show everything as it is (e.g. while debugging on a test system)."""
+
+
 class Config(_Strict, frozen=True, kw_only=True):
     """A whole busway deployment: where NATS is, what streams exist, what flows where."""
 
@@ -442,6 +452,9 @@ class Config(_Strict, frozen=True, kw_only=True):
     """The shared HTTP listener: `[http]`."""
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     """Where undeliverable messages go: `[dead_letter]`."""
+    redaction: RedactionConfig = RedactionConfig()
+    """What is masked wherever busway shows a payload: `[redaction]` (on by default: card
+    numbers and secret fields)."""
     shutdown_timeout: Duration = Duration(15.0)
     """How long a graceful stop (or a reload) waits for in-flight messages."""
     state_bucket: str = "busway_state"

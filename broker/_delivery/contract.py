@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping
 
 from busway._config.model import RetryPolicy
+from busway._observe.redact import redact
 
 __all__ = [
     "ACK",
@@ -133,7 +134,7 @@ def dead_letter_headers(
             "Busway-Component": component,
             "Busway-Component-Kind": kind,
             "Busway-Error-Reason": reason,
-            "Busway-Error": _one_line(error),
+            "Busway-Error": _one_line(redact(error)),
             "Busway-Original-Subject": subject,
             "Busway-Original-Stream": stream,
             "Busway-Original-Sequence": sequence,

@@ -21,6 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from busway._observe.redact import redact
+
 __all__ = ["ComponentStats", "LatencyHistogram", "MetricsCollector", "new_registry"]
 
 Kind = Literal["source", "route", "sink"]
@@ -125,8 +127,9 @@ class ComponentStats:
         self.events[event] = self.events.get(event, 0) + amount
 
     def note_error(self, error: str) -> None:
-        """Remember the latest failure for `busway status` (cheap: failures are rare)."""
-        self.last_error = error
+        """Remember the latest failure for `busway status` (cheap: failures are rare), masked
+        by the `[redaction]` rules: `/status` must not show a card number from a payload."""
+        self.last_error = redact(error)
         self.last_error_at = time.time()
 
 
