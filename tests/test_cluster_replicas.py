@@ -53,7 +53,7 @@ to = ["out.events"]
 
 
 def test_replicas_must_be_1_3_or_5(tmp_path: Path) -> None:
-    text = '[nats]\nservers = ["nats://127.0.0.1:4222"]\n[cluster]\nreplicas = 2\n'
+    text = '[nats]\nservers = ["nats://127.0.0.1:4222"]\n[cluster]\nreplicas = 2\n'  # never bound
     with pytest.raises(ConfigError, match=r"\$\.cluster\.replicas.*1, 3 or 5, got 2"):
         decode_test_config(text, tmp_path)
 
@@ -76,7 +76,7 @@ def test_streams_and_dead_letters_take_the_cluster_replicas_unless_they_say(
     tmp_path: Path,
 ) -> None:
     config = decode_test_config(
-        cluster_config(["nats://127.0.0.1:4222"])
+        cluster_config(["nats://127.0.0.1:4222"])  # never bound
         + '[[streams]]\nname = "ONE"\nsubjects = ["one.>"]\nreplicas = 1\n',
         tmp_path,
     )
