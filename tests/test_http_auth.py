@@ -123,6 +123,9 @@ servers = ["{nats_server.url}"]
 
 [http]
 listen = "127.0.0.1:0"
+# This module fails authentication on purpose, many times from one address: the address's
+# failure limit (tests/test_edge_guard.py) would answer 429 to most of it.
+auth_failure_limit = {{ rate = 1000, burst = 1000 }}
 
 [[streams]]
 name = "IN_{unique}"
