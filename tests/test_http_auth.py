@@ -309,9 +309,7 @@ async def test_refusals_tell_an_unauthenticated_caller_nothing_internal(
     unknown = jwt.encode(claims(), keys.a, algorithm="RS256", headers={"kid": "nobody"})
     with caplog.at_level("INFO", logger="busway.source"):
         down = await post(setup, "/down", token)
-        refusals = [
-            await post(setup, "/file", t) for t in ("not.a.jwt", expired, forged, unknown)
-        ]
+        refusals = [await post(setup, "/file", t) for t in ("not.a.jwt", expired, forged, unknown)]
     assert down.status_code == 503
     assert down.json() == {
         "type": "urn:busway:problem:unavailable",
