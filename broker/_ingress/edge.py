@@ -44,6 +44,10 @@ logger = logging.getLogger("busway.http")
 DEFAULT_MAX_CONNECTIONS = 1024
 # Descriptors kept for everything that is not an HTTP connection: NATS, files, databases.
 RESERVED_DESCRIPTORS = 256
+# A refused connection keeps reading (and dropping) input after its answer for this many
+# seconds, or until it dropped this many bytes.
+_LINGER = 2.0
+_LINGER_BYTES = 256 * 1024
 
 
 class EdgeStats(Collector):
@@ -181,6 +185,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refusal: tuple[bytes, str] | None = None
         self._body_since = 0.0
         self._body_bytes = 0
+        self._lingering = False
 
     # -- connections -------------------------------------------------------------------------
 
@@ -206,6 +211,11 @@ class EdgeProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Count header bytes before httptools buffers them; refuse what breaks a limit."""
         if self._turned_away:
+            return
+        if self._lingering:  # a refused request's remaining bytes are read and dropped
+            self._pending += len(data)
+            if self._pending > _LINGER_BYTES:
+                self.transport.close()  # it keeps sending at full speed: stop listening
             return
         if self._in_headers:
             self._pending += len(data)
@@ -340,9 +350,28 @@ class EdgeProtocol(HttpToolsProtocol):
             # The app, if it waits for the body, now gets http.disconnect and cannot write.
             cycle.disconnected = True
             cycle.message_event.set()
-        if not answered:
-            self.transport.write(response)
-        self.transport.close()
+        if answered:
+            self.transport.close()
+            return
+        self.transport.write(response)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close after the answer and drop what the client still sends, for a moment.
+
+        Closing a socket with unread input makes the kernel send a reset, and a reset can
+        discard the answer before the client reads it: the 431 or 408 would arrive as a bare
+        "connection reset". So, like nginx's lingering close, the answer is followed by a FIN,
+        input is read and dropped, and the connection closes when the client closes its side
+        after `_LINGER` seconds or `_LINGER_BYTES` dropped, whichever is first (uvicorn's
+        `eof_received` returns None, so the transport closes on the client's FIN).
+        """
+        self._lingering = True
+        self._pending = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self._timer = self.loop.call_later(_LINGER, self.transport.close)
 
 
 def _peer(client: tuple[str, int] | None) -> str:
