@@ -16,7 +16,8 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ConfigError
-from tests.support import NatsServer, decode_test_config, free_port
+from tests.support import NatsServer, decode_test_config, free_port, run_cli
+from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.anyio
 
@@ -223,3 +224,29 @@ listen = "0.0.0.0:8080"
     assert "set admin_token" in str(refused.value) and "admin_listen" in str(refused.value)
     for fix in (f'admin_token = "{TOKEN}"', 'admin_listen = "10.0.0.5:9090"'):
         decode_test_config(text + fix + "\n", tmp_path)  # accepted
+
+
+def test_busway_status_reads_a_daemon_behind_an_admin_listener_and_token(
+    nats_server: NatsServer,
+    unique: str,
+    tmp_path: Path,
+    daemons: list[Daemon],  # noqa: F811 - the fixture
+) -> None:
+    admin = f'admin_listen = "127.0.0.1:{free_port()}"'
+    listen = f'listen = "127.0.0.1:{free_port()}"'
+    text = config_text(nats_server, unique, f'{admin}\nadmin_token = "{TOKEN}"')
+    path = tmp_path / "busway.toml"
+    path.write_text(text.replace('listen = "127.0.0.1:0"', listen))
+    daemon = Daemon(path)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    result = run_cli("status", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("busway: ready (nats up)")
+    # An operator with another token is refused like anyone else.
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace(TOKEN, "x" * 32))
+    wrong = run_cli("status", str(other))
+    assert wrong.returncode == 1
+    assert "401" in wrong.stderr
+    assert daemon.terminate() == 0
