@@ -44,6 +44,8 @@ logger = logging.getLogger("busway.http")
 DEFAULT_MAX_CONNECTIONS = 1024
 # Descriptors kept for everything that is not an HTTP connection: NATS, files, databases.
 RESERVED_DESCRIPTORS = 256
+# Phases of a request, for the connection's one timer.
+_IDLE, _HEADERS, _BODY = 0, 1, 2
 # A refused connection keeps reading (and dropping) input after its answer for this many
 # seconds, or until it dropped this many bytes.
 _LINGER = 2.0
@@ -177,13 +179,16 @@ class EdgeProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._turned_away = False
+        # One timer per connection, re-armed lazily: a phase change only moves `_deadline`,
+        # and the timer, when it fires, re-arms itself for the current phase's deadline. A
+        # busy keep-alive connection thus schedules nothing per request.
         self._timer: asyncio.TimerHandle | None = None
-        self._in_headers = False
+        self._phase = _IDLE
+        self._deadline = 0.0
         self._pending = 0  # raw bytes received since the headers began
         self._header_bytes = 0  # request line and headers, as parsed
         self._header_count = 0
         self._refusal: tuple[bytes, str] | None = None
-        self._body_since = 0.0
         self._body_bytes = 0
         self._lingering = False
 
@@ -217,12 +222,12 @@ class EdgeProtocol(HttpToolsProtocol):
             if self._pending > _LINGER_BYTES:
                 self.transport.close()  # it keeps sending at full speed: stop listening
             return
-        if self._in_headers:
+        if self._phase == _HEADERS:
             self._pending += len(data)
         super().data_received(data)
         if self._refusal is not None:
             self._refuse(*self._refusal)
-        elif self._in_headers and self._pending > self.limits.max_header_bytes:
+        elif self._phase == _HEADERS and self._pending > self.limits.max_header_bytes:
             self._refuse_headers()
 
     def send_400_response(self, msg: str) -> None:
@@ -233,16 +238,17 @@ class EdgeProtocol(HttpToolsProtocol):
     # -- the header phase --------------------------------------------------------------------
 
     def _begin_headers(self) -> None:
-        self._in_headers = True
+        self._phase = _HEADERS
         self._pending = 0
         self._header_bytes = 0
         self._header_count = 0
-        self._arm(self.limits.header_timeout, self._header_timeout)
+        self._deadline = self.loop.time() + self.limits.header_timeout
+        self._watch(self._deadline)
 
     def on_message_begin(self) -> None:
         """A later request on a keep-alive connection: its headers' time starts now."""
         super().on_message_begin()
-        if not self._in_headers:
+        if self._phase != _HEADERS:
             self._begin_headers()
 
     def on_url(self, url: bytes) -> None:
@@ -263,12 +269,11 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         """Headers done in time: from now on the body's clock runs."""
-        self._in_headers = False
-        self._cancel_timer()
+        self._phase = _BODY
         super().on_headers_complete()
-        self._body_since = self.loop.time()
+        self._deadline = self.loop.time()  # the body's clock starts
         self._body_bytes = 0
-        self._arm(self.limits.body_timeout, self._body_check)
+        self._watch(self._deadline + self.limits.body_timeout)
 
     def _stop_parsing_headers(self) -> None:
         self._refusal = self._headers_refusal()
@@ -290,11 +295,6 @@ class EdgeProtocol(HttpToolsProtocol):
     def _refuse_headers(self) -> None:
         self._refuse(*self._headers_refusal())
 
-    def _header_timeout(self) -> None:
-        self._timer = None
-        if self._in_headers:
-            self._refuse(_HEADER_TIMEOUT, "header_timeout")
-
     # -- the body ----------------------------------------------------------------------------
 
     def on_body(self, body: bytes) -> None:
@@ -304,30 +304,40 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         """The whole body arrived: stop its clock."""
-        self._cancel_timer()
+        if self._phase == _BODY:
+            self._phase = _IDLE
         super().on_message_complete()
 
-    def _body_check(self) -> None:
+    # -- the timer ---------------------------------------------------------------------------
+
+    def _watch(self, when: float) -> None:
+        """Make sure the timer fires by `when` (a pending timer re-arms itself if later)."""
+        if self._timer is None:
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Refuse a request whose phase is over time; else wait for its current deadline."""
         self._timer = None
         now = self.loop.time()
-        limits = self.limits
-        if self.flow.read_paused:
-            # We stopped reading (the app has not consumed what it got): not the client's
-            # fault, so its clock starts again when we read again.
-            self._body_since, self._body_bytes = now, 0
-            self._arm(limits.body_timeout, self._body_check)
-            return
-        deadline = self._body_since + limits.body_timeout + self._body_bytes / limits.body_min_rate
-        if now < deadline:
-            self._arm(deadline - now, self._body_check)
-            return
-        self._refuse(_BODY_TIMEOUT, "body_timeout")
+        if self._phase == _HEADERS:
+            if now >= self._deadline:
+                self._refuse(_HEADER_TIMEOUT, "header_timeout")
+            else:
+                self._watch(self._deadline)
+        elif self._phase == _BODY:
+            limits = self.limits
+            if self.flow.read_paused:
+                # We stopped reading (the app has not consumed what it got): not the
+                # client's fault, so its clock starts again when we read again.
+                self._deadline, self._body_bytes = now, 0
+            allowed = limits.body_timeout + self._body_bytes / limits.body_min_rate
+            deadline = self._deadline + allowed
+            if now >= deadline:
+                self._refuse(_BODY_TIMEOUT, "body_timeout")
+            else:
+                self._watch(deadline)
 
     # -- refusing ----------------------------------------------------------------------------
-
-    def _arm(self, delay: float, callback: Any) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay, callback)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -337,7 +347,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def _refuse(self, response: bytes, reason: str) -> None:
         """Answer `response` unless a response already started, and close the connection."""
         self._cancel_timer()
-        self._in_headers = False
+        self._phase = _IDLE
         if self.transport.is_closing():
             return
         self.limits.stats.count(reason)
