@@ -287,7 +287,7 @@ class HttpConfig(_Strict, frozen=True, kw_only=True):
     """Failed authentications (401) per client address: each one spends a token, and once
     they are spent every request from that address gets 429 before its credentials are
     looked at, so API keys and tokens cannot be guessed at speed. Clients that authenticate
-    spend nothing."""
+    spend nothing. Default: `{ rate = 1, burst = 20 }`."""
 
     def __post_init__(self) -> None:
         if self.listen:
