@@ -1,7 +1,10 @@
 """The listener's connection limits: header size, count and time, body rate, connections.
 
-uvicorn with httptools enforces only the keep-alive idle timeout (`timeout_keep_alive`) and a
-concurrency cap that still accepts every connection. It has no limit on header size (httptools
+uvicorn with httptools enforces only the keep-alive idle timeout (`timeout_keep_alive`, which
+starts after a first response, so a connection that never sends is not covered) and a
+concurrency cap (`limit_concurrency`) that still accepts every connection and answers 503 only
+once a request's headers are complete; `h11_max_incomplete_event_size` bounds headers for the
+h11 parser only. It has no limit on header size (httptools
 even grows a header value by concatenation, so a 48 MB header costs quadratic copying), no
 header read timeout (a client that never finishes its headers holds its connection for ever:
 slowloris) and no body timeout. `EdgeProtocol` adds them to uvicorn's own httptools protocol,
