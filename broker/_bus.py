@@ -671,6 +671,8 @@ class Bus(AsyncContextManagerMixin):
             http.listen,
             tls_cert=self.config.resolve_path(http.tls_cert) if http.tls_cert else None,
             tls_key=self.config.resolve_path(http.tls_key) if http.tls_key else None,
+            settings=http,
+            registry=self.metrics_registry,
         )
         listener.bind()
         self._listener = listener

@@ -94,12 +94,18 @@ class Receiver:
 
 @asynccontextmanager
 async def serving(app: Starlette, port: int = 0) -> AsyncIterator[str]:
-    """Serve `app` on 127.0.0.1:`port` (0 = any free port); yields its base URL.
+    """Serve `app` on 127.0.0.1:`port` (0 = any free port); yields its base URL."""
+    async with running_listener(Listener(app, f"127.0.0.1:{port}")) as listener:
+        yield f"http://127.0.0.1:{listener.port}"
+
+
+@asynccontextmanager
+async def running_listener(listener: Listener) -> AsyncIterator[Listener]:
+    """Run `listener` for the block.
 
     The server is stopped gracefully even when the test fails inside: cancelling uvicorn
     mid-serve would leave its loop unable to close.
     """
-    listener = Listener(app, f"127.0.0.1:{port}")
     done = anyio.Event()
 
     async def run(*, task_status: TaskStatus[None]) -> None:
@@ -111,7 +117,7 @@ async def serving(app: Starlette, port: int = 0) -> AsyncIterator[str]:
     async with anyio.create_task_group() as tg:
         await tg.start(run)
         try:
-            yield f"http://127.0.0.1:{listener.port}"
+            yield listener
         finally:
             listener.stop()
             with anyio.CancelScope(shield=True), anyio.move_on_after(15):

@@ -646,6 +646,7 @@ async def test_the_compose_cluster_runs_busway_and_the_image_healthcheck_passes(
     servers = ", ".join(f'"nats://127.0.0.1:{p}"' for p in client_ports)
     config = re.sub(r"^servers = \[.*\]$", f"servers = [{servers}]", config, flags=re.M)
     config = replace_once(config, "0.0.0.0:8080", f"127.0.0.1:{http_port}")
+    config = replace_once(config, "0.0.0.0:9090", f"127.0.0.1:{free_port()}")
     config = replace_once(config, "/tmp/busway.pid", str(tmp_path / "busway.pid"))
     (tmp_path / "busway.toml").write_text(config)
     daemon = Daemon(tmp_path / "busway.toml", log=tmp_path / "busway.log")

@@ -171,7 +171,6 @@ def test_the_listening_socket_says_tcp_so_responses_are_not_held_by_nagle() -> N
     listener = Listener(Starlette(), f"127.0.0.1:{free_port()}")
     listener.bind()
     try:
-        assert listener._socket is not None
-        assert listener._socket.proto == socket.IPPROTO_TCP
+        assert [s.proto for s in listener._sockets] == [socket.IPPROTO_TCP]
     finally:
         listener.close()

@@ -4,6 +4,12 @@
     api_keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
     api_key_header = "X-API-Key"
 
+or, to name each key's principal (its messages carry `Busway-Principal: acme`):
+
+    [[sources.auth.api_keys]]
+    name = "acme"
+    hash = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
     [sources.auth.jwt]
     jwks_url = "https://login.example/.well-known/jwks.json"   # or jwks_file = "jwks.json"
     issuer = "https://login.example/"
@@ -18,6 +24,11 @@ says. `exp` is required; `exp`, `nbf` and `iat` get `leeway` seconds of clock sk
 `aud` must match. PyJWT (with `cryptography`) does the cryptography: it is the most used JOSE
 library for Python, maintained, and small; the checks that need context (alg against key type,
 kid lookup and refresh) are ours, in `jwks.py` and here.
+
+A refusal's `AuthFailure` carries what was wrong (`detail`, for the log) and a short `reason`
+(a metric label); the caller is told neither, only that its credentials were not valid: an
+unauthenticated caller learns nothing from an expired token answering differently from a
+forged one.
 """
 
 from __future__ import annotations
@@ -48,9 +59,10 @@ from busway import BuildContext, Duration
 from busway.adapters.http.client import fetch_bytes
 from busway.adapters.http.jwks import JwksCache, SigningKey
 
-__all__ = ["AuthConfig", "AuthFailure", "Authenticator", "Identity", "JwtConfig"]
+__all__ = ["ApiKey", "AuthConfig", "AuthFailure", "Authenticator", "Identity", "JwtConfig"]
 
 _KEY_HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # The algorithms a key type may verify; a token's `alg` must be one of its key's.
 _ALGORITHMS_BY_KEY_TYPE = {
     "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
@@ -60,15 +72,23 @@ _ALGORITHMS_BY_KEY_TYPE = {
 }
 _KNOWN_ALGORITHMS = frozenset().union(*_ALGORITHMS_BY_KEY_TYPE.values())
 _MALFORMED = "malformed bearer token: expected a JWS compact token (header.payload.signature)"
-# Most specific first: InvalidSignatureError is a DecodeError.
-_TOKEN_PROBLEMS: tuple[tuple[type[PyJWTError], str], ...] = (
-    (ExpiredSignatureError, "the token has expired"),
-    (ImmatureSignatureError, "the token is not yet valid (nbf or iat in the future)"),
-    (InvalidAudienceError, "the token's audience does not match this endpoint"),
-    (InvalidIssuerError, "the token's issuer is not accepted here"),
-    (InvalidIssuedAtError, "the token's iat is not a valid time"),
-    (InvalidSignatureError, "the signature does not verify with the key the token names"),
-    (DecodeError, _MALFORMED),
+# Most specific first: InvalidSignatureError is a DecodeError. (reason label, log text)
+_TOKEN_PROBLEMS: tuple[tuple[type[PyJWTError], str, str], ...] = (
+    (ExpiredSignatureError, "token_expired", "the token has expired"),
+    (
+        ImmatureSignatureError,
+        "token_not_yet_valid",
+        "the token is not yet valid (nbf or iat in the future)",
+    ),
+    (InvalidAudienceError, "token_audience", "the token's audience does not match this endpoint"),
+    (InvalidIssuerError, "token_issuer", "the token's issuer is not accepted here"),
+    (InvalidIssuedAtError, "token_iat", "the token's iat is not a valid time"),
+    (
+        InvalidSignatureError,
+        "token_signature",
+        "the signature does not verify with the key the token names",
+    ),
+    (DecodeError, "token_malformed", _MALFORMED),
 )
 
 
@@ -114,12 +134,22 @@ class JwtConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ValueError("jwt.audience must name at least one audience")
 
 
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A named API key: its name is the principal stamped on the messages it sends."""
+
+    name: str
+    """The partner's name, stamped as `Busway-Principal` (letters, digits, `.`, `_`, `-`)."""
+    hash: str
+    """The key's hash, `"sha256:<64 lowercase hex>"`."""
+
+
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Per-source authentication: API keys, JWT, or both (either one admits a request)."""
 
-    api_keys: list[str] = msgspec.field(default_factory=list)
-    """Hashes of the accepted keys, `"sha256:<64 lowercase hex>"` (`printf %s "$KEY" |
-    sha256sum`), never the keys themselves; compared in constant time."""
+    api_keys: list[str | ApiKey] = msgspec.field(default_factory=list)
+    """Accepted keys, each its hash `"sha256:<64 lowercase hex>"` (`printf %s "$KEY" |
+    sha256sum`), never the key itself, compared in constant time; or `{ name, hash }` to
+    name the principal its messages carry (an unnamed key is `key:<first 12 hex>`)."""
     api_key_header: str = "X-API-Key"
     """Request header carrying the API key."""
     jwt: JwtConfig | None = None
@@ -128,12 +158,22 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     def __post_init__(self) -> None:
         if not self.api_keys and self.jwt is None:
             raise ValueError("auth needs api_keys, jwt, or both")
+        names: set[str] = set()
         for i, key in enumerate(self.api_keys):
-            if not _KEY_HASH.match(key):
+            hashed = key if isinstance(key, str) else key.hash
+            if not _KEY_HASH.match(hashed):
                 raise ValueError(
                     f"api_keys[{i}] must be 'sha256:<64 lowercase hex>' (the key's hash, e.g. "
                     '`printf %s "$KEY" | sha256sum`), never the key itself'
                 )
+            if isinstance(key, ApiKey):
+                if not _KEY_NAME.match(key.name):
+                    raise ValueError(
+                        f"api_keys[{i}].name must be 1-64 letters, digits, '.', '_' or '-'"
+                    )
+                if key.name in names:
+                    raise ValueError(f"api_keys[{i}].name {key.name!r} is used twice")
+                names.add(key.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,15 +184,23 @@ class Identity:
     `Idempotency-Key`s: `key.<hash>` (the API key's SHA-256, as configured) or `jwt.<hash>`
     (of the token's `iss` and `sub`), 128 bits of SHA-256 in hex, so it can neither hold a
     separator nor be chosen to equal another client's.
+
+    `name` and `issuer` are what messages carry (`Busway-Principal`, `Busway-Principal-
+    Issuer`): the API key's name, or the token's `sub` and `iss`.
     """
 
     client: str
     principal: str
+    name: str | None = None
+    issuer: str | None = None
     claims: Mapping[str, Any] | None = None
 
 
 class AuthFailure(Exception):
-    """The request is not admitted: 401 (credentials) or 503 (keys cannot be loaded)."""
+    """The request is not admitted: 401 (credentials) or 503 (keys cannot be loaded).
+
+    `detail` says what was wrong and `reason` names it for metrics; neither is for the caller.
+    """
 
     def __init__(self, detail: str, *, status: int = 401, reason: str = "unauthorized") -> None:
         super().__init__(detail)
@@ -167,7 +215,14 @@ class Authenticator:
     def __init__(self, config: AuthConfig, context: BuildContext) -> None:
         self.config = config
         self.header = config.api_key_header
-        self._hashes = [bytes.fromhex(key[len("sha256:") :]) for key in config.api_keys]
+        self._hashes: list[bytes] = []
+        self._names: list[str] = []
+        for key in config.api_keys:
+            hashed = key if isinstance(key, str) else key.hash
+            self._hashes.append(bytes.fromhex(hashed[len("sha256:") :]))
+            self._names.append(
+                key.name if isinstance(key, ApiKey) else f"key:{hashed[len('sha256:') :][:12]}"
+            )
         self._jwt = config.jwt
         self.jwks: JwksCache | None = None
         if config.jwt is not None:
@@ -223,20 +278,28 @@ class Authenticator:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return await self._check_jwt(token.strip())
-        wanted = " or ".join(
-            ([f"an {self.header} header"] if self._hashes else [])
-            + (["an Authorization: Bearer token"] if self._jwt is not None else [])
+        raise AuthFailure("no credentials sent", reason="unauthenticated")
+
+    @property
+    def expected(self) -> str:
+        """What a caller must send, as a 401 tells it."""
+        return " or ".join(
+            ([f"a valid {self.header} header"] if self._hashes else [])
+            + (["a valid Authorization: Bearer token"] if self._jwt is not None else [])
         )
-        raise AuthFailure(f"missing credentials: send {wanted}", reason="unauthenticated")
 
     def _check_api_key(self, presented: str) -> Identity:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-        matched = False
-        for known in self._hashes:  # no early exit: every hash is compared
-            matched |= hmac.compare_digest(digest, known)
-        if not matched:
+        found: str | None = None
+        for known, name in zip(self._hashes, self._names, strict=True):
+            # no early exit: every hash is compared
+            if hmac.compare_digest(digest, known):
+                found = name
+        if found is None:
             raise AuthFailure("unknown API key", reason="bad_api_key")
-        return Identity(client=f"key:{digest.hex()[:12]}", principal=f"key.{digest.hex()[:32]}")
+        return Identity(
+            client=f"key:{digest.hex()[:12]}", principal=f"key.{digest.hex()[:32]}", name=found
+        )
 
     async def _check_jwt(self, token: str) -> Identity:
         assert self._jwt is not None
@@ -244,27 +307,28 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
         except InvalidTokenError:
-            raise AuthFailure(_MALFORMED, reason="bad_token") from None
+            raise AuthFailure(_MALFORMED, reason="token_malformed") from None
         algorithm = header.get("alg")
         if algorithm not in self._algorithms:
             raise AuthFailure(
                 f"token algorithm {algorithm!r} is not allowed here "
                 f"(allowed: {', '.join(sorted(self._algorithms))})",
-                reason="bad_token",
+                reason="token_algorithm",
             )
         kid = header.get("kid")
         key = await self.jwks.find(kid if isinstance(kid, str) else None)
         if key is None:
             if not self.jwks.loaded:
-                # The reason (with the JWKS URL) is logged by the cache, never told the caller.
+                # The reason names the JWKS URL: for the log, never for the caller.
                 raise AuthFailure(
-                    "cannot check tokens now: busway cannot load the JWKS (the issuer's "
-                    "signing keys); retry after the Retry-After delay",
+                    f"cannot check tokens: {self.jwks.last_error or 'the JWKS is not loaded'}",
                     status=503,
                     reason="jwks_unavailable",
                 )
             shown = kid[:64] if isinstance(kid, str) else kid
-            raise AuthFailure(f"token signed with unknown key id {shown!r}", reason="bad_token")
+            raise AuthFailure(
+                f"token signed with unknown key id {shown!r}", reason="token_unknown_key"
+            )
         _check_algorithm_fits(algorithm, key)
         try:
             claims = jwt.decode(
@@ -277,26 +341,27 @@ class Authenticator:
                 options={"require": ["exp", "iss", "aud"]},
             )
         except PyJWTError as exc:
-            raise AuthFailure(
-                f"invalid bearer token: {_token_problem(exc)}", reason="bad_token"
-            ) from None
+            reason, text = _token_problem(exc)
+            raise AuthFailure(f"invalid bearer token: {text}", reason=reason) from None
         subject = claims.get("sub")
         scope = hashlib.sha256(msgspec.json.encode([claims["iss"], subject])).hexdigest()
         return Identity(
             client=f"sub:{subject}" if subject else f"iss:{claims['iss']}",
             principal=f"jwt.{scope[:32]}",
+            name=str(subject) if subject else None,
+            issuer=str(claims["iss"]),
             claims=claims,
         )
 
 
-def _token_problem(exc: PyJWTError) -> str:
-    """What is wrong with a token, in our words: PyJWT's own text stays out of answers."""
+def _token_problem(exc: PyJWTError) -> tuple[str, str]:
+    """What is wrong with a token, as a metric reason and in our words for the log."""
     if isinstance(exc, MissingRequiredClaimError):
-        return f'the required claim "{exc.claim}" is missing'
-    for kind, text in _TOKEN_PROBLEMS:
+        return "token_claim_missing", f'the required claim "{exc.claim}" is missing'
+    for kind, reason, text in _TOKEN_PROBLEMS:
         if isinstance(exc, kind):
-            return text
-    return _MALFORMED
+            return reason, text
+    return "token_malformed", _MALFORMED
 
 
 def _check_algorithm_fits(algorithm: str, key: SigningKey) -> None:
@@ -306,5 +371,5 @@ def _check_algorithm_fits(algorithm: str, key: SigningKey) -> None:
         raise AuthFailure(
             f"token algorithm {algorithm!r} does not fit key {key.kid!r} "
             f"({key.kty}{', pinned to ' + key.alg if key.alg else ''})",
-            reason="bad_token",
+            reason="token_algorithm",
         )

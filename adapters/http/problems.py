@@ -19,6 +19,7 @@ class Problem(Exception):
 
     `field` names what was wrong (`header.Idempotency-Key`, `path.region`, `body`), as an
     RFC 9457 extension member, so a client can point at it without parsing `detail`.
+    `reason` is for busway's metrics only (why a 401 was a 401), never part of the answer.
     """
 
     def __init__(
@@ -30,8 +31,11 @@ class Problem(Exception):
         *,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(detail)
+        self.reason = reason
+        """The metric label when it says more than the caller may read (default: the slug)."""
         self.status = status
         self.slug = slug
         self.title = title

@@ -55,6 +55,7 @@ from busway import (
 )
 from busway.adapters.http.auth import AuthConfig, Authenticator, AuthFailure, Identity
 from busway.adapters.http.bodies import Item, Kind, kind_of, ndjson_items, single_item
+from busway.adapters.http.carried import HeaderAllowList, check_allowed, principal
 from busway.adapters.http.idempotency import (
     Ledger,
     Record,
@@ -116,6 +117,10 @@ class HttpSourceConfig(SourceConfig, tag="http", frozen=True, kw_only=True):
     """A token bucket per client (API key, JWT subject, else IP); excess gets 429."""
     reply_timeout: Duration | None = None
     """Request-reply mode: wait this long for a route's `reply` stage and answer with it."""
+    headers: list[str] = msgspec.field(default_factory=list)
+    """Request headers the message keeps (case-insensitive: `["X-Tier", "traceparent"]`);
+    hop-by-hop headers, credentials and `Busway-*` / `Nats-*` cannot be listed. The
+    authenticated principal is always stamped as `Busway-Principal`."""
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -127,6 +132,7 @@ class HttpSourceConfig(SourceConfig, tag="http", frozen=True, kw_only=True):
         if not self.methods or any(m not in _METHODS for m in self.methods):
             raise ValueError(f"methods must be a non-empty subset of {sorted(_METHODS)}")
         SubjectTemplate.compile(self.subject, self.path)
+        check_allowed(self.headers, self.auth.api_key_header if self.auth else None)
 
 
 class HttpSource(Source):
@@ -139,6 +145,7 @@ class HttpSource(Source):
         build = context or BuildContext(base_dir=Path.cwd())
         self.auth = Authenticator(config.auth, build) if config.auth is not None else None
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
+        self.allowed = HeaderAllowList(config.headers)
         self._context: SourceContext | None = None
         self._ledger: Ledger | None = None
         self._tasks: TaskGroup | None = None
@@ -176,7 +183,9 @@ class HttpSource(Source):
         try:
             return await self._ingest(request, context)
         except Problem as answer:
-            context.stats.count_error(_REASONS.get(answer.slug, answer.slug.replace("-", "_")))
+            context.stats.count_error(
+                answer.reason or _REASONS.get(answer.slug, answer.slug.replace("-", "_"))
+            )
             return answer.response()
 
     async def _ingest(self, request: Request, context: SourceContext) -> Response:
@@ -202,10 +211,13 @@ class HttpSource(Source):
         claim = (
             None if key is None else _Claim(key, key_id(client, key), fingerprint(request, body))
         )
+        carried = self.allowed.pick(request.headers)
+        stamped = principal(identity)
         if kind == Kind.NDJSON:
-            return await self._ingest_lines(context, subject, body, claim)
+            return await self._ingest_lines(context, subject, body, claim, carried, stamped)
         context.stats.received += 1
         item = single_item(body, content_type, kind, request.headers, events=config.cloudevents)
+        item.headers = {**carried, **item.headers, **stamped}
         if claim is not None:
             message_id = claim.message_id
         elif item.natural_id is not None:
@@ -227,10 +239,20 @@ class HttpSource(Source):
         )
 
     async def _ingest_lines(
-        self, context: SourceContext, subject: str, body: bytes, claim: _Claim | None
+        self,
+        context: SourceContext,
+        subject: str,
+        body: bytes,
+        claim: _Claim | None,
+        carried: dict[str, str],
+        stamped: dict[str, str],
     ) -> Response:
         """NDJSON: every line a message, one answer listing each line's fate."""
         lines = ndjson_items(body, self.config.max_lines)
+        if carried or stamped:
+            for _, line in lines:
+                if isinstance(line, Item):
+                    line.headers = {**carried, **line.headers, **stamped}
         context.stats.received += len(lines)
         owned = claim is not None and await self._claim(claim, "accepted") is None
         published = await publish_lines(
@@ -256,22 +278,37 @@ class HttpSource(Source):
         await self._ledger.release(claim.message_id)
 
     async def _admit(self, request: Request) -> Identity | None:
+        """The caller's identity; Problem 401 or 503 that says nothing of what failed.
+
+        Which check failed (unknown key, expired token, bad signature, the JWKS URL that
+        cannot be reached) goes to the log and the metric label, never to the caller.
+        """
         if self.auth is None:
             return None
         try:
             return await self.auth.authenticate(request.headers)
         except AuthFailure as failure:
-            headers = {"WWW-Authenticate": self.auth.challenge}
+            assert self._context is not None
+            client = request.client.host if request.client else "unknown"
+            self._context.logger.info(
+                "%d for %s from %s: %s", failure.status, self.config.path, client, failure.detail
+            )
             if failure.status == 503:
-                headers = {"Retry-After": str(self.config.retry_after)}
-            title = "Unauthorized" if failure.status == 401 else "Service Unavailable"
+                raise Problem(
+                    503,
+                    "unavailable",
+                    "Service Unavailable",
+                    "credentials cannot be checked now; retry after the Retry-After delay",
+                    headers={"Retry-After": str(self.config.retry_after)},
+                    reason=failure.reason,
+                ) from None
             raise Problem(
-                failure.status,
-                failure.reason.replace("_", "-"),
-                title,
-                failure.detail,
-                field="header.Authorization",
-                headers=headers,
+                401,
+                "unauthorized",
+                "Unauthorized",
+                f"the request carries no valid credentials: send {self.auth.expected}",
+                headers={"WWW-Authenticate": self.auth.challenge},
+                reason=failure.reason,
             ) from None
 
     def _limit(self, identity: Identity | None, request: Request) -> None:

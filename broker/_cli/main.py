@@ -395,12 +395,16 @@ def _status_command(args: argparse.Namespace) -> int:
     if not config.http.listen:
         print("busway: [http] listen is off: the daemon serves no /status", file=sys.stderr)
         return EXIT_CONFIG
-    host, port = split_listen(config.http.listen)
+    # /status is on the admin listener when there is one, behind the admin token if set.
+    host, port = split_listen(config.http.admin_listen or config.http.listen)
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     scheme = "https" if config.http.tls_cert else "http"
     url = f"{scheme}://{host}:{port}/status"
+    request = urllib.request.Request(url)
+    if config.http.admin_token is not None:
+        request.add_header("Authorization", f"Bearer {config.http.admin_token}")
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             report = json.load(response)
     except (OSError, ValueError) as exc:
         print(f"busway: cannot read {url}: {exc}; is `busway run` running?", file=sys.stderr)

@@ -15,6 +15,7 @@ Decoding runs in three steps, each reporting errors as `ConfigError(file, $.key.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from busway.routers.subject import covers, is_valid_subject, overlaps
 
 __all__ = [
     "CircuitConfig",
+    "ClientLimit",
     "ClusterConfig",
     "Config",
     "DeadLetterConfig",
@@ -234,22 +236,115 @@ def _check_sync(sync: str) -> None:
         )
 
 
+class ClientLimit(_Strict, frozen=True, kw_only=True):
+    """A token bucket per client address, checked before any authentication."""
+
+    rate: Annotated[float, msgspec.Meta(gt=0)]
+    """Tokens per second each address gets back (fractions allowed)."""
+    burst: Count
+    """Tokens an address may spend at once after being quiet."""
+    max_clients: Count = 100_000
+    """Addresses remembered; past it the least recently seen one starts again full."""
+
+
+def _is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses: nothing off this host can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpConfig(_Strict, frozen=True, kw_only=True):
-    """The shared HTTP listener: HTTP sources, `/metrics`, `/healthz`, `/readyz`."""
+    """The shared HTTP listener: HTTP sources, `/metrics`, `/status`, `/healthz`, `/readyz`.
+
+    Its limits protect the process from clients that are slow, idle, huge or many on purpose
+    (see the security page); the defaults suit an integration endpoint on a private network.
+    """
 
     listen: str | None = "127.0.0.1:8080"
     """Shared listener for HTTP sources, `/metrics`, `/healthz`, `/readyz`, `/status`; `""`
     turns it off."""
     tls_cert: str | None = None
-    """PEM certificate (chain) file: with `tls_key`, the listener speaks HTTPS only."""
+    """PEM certificate (chain) file: with `tls_key`, the listeners speak HTTPS only."""
     tls_key: str | None = None
     """PEM private key of `tls_cert`."""
+    admin_listen: str | None = None
+    """A separate listener for `/metrics` and `/status` (plus `/healthz`, `/readyz`); they
+    are then no longer served on `listen`. Bind it to a private interface."""
+    admin_token: str | None = None
+    """Bearer token `/metrics` and `/status` require (`Authorization: Bearer ...`), on
+    whichever listener serves them; use `${ENV}` or `${file:...}`. Without `admin_listen` or
+    `admin_token`, `listen` must be a loopback address."""
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 32 * 1024
+    """Largest request line plus headers, in bytes; larger requests get 431 and are closed
+    as soon as the limit is passed (never buffered whole)."""
+    max_headers: Annotated[int, msgspec.Meta(ge=8, le=10_000)] = 100
+    """Most header fields in one request; more get 431."""
+    header_timeout: Duration = Duration(10.0)
+    """Time a client has to send a request's line and headers, from connecting (or from the
+    first byte of a later request on the connection); then 408 and closed."""
+    body_timeout: Duration = Duration(10.0)
+    """Grace a request body gets before `body_min_rate` applies: the body must be complete
+    within `body_timeout` plus one second per `body_min_rate` bytes received; else 408."""
+    body_min_rate: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    """Bytes per second a body must arrive at, on average, after `body_timeout`."""
+    keepalive_timeout: Duration = Duration(5.0)
+    """An idle keep-alive connection is closed after this long without a new request."""
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    """Open connections at most (per listener); one more gets 503 and is closed at once.
+    Default: 1024, lowered to fit the open-file limit (keeping 256 descriptors for the rest);
+    a value that does not fit is a start-up error."""
+    trusted_proxies: list[str] = []
+    """Addresses or CIDR ranges of reverse proxies whose `X-Forwarded-For` names the client
+    (the right-most address not itself a trusted proxy); others' is ignored."""
+    rate_limit: ClientLimit | None = None
+    """Requests per client address, all of them, before authentication (`/healthz` and
+    `/readyz` exempt); excess gets 429. Default: none (sources have their own per-client
+    `rate_limit`)."""
+    auth_failure_limit: ClientLimit = ClientLimit(rate=1.0, burst=20)
+    """Failed authentications (401) per client address: each one spends a token, and once
+    they are spent every request from that address gets 429 before its credentials are
+    looked at, so API keys and tokens cannot be guessed at speed. Clients that authenticate
+    spend nothing. Default: `{ rate = 1, burst = 20 }`."""
 
     def __post_init__(self) -> None:
         if self.listen:
             _check_listen(self.listen)
+        if self.admin_listen is not None:
+            try:
+                split_listen(self.admin_listen)
+            except ValueError as exc:
+                raise ValueError(f"admin_listen: {exc}") from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both `tls_cert` and `tls_key`")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin_token must be at least 16 characters (use a random secret)")
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0s")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {short(entry)!r} is not an IP address or CIDR range "
+                    "(such as '10.0.0.0/8')"
+                ) from None
+        if (
+            self.listen
+            and self.admin_listen is None
+            and self.admin_token is None
+            and not _is_loopback(split_listen(self.listen)[0])
+        ):
+            raise ValueError(
+                f"listen {self.listen!r} is reachable from other hosts, and /metrics and "
+                "/status would answer anyone there: set admin_token (a bearer token they "
+                "require) or admin_listen (a separate, private listener for them), or "
+                "listen on 127.0.0.1"
+            )
 
 
 _DUPLICATE_WINDOW = Duration(300.0)

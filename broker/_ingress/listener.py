@@ -1,4 +1,5 @@
-"""The shared HTTP listener: HTTP sources' routes plus `/metrics`, `/healthz` and `/readyz`.
+"""The shared HTTP listener: HTTP sources' routes plus `/metrics`, `/status`, `/healthz` and
+`/readyz` (the first two optionally on a separate admin listener).
 
 uvicorn (with httptools and uvloop) serves a Starlette router. busway binds the socket itself,
 so a port already in use is a StartupError at start-up instead of uvicorn's `sys.exit`, and
@@ -6,12 +7,15 @@ turns off uvicorn's own signal handlers, because the daemon (or the embedding ap
 owns shutdown: `stop()` lets in-flight requests finish, then closes.
 
 The app is plain ASGI, so an application can mount busway's routes into its own ASGI server
-instead of running this listener: `Bus(config, serve_http=False)` and mount `bus.asgi`.
+instead of running this listener: `Bus(config, serve_http=False)` and mount `bus.asgi`; the
+host server then owns the limits and the admin protection this listener adds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import logging
 import socket
 import ssl
@@ -30,8 +34,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from busway._config.model import split_listen
+from busway._config.model import HttpConfig, split_listen
 from busway._errors import StartupError
+from busway._ingress.buckets import TokenBuckets
+from busway._ingress.edge import EdgeLimits, EdgeProtocol, EdgeStats, connection_budget
+from busway._ingress.guard import ClientGuard, GuardPolicy
 
 __all__ = ["DeferredApp", "Listener", "build_app"]
 
@@ -122,7 +129,13 @@ class DeferredApp:
 
 
 class Listener:
-    """Runs an ASGI app on `listen` (host:port) until `stop()`; HTTPS when given a cert/key."""
+    """Runs an ASGI app on `listen` (host:port) until `stop()`; HTTPS when given a cert/key.
+
+    With `settings` (the `[http]` table) the listener enforces its limits (`edge.py`), checks
+    clients before the app sees them (`guard.py`) and, with `admin_listen`, serves `/metrics`
+    and `/status` on a second socket of its own. Without, it serves `app` with the default
+    limits and no guard (a test's partner server).
+    """
 
     def __init__(
         self,
@@ -131,13 +144,25 @@ class Listener:
         *,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        settings: HttpConfig | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         self.host, self.port = split_listen(listen)
         self.tls_cert = tls_cert
         self.tls_key = tls_key
-        self._server: _EmbeddedServer | None = None
-        self._socket: socket.socket | None = None
+        self.settings = settings
+        self.stats = EdgeStats()
+        if registry is not None:
+            registry.register(self.stats)
+        self._registry = registry
+        self.admin_host: str | None = None
+        self.admin_port: int | None = None
+        if settings is not None and settings.admin_listen is not None:
+            self.admin_host, self.admin_port = split_listen(settings.admin_listen)
+        self._servers: list[_EmbeddedServer] = []
+        self._sockets: list[socket.socket] = []
+        self._stopping = False
 
     @property
     def scheme(self) -> str:
@@ -158,65 +183,134 @@ class Listener:
             ) from None
 
     def bind(self) -> None:
-        """Load the certificate and take the port now; StartupError if either fails.
+        """Load the certificate and take the port(s) now; StartupError if any fails.
 
         The bus calls this before it starts anything else, so a taken port or a bad
         certificate stops start-up before an embedded server or a connection exists.
         Connections arriving before `run()` serves wait in the listen backlog.
         """
-        if self._socket is not None:
+        if self._sockets:
             return
         self._check_tls()
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose `proto`
-        # says TCP, and without it Nagle plus delayed ACKs held every response ~44 ms.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise StartupError(
-                f"cannot listen on {self.host}:{self.port} ([http] listen): {exc.strerror}; "
-                "choose another port or stop whatever uses it"
-            ) from None
-        sock.listen(2048)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        self._socket = sock
+        self._sockets.append(_bind(self.host, self.port, "listen"))
+        self.port = self._sockets[0].getsockname()[1]
+        if self.admin_host is not None and self.admin_port is not None:
+            try:
+                self._sockets.append(_bind(self.admin_host, self.admin_port, "admin_listen"))
+            except StartupError:
+                self.close()
+                raise
+            self.admin_port = self._sockets[1].getsockname()[1]
 
     def close(self) -> None:
-        """Release the port of a listener that `bind()` took but that will not serve."""
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        """Release the port(s) of a listener that `bind()` took but that will not serve."""
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def _limits(self) -> EdgeLimits:
+        settings = self.settings
+        if settings is None:
+            return EdgeLimits(max_connections=connection_budget(None), stats=self.stats)
+        return EdgeLimits(
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            header_timeout=float(settings.header_timeout),
+            body_timeout=float(settings.body_timeout),
+            body_min_rate=float(settings.body_min_rate),
+            max_connections=connection_budget(settings.max_connections, len(self._sockets)),
+            stats=self.stats,
+        )
+
+    def _apps(self) -> list[ASGIApp]:
+        """The app each socket serves: the bus's app behind the guard (when configured)."""
+        settings = self.settings
+        if settings is None:
+            return [self.app]
+        failures = settings.auth_failure_limit
+        limit = settings.rate_limit
+        base = GuardPolicy(
+            stats=self.stats,
+            failures=TokenBuckets(failures.rate, failures.burst, failures.max_clients),
+            rate_limit=(
+                TokenBuckets(limit.rate, limit.burst, limit.max_clients) if limit else None
+            ),
+            trusted_proxies=tuple(
+                ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
+            ),
+            admin_token=settings.admin_token,
+            admin_elsewhere=len(self._sockets) > 1,
+        )
+        apps: list[ASGIApp] = [ClientGuard(self.app, base)]
+        if len(self._sockets) > 1:
+            admin = dataclasses.replace(base, admin_only=True, admin_elsewhere=False)
+            apps.append(ClientGuard(self.app, admin))
+        return apps
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind unless `bind()` did (StartupError if taken), report started, serve until
         `stop()`."""
         self.bind()
-        sock = self._socket
-        assert sock is not None
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,
-            access_log=False,
-            http="httptools",
-            lifespan="off",
-            timeout_graceful_shutdown=10,
-            server_header=False,
-            ssl_certfile=self.tls_cert,
-            ssl_keyfile=self.tls_key,
-        )
-        self._server = _EmbeddedServer(config)
+        limits = self._limits()
+        protocol = EdgeProtocol.with_limits(limits)
+        keepalive = float(self.settings.keepalive_timeout) if self.settings else 5.0
+        for app in self._apps():
+            config = uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                http=protocol,
+                lifespan="off",
+                timeout_graceful_shutdown=10,
+                server_header=False,
+                ssl_certfile=self.tls_cert,
+                ssl_keyfile=self.tls_key,
+            )
+            # uvicorn types it as int, but uses it as a timer delay: fractions work.
+            config.timeout_keep_alive = keepalive  # type: ignore[assignment]
+            server = _EmbeddedServer(config)
+            self.stats.open_connections.append(server.server_state.connections)
+            self._servers.append(server)
         logger.info("HTTP listening on %s://%s:%d", self.scheme, self.host, self.port)
+        if self.admin_port is not None:
+            logger.info(
+                "HTTP admin listening on %s://%s:%d", self.scheme, self.admin_host, self.admin_port
+            )
         task_status.started()
         try:
-            await self._server.serve(sockets=[sock])
+            async with anyio.create_task_group() as tg:
+                for server, sock in zip(self._servers, self._sockets, strict=True):
+                    tg.start_soon(server.serve, [sock])
+                if self._stopping:
+                    self.stop()
         finally:
             self.close()
+            if self._registry is not None:
+                self._registry.unregister(self.stats)
+                self._registry = None
 
     def stop(self) -> None:
         """Stop accepting; requests in progress finish (bounded by the graceful timeout)."""
-        if self._server is not None:
-            self._server.should_exit = True
+        self._stopping = True
+        for server in self._servers:
+            server.should_exit = True
+
+
+def _bind(host: str, port: int, key: str) -> socket.socket:
+    """A listening TCP socket on host:port; StartupError naming `[http] key` if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose `proto`
+    # says TCP, and without it Nagle plus delayed ACKs held every response ~44 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {host}:{port} ([http] {key}): {exc.strerror}; "
+            "choose another port or stop whatever uses it"
+        ) from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
