@@ -16,8 +16,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ConfigError
-from tests.support import NatsServer, decode_test_config, free_port, run_cli
-from tests.test_daemon import Daemon, daemons  # noqa: F401 - the fixture is used by name
+from tests.support import Daemons, NatsServer, decode_test_config, free_port, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -230,15 +229,14 @@ def test_busway_status_reads_a_daemon_behind_an_admin_listener_and_token(
     nats_server: NatsServer,
     unique: str,
     tmp_path: Path,
-    daemons: list[Daemon],  # noqa: F811 - the fixture
+    daemons: Daemons,
 ) -> None:
     admin = f'admin_listen = "127.0.0.1:{free_port()}"'
     listen = f'listen = "127.0.0.1:{free_port()}"'
     text = config_text(nats_server, unique, f'{admin}\nadmin_token = "{TOKEN}"')
     path = tmp_path / "busway.toml"
     path.write_text(text.replace('listen = "127.0.0.1:0"', listen))
-    daemon = Daemon(path)
-    daemons.append(daemon)
+    daemon = daemons.start(path)
     daemon.wait_ready()
     result = run_cli("status", str(path))
     assert result.returncode == 0, result.stderr
