@@ -44,10 +44,9 @@ import subprocess
 import sys
 import sysconfig
 import time
-from pathlib import Path
-
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import nkeys
@@ -470,7 +469,9 @@ def _user_entry(user: NatsUser) -> str:
         for direction, rule in (("publish", publish), ("subscribe", subscribe))
         for kind, subjects in rule.items()
     )
-    who = f'nkey: "{user.nkey}"' if user.nkey else f'user: "{user.user}", password: "{user.password}"'
+    who = (
+        f'nkey: "{user.nkey}"' if user.nkey else f'user: "{user.user}", password: "{user.password}"'
+    )
     return f"    {{ {who}, permissions: {{ {rules} }} }}"
 
 

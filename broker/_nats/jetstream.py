@@ -207,6 +207,8 @@ async def connect_once(
         errors.append(exc)
 
     client = _client(auth)
+    # nats-py annotates the wait as int but sleeps for any number of seconds.
+    options: dict[str, Any] = {"reconnect_time_wait": 0.2, **auth}
     try:
         await client.connect(
             servers,
@@ -215,9 +217,8 @@ async def connect_once(
             # nats-py retries the first connect forever unless attempts are bounded (> 0).
             allow_reconnect=False,
             max_reconnect_attempts=1,
-            reconnect_time_wait=0.2,
             error_cb=remember,
-            **auth,
+            **options,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         cause = errors[-1] if errors else exc

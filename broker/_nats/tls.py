@@ -35,10 +35,7 @@ def wants_tls(config: NatsConfig) -> bool:
     if config.servers is None:
         return config.embedded.tls
     return (
-        any(
-            value is not None
-            for value in (config.tls_ca, config.tls_cert, config.tls_server_name)
-        )
+        any(value is not None for value in (config.tls_ca, config.tls_cert, config.tls_server_name))
         or config.tls_handshake_first
         or any(url.startswith(("tls://", "wss://")) for url in config.servers)
     )
