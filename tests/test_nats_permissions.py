@@ -24,7 +24,7 @@ import pytest
 from busway import Bus
 from busway._nats.embedded import embedded_seed_file
 from tests.configs import config_toml, stream_table
-from tests.support import NatsServer, decode_test_config, eventually
+from tests.support import NatsServer, decode_test_config, eventually, free_port, run_cli
 from tests.tls_support import Pki
 
 pytestmark = pytest.mark.anyio
@@ -39,12 +39,15 @@ to = ["tls.out"]
 DEVICE_PASSWORD = "device-password-1234"
 
 
-def embedded_config(tmp_path: Path, pki: Pki, *, extra_nats: str = "", embedded: str = "") -> str:
+def embedded_config(
+    tmp_path: Path, pki: Pki, *, extra_nats: str = "", embedded: str = "", listen: str | None = None
+) -> str:
     server = pki.server()
     return (
         config_toml(
             None,
             data_dir=tmp_path / "store",
+            **({"nats_listen": listen} if listen else {}),
             http="",
             streams=[stream_table("TLS", "tls.>")],
             nats_options=(
@@ -144,6 +147,18 @@ async def test_embedded_server_with_tls_and_users_routes_what_each_may_use(
         plain = bus.nats_url.replace("tls://", "nats://")
         with pytest.raises((nats.errors.Error, OSError)):
             await connect(plain, user="device", password=DEVICE_PASSWORD, tls_handshake_first=False)
+
+
+async def test_operator_commands_reach_a_secured_embedded_server(tmp_path: Path) -> None:
+    """`busway dlq` on the daemon's host signs in with busway's key (`busway.nk`), over TLS."""
+    pki = Pki(tmp_path / "pki")
+    path = tmp_path / "busway.toml"
+    path.write_text(embedded_config(tmp_path, pki, listen=f"127.0.0.1:{free_port()}", embedded=""))
+    config = decode_test_config(path.read_text(), tmp_path)
+    async with Bus(config):
+        listed = await anyio.to_thread.run_sync(run_cli, "dlq", "list", str(path))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1] == "0 dead letter(s)"
 
 
 async def test_embedded_server_with_mtls_requires_client_certificates(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nkeys
@@ -62,6 +63,7 @@ __all__ = [
     "busway_permissions",
     "embedded_seed_file",
     "find_nats_server",
+    "local_client",
     "process_alive",
 ]
 
@@ -121,6 +123,20 @@ def busway_permissions(config: Config) -> Permissions:
 def embedded_seed_file(data_dir: Path) -> Path:
     """Where a daemon keeps the NKey seed of its embedded server's busway user (mode 0600)."""
     return data_dir / "busway.nk"
+
+
+def local_client(
+    config: NatsConfig, data_dir: Path, host: str, port: int, options: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """URL and nats-py options for an operator command on this host (`busway dlq`) to reach
+    the embedded server of the daemon running on `data_dir`: TLS as busway's own connection,
+    and busway's NKey (`busway.nk`) when the server requires sign-in."""
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"{'tls' if config.embedded.tls else 'nats'}://{url_host}:{port}"
+    if not config.embedded.requires_auth:
+        return url, options
+    kept = {key: value for key, value in options.items() if key.startswith("tls")}
+    return url, {**kept, "nkeys_seed": str(embedded_seed_file(data_dir))}
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
