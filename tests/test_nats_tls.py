@@ -120,10 +120,11 @@ async def test_a_server_signed_by_an_unknown_ca_is_refused_naming_tls_ca(
     message = await start_error(config)
     assert "not signed by a CA busway trusts" in message, message
     assert "[nats] tls_ca" in message, message
-    # The system's trust store does not know a private CA either: a tls:// URL alone.
-    url = server_only.url.replace("nats://", "tls://")
-    message = await start_error(decode_test_config(config_text(url, ""), tmp_path))
-    assert "not signed by a CA busway trusts" in message, message
+    # The system's trust store does not know a private CA either: a tls:// URL alone, or a
+    # nats:// URL to a server that requires TLS.
+    for url in (server_only.url.replace("nats://", "tls://"), server_only.url):
+        message = await start_error(decode_test_config(config_text(url, ""), tmp_path))
+        assert "not signed by a CA busway trusts" in message, message
 
 
 async def test_a_certificate_for_another_name_is_refused_unless_tls_server_name_says_it(

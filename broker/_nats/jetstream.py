@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,8 +236,9 @@ def _client(auth: Mapping[str, Any] | None) -> NatsClient:
 
 
 def _refused_tls(exc: BaseException, auth: Mapping[str, Any] | None) -> bool:
-    """A TLS failure retrying cannot cure: a handshake refused, or TLS not offered."""
-    return isinstance(exc, internals.TlsNotOffered) or (
+    """A TLS failure retrying cannot cure: a handshake refused, or TLS not offered. (A
+    server that requires TLS gets it even when `[nats]` has no TLS keys: nats-py upgrades.)"""
+    return isinstance(exc, internals.TlsNotOffered | ssl.SSLError) or (
         bool(auth) and "tls" in (auth or {}) and is_handshake_failure(exc)
     )
 
