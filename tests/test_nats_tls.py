@@ -19,7 +19,7 @@ import pytest
 
 from busway import Bus, Config, ConfigError, StartupError
 from tests.configs import config_toml, stream_table
-from tests.support import NatsServer, decode_test_config, eventually
+from tests.support import NatsServer, decode_test_config, eventually, free_port
 from tests.tls_support import Pki, server_tls_block
 
 pytestmark = pytest.mark.anyio
@@ -217,7 +217,7 @@ async def test_a_bad_tls_file_is_a_config_error_naming_the_key(
     pki.client()
     pki.server()
     (tmp_path / "not-pem.txt").write_text("hello\n")
-    config = decode_test_config(config_text("nats://127.0.0.1:1", keys), tmp_path)
+    config = decode_test_config(config_text(f"nats://127.0.0.1:{free_port()}", keys), tmp_path)
     with anyio.fail_after(30), pytest.raises(ConfigError) as caught:
         async with Bus(config):
             pass
