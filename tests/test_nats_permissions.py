@@ -23,6 +23,7 @@ import pytest
 
 from busway import Bus
 from busway._nats.embedded import embedded_seed_file
+from busway.testing import start_bus
 from tests.configs import config_toml, stream_table
 from tests.support import NatsServer, decode_test_config, eventually, free_port, run_cli
 from tests.tls_support import Pki
@@ -238,3 +239,25 @@ async def test_a_subject_busways_user_may_not_publish_is_a_clear_error_not_a_han
                 await admin.close()
     finally:
         server.stop()
+
+
+async def test_the_testing_kit_runs_a_bus_on_a_secured_embedded_server(tmp_path: Path) -> None:
+    """`start_bus` publishes and reads as busway's own user, over TLS."""
+    pki = Pki(tmp_path / "pki")
+    server = pki.server()
+    text = f"""
+[nats.embedded]
+tls_cert = "{server.cert}"
+tls_key = "{server.key}"
+authorization = true
+
+[[streams]]
+name = "TLS"
+subjects = ["tls.>"]
+{ROUTE}"""
+    async with start_bus(text, directory=tmp_path / "bus") as harness:
+        assert harness.nats_url.startswith("tls://")
+        async with harness.collect("tls.out") as got:
+            await harness.publish("tls.in", {"n": 1})
+            [message] = await got.wait(1)
+        assert orjson.loads(message.data) == {"n": 1}
