@@ -21,7 +21,7 @@ import nats.errors
 import orjson
 import pytest
 
-from busway import Bus
+from busway import Bus, ConfigError, StartupError
 from busway._nats.embedded import embedded_seed_file
 from busway.testing import start_bus
 from tests.configs import config_toml, stream_table
@@ -261,3 +261,62 @@ subjects = ["tls.>"]
             await harness.publish("tls.in", {"n": 1})
             [message] = await got.wait(1)
         assert orjson.loads(message.data) == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("embedded", "nats_keys", "expected"),
+    [
+        ('tls_cert = "a.pem"', "", "TLS needs both `tls_cert` and `tls_key`"),
+        ('tls_client_ca = "ca.pem"', "", "tls_client_ca needs TLS"),
+        (
+            'tls_cert = "a.pem"\ntls_key = "k.pem"\ntls_client_ca = "ca.pem"',
+            "",
+            "set `tls_cert` and `tls_key` for busway's own connection",
+        ),
+        ('[[nats.embedded.users]]\nuser = "d"', "", "give one of `password` and `nkey`"),
+        (
+            '[[nats.embedded.users]]\nuser = "d"\nnkey = "SUABC"',
+            "",
+            "nkey must be an NKey user public key",
+        ),
+        (
+            '[[nats.embedded.users]]\nuser = "d"\npassword = "p\\"w"',
+            "",
+            "without quotes, backslashes or control characters",
+        ),
+        (
+            '[[nats.embedded.users]]\nuser = "d"\npassword = "pw"\npublish = ["a..b"]',
+            "",
+            "'a..b' is not a subject",
+        ),
+    ],
+)
+def test_a_bad_embedded_security_table_is_a_config_error(
+    tmp_path: Path, embedded: str, nats_keys: str, expected: str
+) -> None:
+    text = config_toml(
+        None,
+        http="",
+        nats_options=f"{nats_keys}\n[nats.embedded]\n{embedded}\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        decode_test_config(text, tmp_path)
+    assert expected in str(caught.value), caught.value
+    assert " at $.nats" in str(caught.value), caught.value
+
+
+async def test_an_unreadable_embedded_certificate_is_a_start_up_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path / "pki")
+    server = pki.server()
+    text = config_toml(
+        None,
+        data_dir=tmp_path / "store",
+        http="",
+        nats_options=f'[nats.embedded]\ntls_cert = "{server.cert}"\ntls_key = "missing-key.pem"',
+    )
+    with anyio.fail_after(60), pytest.raises(StartupError) as caught:
+        async with Bus(decode_test_config(text, tmp_path)):
+            pass
+    assert "cannot read [nats.embedded] tls_key file" in str(caught.value), caught.value
