@@ -62,7 +62,7 @@ from busway._nats.cluster import (
     shared_consumer_notes,
     until_ready,
 )
-from busway._nats.embedded import EmbeddedNatsServer
+from busway._nats.embedded import EmbeddedNatsServer, busway_permissions
 from busway._nats.jetstream import (
     JetStreamPublisher,
     close_connection,
@@ -260,8 +260,12 @@ class Bus(AsyncContextManagerMixin):
             embedded = None
             if servers is None:
                 embedded = EmbeddedNatsServer(
-                    config.nats, config.resolve_path(config.nats.data_dir)
+                    config.nats,
+                    config.resolve_path(config.nats.data_dir),
+                    permissions=busway_permissions(config),
+                    resolve=config.resolve_path,
                 )
+                auth = embedded.client_auth(auth)
                 await embedded.start()
                 stack.push_async_callback(embedded.stop)
                 self._embedded = embedded

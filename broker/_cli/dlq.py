@@ -36,6 +36,7 @@ from busway._dlq.read import (
 )
 from busway._dlq.replay import purge_dead_letters, replay_dead_letters
 from busway._errors import BusUnavailable, StartupError
+from busway._nats.embedded import local_client
 from busway._nats.jetstream import close_connection, connect_once, jetstream, nats_auth
 from busway._nats.types import JetStream, NatsClient
 from busway._observe.redact import install_redaction, redact
@@ -337,6 +338,10 @@ class _Unreachable(Exception):
 @asynccontextmanager
 async def _connected(config: Config) -> AsyncIterator[NatsClient]:
     """A NATS connection for the config: its servers, or the running daemon's embedded one."""
+    try:
+        options = nats_auth(config.nats, config.resolve_path)
+    except StartupError as exc:
+        raise _Unreachable(str(exc)) from None
     servers = config.nats.servers
     embedded = servers is None
     if servers is None:
@@ -346,12 +351,9 @@ async def _connected(config: Config) -> AsyncIterator[NatsClient]:
                 "[nats] listen uses port 0 (a random port), so the running daemon's embedded "
                 "server cannot be found: set a fixed port, or [nats] servers"
             )
-        servers = [f"nats://{host}:{port}"]
-
-    try:
-        options = nats_auth(config.nats, config.resolve_path)
-    except StartupError as exc:
-        raise _Unreachable(str(exc)) from None
+        data_dir = config.resolve_path(config.nats.data_dir)
+        url, options = local_client(config.nats, data_dir, host, port, options)
+        servers = [url]
     try:
         client = await connect_once(
             servers,

@@ -142,6 +142,85 @@ class RetryPolicy(_Strict, frozen=True, kw_only=True):
         return default
 
 
+class NatsUser(_Strict, frozen=True, kw_only=True):
+    """A client of the embedded nats-server other than busway (a device, a tool), with the
+    subjects it may use; everything else is denied to it."""
+
+    user: str
+    """Its user name."""
+    password: str | None = None
+    """Its password (or give `nkey`); secrets via `${ENV}` or `${file:...}`."""
+    nkey: str | None = None
+    """Its NKey public key (`U...`), instead of a password: it signs in with the seed."""
+    publish: list[str] = []
+    """Subjects (wildcards allowed) it may publish to; a subject a stream captures is stored."""
+    subscribe: list[str] = []
+    """Subjects it may subscribe to; add `_INBOX.>` for replies (a JetStream PubAck too)."""
+
+    def __post_init__(self) -> None:
+        if (self.password is None) == (self.nkey is None):
+            raise ValueError(f"user {short(self.user)!r}: give one of `password` and `nkey`")
+        if self.nkey is not None and not re.fullmatch(r"U[A-Z2-7]{55}", self.nkey):
+            raise ValueError(
+                f"user {short(self.user)!r}: nkey must be an NKey user public key ('U' and "
+                "55 more characters), not a seed"
+            )
+        for value in [self.user, self.password or "", *self.publish, *self.subscribe]:
+            if not value or _UNSAFE_IN_SERVER_CONFIG.search(value):
+                raise ValueError(
+                    f"user {short(self.user)!r}: names, passwords and subjects must be non-empty, "
+                    "without quotes, backslashes or control characters (they go into the "
+                    "embedded server's config file)"
+                )
+        for subject in [*self.publish, *self.subscribe]:
+            if not is_valid_subject(subject, wildcards=True):
+                raise ValueError(f"user {short(self.user)!r}: {short(subject)!r} is not a subject")
+
+
+class EmbeddedNatsSecurity(_Strict, frozen=True, kw_only=True):
+    """`[nats.embedded]`: TLS and users of the embedded nats-server (ignored with `servers`)."""
+
+    tls_cert: str | None = None
+    """PEM certificate (chain) of the embedded server: with `tls_key`, every client must use
+    TLS. busway trusts it for its own connection unless `[nats] tls_ca` says otherwise."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: str | None = None
+    """PEM CA file: clients must present a certificate it signed (mTLS); busway presents
+    `[nats] tls_cert`."""
+    authorization: bool = False
+    """Clients must sign in: busway with an NKey made at each start, allowed only the subjects
+    its config uses; others as one of `users`. Listing `users` turns this on too."""
+    users: list[NatsUser] = []
+    """Other clients (devices, tools) and the subjects each may publish and subscribe to."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the embedded server requires TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def requires_auth(self) -> bool:
+        """Whether clients of the embedded server must sign in."""
+        return self.authorization or bool(self.users)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both `tls_cert` and `tls_key`")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs TLS: set `tls_cert` and `tls_key` as well")
+        for value in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if value is not None and _UNSAFE_IN_SERVER_CONFIG.search(value):
+                raise ValueError(
+                    f"{short(value)!r}: quotes, backslashes and control characters cannot go "
+                    "into the embedded server's config file"
+                )
+        names = [user.user for user in self.users]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"user {short(name)!r} is listed twice")
+
+
 class NatsConfig(_Strict, frozen=True, kw_only=True):
     """Where JetStream is. Without `servers`, busway runs an embedded nats-server."""
 
@@ -169,6 +248,19 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     """A `.creds` file (user JWT + NKey seed) for `servers`, relative to the config file."""
     nkey_seed: str | None = None
     """A file holding an NKey user seed (`SU...`), for servers that list NKey users."""
+    tls_ca: str | None = None
+    """PEM file of the CA(s) that signed the NATS servers' certificates (default: the system's
+    trust store). Setting any `tls_*` key makes busway refuse a server that does not use TLS."""
+    tls_cert: str | None = None
+    """PEM client certificate (chain) busway presents, for servers that verify clients (mTLS)."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
+    tls_server_name: str | None = None
+    """The name the servers' certificates must carry (and SNI), when it is not the URL's host."""
+    tls_handshake_first: bool = False
+    """Start TLS before the server's INFO (servers with `handshake_first`: nothing in clear)."""
+    embedded: EmbeddedNatsSecurity = EmbeddedNatsSecurity()
+    """`[nats.embedded]`: TLS, mTLS and users of the embedded server (see the security page)."""
     connect_timeout: Duration = Duration(5.0)
     """How long the first connection may take before start-up fails (at least 500ms: a TCP
     and TLS handshake to a loaded server needs that much)."""
@@ -217,6 +309,13 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
             )
         if self.credentials is not None and self.nkey_seed is not None:
             raise ValueError("give one of `credentials` (a .creds file) and `nkey_seed`")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a client certificate needs both `tls_cert` and `tls_key`")
+        if self.embedded.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "[nats.embedded] tls_client_ca makes the embedded server require client "
+                "certificates: set `tls_cert` and `tls_key` for busway's own connection"
+            )
         _check_listen(self.listen)
 
 

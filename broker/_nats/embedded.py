@@ -18,6 +18,13 @@ The child is tied to the daemon's life: on Linux it receives SIGTERM if the daem
 by SIGKILL (PR_SET_PDEATHSIG), so a crash never leaves a server holding the port and the store.
 It runs in its own process group, so a terminal's Ctrl-C reaches busway only: busway drains,
 then stops the server.
+Security (`[nats.embedded]`, see docs/security.md): with `tls_cert`/`tls_key` every client
+must use TLS, with `tls_client_ca` also present a certificate that CA signed. With
+`authorization` (or `users`), every client must sign in: busway with an NKey made for this
+daemon (its seed never leaves the process but for `busway.nk` in the data_dir, mode 0600, for
+the operator commands on this host), allowed only the subjects its config uses
+(`busway_permissions`); devices and tools as the listed `users`, each allowed its own subjects.
+
 While the daemon runs, `watch()` restarts a server that died on the same port and store, with
 back-off; after `len(RESTART_DELAYS)` restarts that did not last `STABLE_AFTER` seconds it gives
 up and raises, so the daemon exits non-zero and its service manager restarts it whole.
@@ -37,18 +44,26 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
+import nkeys
 
-from busway._config.model import NatsConfig, split_listen
+from busway._config.model import Config, NatsConfig, NatsUser, route_targets, split_listen
 from busway._errors import StartupError
 
 __all__ = [
     "RESTART_DELAYS",
     "STABLE_AFTER",
     "EmbeddedNatsServer",
+    "Permissions",
+    "busway_permissions",
+    "embedded_seed_file",
     "find_nats_server",
+    "local_client",
     "process_alive",
 ]
 
@@ -78,6 +93,52 @@ def find_nats_server() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a user of the embedded server may publish and subscribe to (allow-lists)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def busway_permissions(config: Config) -> Permissions:
+    """What busway's own connection needs, from its config, and nothing more of the data.
+
+    Publish: the declared streams' subjects (route outputs, sources' messages), the dead-letter
+    subjects, the subjects `enrich` stages request from, replies to requesters' inboxes
+    (`_INBOX.>`), the JetStream API with acks and flow control, and KV buckets (`$KV.>`:
+    state, dedupe, leases; the embedded server holds busway's buckets only). Subscribe: its own
+    inboxes (JetStream replies, pulled messages, request answers) only.
+    """
+    publish = {f"{config.dead_letter.subject_prefix}.>", "_INBOX.>"}
+    publish |= {"$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"}
+    for stream in config.streams:
+        publish.update(stream.subjects)
+    for i, route in enumerate(config.routes):
+        publish.update(target for target, _ in route_targets(route, f"$.routes[{i}]"))
+        publish.update(s.enrich.request for s in route.stages if s.enrich is not None)
+    return Permissions(publish=tuple(sorted(publish)), subscribe=("_INBOX.>",))
+
+
+def embedded_seed_file(data_dir: Path) -> Path:
+    """Where a daemon keeps the NKey seed of its embedded server's busway user (mode 0600)."""
+    return data_dir / "busway.nk"
+
+
+def local_client(
+    config: NatsConfig, data_dir: Path, host: str, port: int, options: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """URL and nats-py options for an operator command on this host (`busway dlq`) to reach
+    the embedded server of the daemon running on `data_dir`: TLS as busway's own connection,
+    and busway's NKey (`busway.nk`) when the server requires sign-in."""
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"{'tls' if config.embedded.tls else 'nats'}://{url_host}:{port}"
+    if not config.embedded.requires_auth:
+        return url, options
+    kept = {key: value for key, value in options.items() if key.startswith("tls")}
+    return url, {**kept, "nkeys_seed": str(embedded_seed_file(data_dir))}
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -91,9 +152,22 @@ class _PortTaken(StartupError):
 class EmbeddedNatsServer:
     """Starts, verifies, restarts and stops one nats-server child for a bus."""
 
-    def __init__(self, config: NatsConfig, data_dir: Path) -> None:
+    def __init__(
+        self,
+        config: NatsConfig,
+        data_dir: Path,
+        *,
+        permissions: Permissions | None = None,
+        resolve: Callable[[str], Path] = Path,
+    ) -> None:
+        """`permissions`: busway's own (`busway_permissions`), applied with `[nats.embedded]
+        authorization`; `resolve` makes the certificate paths absolute."""
         self._config = config
+        self._security = config.embedded
+        self._permissions = permissions or Permissions(publish=(">",), subscribe=(">",))
+        self._resolve = resolve
         self.data_dir = data_dir
+        self._seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
         host, port = split_listen(config.listen)
         self.host = host
         self.port = port
@@ -113,7 +187,16 @@ class EmbeddedNatsServer:
     def url(self) -> str:
         """The client URL of the running server."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nats://{host}:{self.port}"
+        scheme = "tls" if self._security.tls else "nats"
+        return f"{scheme}://{host}:{self.port}"
+
+    def client_auth(self, options: dict[str, object]) -> dict[str, object]:
+        """nats-py options for busway's own connection: `options` (from `nats_auth`), with
+        busway's NKey instead of any `[nats]` credentials when the server requires sign-in."""
+        if not self._security.requires_auth:
+            return options
+        kept = {key: value for key, value in options.items() if key.startswith("tls")}
+        return {**kept, "nkeys_seed_str": self._seed}
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +217,9 @@ class EmbeddedNatsServer:
             ) from None
         self._lock_fd = await _lock_data_dir(self.data_dir)
         try:
+            self._check_files()
+            if self._security.requires_auth:
+                _write_private(embedded_seed_file(self.data_dir), f"{self._seed}\n")
             await self._spawn()
         except BaseException:
             await self.stop()
@@ -241,27 +327,70 @@ class EmbeddedNatsServer:
         await self._verify(process, log_path, offset)
         self.up = True
 
+    def _check_files(self) -> None:
+        """StartupError now, naming the key, for a certificate file the server could not read."""
+        security = self._security
+        for key, value in [
+            ("tls_cert", security.tls_cert),
+            ("tls_key", security.tls_key),
+            ("tls_client_ca", security.tls_client_ca),
+        ]:
+            if value is None:
+                continue
+            path = self._resolve(value)
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot read [nats.embedded] {key} file {path}: {exc.strerror}"
+                ) from None
+
     def _write_config(self) -> Path:
         sync = "always" if self._config.sync == "always" else f'"{self._config.sync}"'
         store = self.data_dir / "jetstream"
         port = self.port or -1  # -1: the server picks a free port and writes it to its ports file
-        text = "\n".join(
-            [
-                "# Written by busway at every start; edit busway.toml instead.",
-                f'listen: "{self.host}:{port}"',
-                f'server_name: "{self.server_name}"',
-                f'pid_file: "{self.data_dir / "nats-server.pid"}"',
-                f'ports_file_dir: "{self.data_dir}"',
-                "jetstream {",
-                f'  store_dir: "{store}"',
-                f"  sync_interval: {sync}",
-                "}",
-                "",
-            ]
-        )
+        lines = [
+            "# Written by busway at every start; edit busway.toml instead.",
+            f'listen: "{self.host}:{port}"',
+            f'server_name: "{self.server_name}"',
+            f'pid_file: "{self.data_dir / "nats-server.pid"}"',
+            f'ports_file_dir: "{self.data_dir}"',
+            "jetstream {",
+            f'  store_dir: "{store}"',
+            f"  sync_interval: {sync}",
+            "}",
+            *self._tls_lines(),
+            *self._authorization_lines(),
+            "",
+        ]
         path = self.data_dir / "nats-server.conf"
-        path.write_text(text, encoding="utf-8")
+        # Passwords of `users` are in it: readable by this user only.
+        _write_private(path, "\n".join(lines))
         return path
+
+    def _tls_lines(self) -> list[str]:
+        security = self._security
+        if security.tls_cert is None or security.tls_key is None:
+            return []
+        lines = [
+            "tls {",
+            f'  cert_file: "{self._resolve(security.tls_cert)}"',
+            f'  key_file: "{self._resolve(security.tls_key)}"',
+            # The handshake of a loaded host can take longer than nats-server's 0.5 s default.
+            f"  timeout: {max(2.0, float(self._config.connect_timeout)):g}",
+        ]
+        if security.tls_client_ca is not None:
+            lines += [f'  ca_file: "{self._resolve(security.tls_client_ca)}"', "  verify: true"]
+        return [*lines, "}"]
+
+    def _authorization_lines(self) -> list[str]:
+        if not self._security.requires_auth:
+            return []
+        public = nkeys.from_seed(bytearray(self._seed.encode())).public_key.decode()
+        entries = [f'    {{ nkey: "{public}", {_permissions(self._permissions)} }}']
+        entries += [_user_entry(user) for user in self._security.users]
+        return ["authorization {", "  users = [", *entries, "  ]", "}"]
 
     async def _verify(self, process: subprocess.Popen[bytes], log_path: Path, offset: int) -> None:
         """Wait until `process` listens (its ports file) and answers with our server name."""
@@ -333,6 +462,41 @@ async def _server_name_at(host: str, port: int, timeout: float = 2.0) -> str | N
         return None
     name = info.get("server_name") if isinstance(info, dict) else None
     return name if isinstance(name, str) else ""
+
+
+def _quoted(values: tuple[str, ...] | list[str]) -> str:
+    # The config validated them: no quotes, backslashes or control characters.
+    return "[" + ", ".join(f'"{value}"' for value in values) + "]"
+
+
+def _permissions(permissions: Permissions) -> str:
+    return (
+        f"permissions: {{ publish: {{ allow: {_quoted(permissions.publish)} }}, "
+        f"subscribe: {{ allow: {_quoted(permissions.subscribe)} }} }}"
+    )
+
+
+def _user_entry(user: NatsUser) -> str:
+    # An empty allow-list would allow everything: deny everything instead.
+    publish = {"allow": _quoted(user.publish)} if user.publish else {"deny": '[">"]'}
+    subscribe = {"allow": _quoted(user.subscribe)} if user.subscribe else {"deny": '[">"]'}
+    rules = ", ".join(
+        f"{direction}: {{ {kind}: {subjects} }}"
+        for direction, rule in (("publish", publish), ("subscribe", subscribe))
+        for kind, subjects in rule.items()
+    )
+    who = (
+        f'nkey: "{user.nkey}"' if user.nkey else f'user: "{user.user}", password: "{user.password}"'
+    )
+    return f"    {{ {who}, permissions: {{ {rules} }} }}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable and writable by this user only (it holds secrets)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have been created with wider permissions
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def _exit_description(code: int | None) -> str:

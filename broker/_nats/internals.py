@@ -18,6 +18,9 @@ busway reaches under nats-py's public API in a few measured or necessary places:
   `HPUB` frame in one bytes-format; without them, `publish_async`;
 * `JetStreamContext._nc`, `._prefix`, `._timeout`: delete a message without a secure erase;
   without them, `delete_msg` (which erases).
+* `Client._process_info`: refuse, before CONNECT is sent, a server whose INFO does not ask for
+  TLS when busway is configured for TLS (`require_tls`); without it, the connection is checked
+  right after connecting (the CONNECT, credentials included, may then have gone in clear).
 
 `check(client, js)` runs once per connection (`busway._nats.jetstream.jetstream`): a missing
 attribute is logged once at WARNING, by name, and its feature takes the public path from then
@@ -46,6 +49,7 @@ from busway._nats.errors import TRANSPORT_ERRORS, publish_error
 __all__ = [
     "CLIENT_ATTRIBUTES",
     "JETSTREAM_ATTRIBUTES",
+    "TlsNotOffered",
     "available",
     "check",
     "close_transport",
@@ -54,6 +58,7 @@ __all__ = [
     "missing_attributes",
     "publish_output",
     "publish_window_full",
+    "require_tls",
     "resolve_refusals_at_once",
     "server_name",
     "set_fast_publish",
@@ -70,6 +75,7 @@ CLIENT_ATTRIBUTES = (
     "_send_command",
     "_flush_queue",
     "_flush_pending",
+    "_process_info",
 )
 JETSTREAM_ATTRIBUTES = (
     "_nc",
@@ -153,6 +159,36 @@ def server_name(client: NatsClient) -> str | None:
     """The `server_name` the server announced in its INFO (None if unknown)."""
     name = server_info(client).get("server_name")
     return name if isinstance(name, str) else None
+
+
+class TlsNotOffered(nats.errors.Error):
+    """The server's INFO does not ask for TLS, but busway is configured to use it."""
+
+    def __str__(self) -> str:
+        return (
+            "the server does not offer TLS (its INFO has no tls_required), but [nats] asks for "
+            "TLS: busway refused to send its credentials in clear"
+        )
+
+
+def require_tls(client: NatsClient) -> bool:
+    """Make `client` refuse a server that does not ask for TLS, before it sends CONNECT.
+
+    nats-py upgrades to TLS only when the server's first INFO says `tls_required`; anything
+    between busway and the server could drop the flag and read the CONNECT. False if the hook
+    is missing (the caller then checks `server_info` after connecting).
+    """
+    original = getattr(client, "_process_info", None)
+    if original is None:
+        return False
+
+    async def checked(info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection and not info.get("tls_required"):
+            raise TlsNotOffered()
+        await original(info, initial_connection=initial_connection)
+
+    client._process_info = checked  # type: ignore[method-assign]
+    return True
 
 
 async def close_transport(client: NatsClient) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from busway._nats import internals
 from busway._nats.cluster import connect_options
 from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
 from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
+from busway._nats.tls import handshake_failure, is_handshake_failure, tls_options
 from busway._observe.readiness import WriteRefusals
 
 __all__ = [
@@ -85,12 +87,15 @@ async def connect(
     is bounded by `connect_timeout`, and refused credentials end it at once (retrying cannot
     fix them). The first connection's errors are reported once, in the StartupError, rather
     than logged per attempt. Cancelling (SIGTERM while connecting) abandons the attempt cleanly.
-    `auth` comes from `nats_auth`. With `server_name`, the server must announce that name in
+    `auth` comes from `nats_auth`: with TLS options in it, a server that does not offer TLS
+    is refused before busway's credentials are sent, and a failed handshake (a CA busway does
+    not trust, a name mismatch, a refused client certificate) ends the attempt at once with a
+    StartupError saying which. With `server_name`, the server must announce that name in
     its INFO (the embedded server busway started), else StartupError. `on_closed` is called if
     the connection closes for good after it started (`[nats] max_reconnect_attempts` ran out,
     or a `close()`).
     """
-    client = NatsClient()
+    client = _client(auth)
     started = False
     failures: list[BaseException] = []
     attempt = anyio.CancelScope(deadline=anyio.current_time() + float(config.connect_timeout))
@@ -98,8 +103,15 @@ async def connect(
     async def error_cb(exc: Exception) -> None:
         if not started:
             failures.append(exc)
-            if _refused_credentials(exc):
+            if _refused_credentials(exc) or _refused_tls(exc, auth):
                 attempt.cancel()
+            return
+        if "permissions violation" in str(exc).lower():
+            logger.error(
+                "NATS denied busway: %s; grant busway's NATS user that subject (or correct the "
+                "config that uses it)",
+                exc,
+            )
             return
         logger.warning("NATS connection error: %s", exc or type(exc).__name__)
 
@@ -150,6 +162,8 @@ async def connect(
                 f"NATS at {where} refused busway's credentials: {cause}; check [nats] user and "
                 "password, token, credentials or nkey_seed"
             )
+        if last is not None and _refused_tls(last, auth):
+            raise StartupError(f"TLS with NATS at {where} failed: {_tls_cause(last, config)}")
         raise StartupError(
             f"cannot connect to NATS at {where} within {float(config.connect_timeout):g}s "
             f"([nats] connect_timeout): {cause}; check [nats] servers and that the server runs"
@@ -193,21 +207,46 @@ async def connect_once(
         """Connection errors are reported once, in the BusUnavailable, not logged per try."""
         errors.append(exc)
 
+    client = _client(auth)
+    # nats-py annotates the wait as int but sleeps for any number of seconds.
+    options: dict[str, Any] = {"reconnect_time_wait": 0.2, **auth}
     try:
-        return await nats.connect(
+        await client.connect(
             servers,
             name=name,
             connect_timeout=max(1, round(connect_timeout)),
             # nats-py retries the first connect forever unless attempts are bounded (> 0).
             allow_reconnect=False,
             max_reconnect_attempts=1,
-            reconnect_time_wait=0.2,
             error_cb=remember,
-            **auth,
+            **options,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         cause = errors[-1] if errors else exc
         raise BusUnavailable(str(cause) or type(cause).__name__) from exc
+    return client
+
+
+def _client(auth: Mapping[str, Any] | None) -> NatsClient:
+    """A nats-py client that, when `auth` asks for TLS, refuses a server that does not."""
+    client = NatsClient()
+    if auth and "tls" in auth and not auth.get("tls_handshake_first"):
+        internals.require_tls(client)
+    return client
+
+
+def _refused_tls(exc: BaseException, auth: Mapping[str, Any] | None) -> bool:
+    """A TLS failure retrying cannot cure: a handshake refused, or TLS not offered. (A
+    server that requires TLS gets it even when `[nats]` has no TLS keys: nats-py upgrades.)"""
+    return isinstance(exc, internals.TlsNotOffered | ssl.SSLError) or (
+        bool(auth) and "tls" in (auth or {}) and is_handshake_failure(exc)
+    )
+
+
+def _tls_cause(exc: BaseException, config: NatsConfig) -> str:
+    if isinstance(exc, internals.TlsNotOffered):
+        return str(exc)
+    return handshake_failure(exc, config)
 
 
 def server_name_of(client: NatsClient) -> str | None:
@@ -216,13 +255,15 @@ def server_name_of(client: NatsClient) -> str | None:
 
 
 def nats_auth(config: NatsConfig, resolve: Callable[[str], Path]) -> dict[str, Any]:
-    """nats-py's authentication options for `config`, with its key files checked first.
+    """nats-py's authentication and TLS options for `config`, with its key files checked first.
 
     nats-py reads `.creds` and seed files only while connecting, and loops forever on a
     `.creds` file without a JWT: a missing or malformed file is a StartupError here instead.
+    The TLS context is built here, once (`busway._nats.tls`): an unreadable or malformed
+    certificate file is a ConfigError naming its key.
     Relative paths are resolved by `resolve` (against the config file's directory).
     """
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = tls_options(config, resolve)
     if config.user is not None:
         options["user"] = config.user
         options["password"] = config.password

@@ -20,8 +20,9 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from busway._components import Message, PublishAck
-from busway._config.model import Config
+from busway._config.model import Config, split_listen
 from busway._errors import PublishError
+from busway._nats.embedded import local_client
 from busway._nats.jetstream import connect, nats_auth
 
 __all__ = ["Tap"]
@@ -41,13 +42,14 @@ class Tap:
 
     @classmethod
     async def connect(cls, config: Config, url: str) -> Tap:
-        """Connect to `url` with the credentials of `config`'s `[nats]` (StartupError if not)."""
-        client = await connect(
-            config.nats,
-            [url],
-            on_reconnected=_nothing,
-            auth=nats_auth(config.nats, config.resolve_path),
-        )
+        """Connect to `url` with the credentials of `config`'s `[nats]` (StartupError if not);
+        to a secured embedded server as busway's own user (`local_client`)."""
+        auth = nats_auth(config.nats, config.resolve_path)
+        if config.nats.servers is None:
+            host, port = split_listen(config.nats.listen)
+            data_dir = config.resolve_path(config.nats.data_dir)
+            _, auth = local_client(config.nats, data_dir, host, port, auth)
+        client = await connect(config.nats, [url], on_reconnected=_nothing, auth=auth)
         return cls(client, timeout=float(config.nats.publish_timeout))
 
     async def close(self) -> None:
