@@ -128,7 +128,9 @@ stages = [{ dedupe = { key = "event_id", window = "1m" } }]
             try:
                 js = client.jetstream()
                 async with Bus(config):
-                    await js.publish("in.events", b"not json")
+                    # IN may be electing a leader too (the killed node may have led it): a
+                    # client publishes again, under one message id, until the stream answers.
+                    await eventually(published(js, "in.events", b"not json", f"bad-{letters}"))
                     await eventually(stored(js, "BUSWAY_DEADLETTER", letters), timeout=60)
                 dead = await stream_messages(client, "BUSWAY_DEADLETTER")
                 assert [letter.subject for letter in dead] == ["busway.deadletter.parse"] * letters
@@ -136,6 +138,21 @@ stages = [{ dedupe = { key = "event_id", window = "1m" } }]
                 await client.close()
             cluster.restart(leader)
             await cluster.wait_ready()
+
+
+def published(
+    js: JetStreamContext, subject: str, body: bytes, message_id: str
+) -> Callable[[], Awaitable[bool]]:
+    """A check for `eventually`: `body` was stored (False while no stream answers)."""
+
+    async def publish() -> bool:
+        try:
+            await js.publish(subject, body, headers={"Nats-Msg-Id": message_id})
+        except nats.errors.Error:
+            return False
+        return True
+
+    return publish
 
 
 def stored(js: JetStreamContext, stream: str, count: int) -> Callable[[], Awaitable[bool]]:

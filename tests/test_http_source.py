@@ -114,7 +114,12 @@ async def test_operational_endpoints(bus: Bus, http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).json() == {"status": "ok"}
     ready = await http.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"nats": True, "jetstream": True, "source:api": True}
+    assert ready.json()["checks"] == {
+        "nats": True,
+        "jetstream": True,
+        "pub_acks": True,
+        "source:api": True,
+    }
     await http.post("/orders", json={"id": 1})
     metrics = (await http.get("/metrics")).text
     assert 'busway_messages_published_total{component="api",kind="source"} 1.0' in metrics

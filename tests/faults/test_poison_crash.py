@@ -127,6 +127,10 @@ async def supervise_all(
         await eventually(crashed_or_settled, timeout=120)
         dead = exited()
         if not dead:
+            # A daemon restarted a moment ago may still be importing: SIGTERM before its
+            # handler is installed ends it by the signal. Stop only daemons that are up.
+            for daemon in daemons:
+                await daemon.ready()
             return crashes
         for daemon in dead:
             assert daemon.process is not None
