@@ -63,6 +63,15 @@ __all__ = [
 ]
 
 
+def _not_a_failed_connect(record: logging.LogRecord) -> bool:
+    """aiormq logs every failed connection attempt at ERROR; `connect` reports it once, with
+    what to do, so that line is dropped (aiormq's other records pass)."""
+    return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_not_a_failed_connect)
+
+
 class BrokerUnreachable(RetryableError):
     """No AMQP connection: refused, timed out, reset, or the broker is shutting down."""
 
