@@ -197,10 +197,11 @@ class AmqpSink(Sink):
             self._healthy = True
         if not failures:
             return
-        if len(failures) == len(batch):
-            errors = list(failures.values())
-            if all(isinstance(error, BrokerUnreachable) for error in errors):
-                raise errors[0]  # the broker is down: say it once
+        if len(failures) == len(batch) and all(
+            isinstance(error, BrokerUnreachable) for error in failures.values()
+        ):
+            # The broker is down: one error for the batch, naming no one message.
+            raise BrokerUnreachable(f"{self._where}: connection to RabbitMQ lost")
         raise BatchError(failures)
 
     async def _missing_exchanges(self, names: set[str]) -> set[str]:

@@ -23,6 +23,7 @@ channel is gone (RabbitMQ requeues it; an ack on a dead channel would be meaning
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -133,14 +134,21 @@ class AmqpSource(Source):
             ):
                 received_send.send_nowait(incoming)
 
-        async with anyio.create_task_group() as tg, received_send, taken_send:
-            tg.start_soon(self._take_all, received, taken_send.clone(), context)
-            tg.start_soon(self._settle_all, taken, context)
-            with translated(self._where):
-                await queue.consume(hand_off, no_ack=False)
-            context.stats.ready = True
-            await channel.closed()
-            raise BrokerUnreachable(f"{self._where}: connection to RabbitMQ lost")
+        try:
+            async with anyio.create_task_group() as tg, received_send, taken_send:
+                tg.start_soon(self._take_all, received, taken_send.clone(), context)
+                tg.start_soon(self._settle_all, taken, context)
+                with translated(self._where):
+                    await queue.consume(hand_off, no_ack=False)
+                context.stats.ready = True
+                await channel.closed()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            retryable, other = group.split(RetryableError)
+            if other is None and retryable is not None:
+                raise _first(retryable) from None  # a lost connection, seen by a task
+            raise
+        raise BrokerUnreachable(f"{self._where}: connection to RabbitMQ lost")
 
     async def _take_all(
         self,
@@ -150,7 +158,12 @@ class AmqpSource(Source):
     ) -> None:
         async with received, taken:
             async for incoming in received:
-                await taken.send(await self._take(incoming, context))
+                item = await self._take(incoming, context)
+                try:
+                    await taken.send(item)
+                except BaseException:
+                    _discard(item)
+                    raise
 
     async def _take(self, incoming: AbstractIncomingMessage, context: SourceContext) -> _Taken:
         """Name and check one delivery; send it to JetStream without waiting for the PubAck."""
@@ -180,9 +193,17 @@ class AmqpSource(Source):
     async def _settle_all(
         self, taken: MemoryObjectReceiveStream[_Taken], context: SourceContext
     ) -> None:
-        async with taken:
-            async for item in taken:
-                await self._settle(item, context)
+        with taken:
+            try:
+                async for item in taken:
+                    await self._settle(item, context)
+            finally:
+                # Sent but never confirmed here: RabbitMQ redelivers them (the ids dedupe).
+                while True:
+                    try:
+                        _discard(taken.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
 
     async def _settle(self, item: _Taken, context: SourceContext) -> None:
         """Store `item` (or its dead letter) for sure, then settle it with RabbitMQ."""
@@ -233,6 +254,19 @@ class AmqpSource(Source):
                 await anyio.sleep(delay)
         context.stats.ready = True
         await quietly(item.incoming.ack())
+
+
+def _discard(item: _Taken) -> None:
+    """Drop `item` unsettled (its channel is gone), closing the PubAck wait nobody awaits."""
+    if inspect.iscoroutine(item.stored):
+        item.stored.close()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 def _delivered(incoming: AbstractIncomingMessage) -> Delivered:
