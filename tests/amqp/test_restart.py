@@ -15,8 +15,8 @@ import pytest
 
 from busway.testing import start_bus
 from tests.amqp.client import rabbit
-from tests.amqp.conftest import rabbit_server as _session_rabbit  # noqa: F401 - skip logic
-from tests.amqp.servers import RabbitServer, rabbitmq_available
+from tests.amqp.conftest import require_rabbitmq
+from tests.amqp.servers import RabbitServer
 from tests.support import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -25,8 +25,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def own_rabbit() -> Iterator[RabbitServer]:
     """A node of this module's own, to restart."""
-    if not rabbitmq_available():
-        pytest.skip("rabbitmq-server not installed")
+    require_rabbitmq()
     server = RabbitServer()
     yield server
     server.close()
