@@ -115,3 +115,36 @@ circuit = {{ failures = 5, cool_down = "500ms" }}
     assert ids == {f"k{i}" for i in range(300)}
     for g in got:
         assert g.message_id == f"k{orjson.loads(g.body)['n']}"
+
+
+async def test_startup_timeout_waits_for_a_broker_that_comes_up_late(
+    own_rabbit: RabbitServer, tmp_path: Path
+) -> None:
+    async with rabbit(own_rabbit.url) as client:
+        queue = await client.queue()
+    await anyio.to_thread.run_sync(own_rabbit.stop)
+    config = f"""
+[[streams]]
+name = "IN"
+subjects = ["rabbit.>"]
+
+[[sources]]
+name = "late"
+type = "amqp"
+url = "{own_rabbit.url}"
+queue = "{queue}"
+subject = "rabbit.in"
+startup_timeout = "120s"
+"""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, own_rabbit.start)
+        async with start_bus(config, directory=tmp_path) as harness:
+            async with rabbit(own_rabbit.url) as client:
+                await client.publish(queue, b"after the wait", message_id="late-1")
+
+            async def stored() -> bool:
+                return harness.stats("late").published == 1
+
+            await eventually(stored, timeout=60)
+            [message] = await harness.stored("IN")
+    assert message.id == "late:late-1"
