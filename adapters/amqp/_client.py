@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 try:
@@ -56,6 +56,7 @@ __all__ = [
     "connect",
     "connect_at_start",
     "exchange_exists",
+    "on_consumer_cancel",
     "open_confirming_channel",
     "publish",
     "quietly",
@@ -280,3 +281,15 @@ def _reply_text(error: aiormq.exceptions.PublishError) -> str:
     code = getattr(delivery, "reply_code", None)
     text = getattr(delivery, "reply_text", None)
     return f"{code} {text}" if code else str(text or "returned")
+
+
+async def on_consumer_cancel(channel: AbstractChannel, notify: Callable[[], None]) -> None:
+    """Call `notify` when the broker cancels a consumer of `channel` (the queue was deleted,
+    or its node went away). Only a notification: aiormq runs this inside its frame reader,
+    where closing the channel would wait for a reply the reader itself has to read."""
+    underlay = await channel.get_underlay_channel()
+
+    async def cancelled(frame: object) -> None:
+        notify()
+
+    underlay.on_consumer_cancel_callbacks.add(cancelled)

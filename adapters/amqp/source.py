@@ -34,6 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from busway import BuildContext, PublishAck, RetryableError, Source, SourceContext
 from busway.adapters.amqp._client import (
+    AbstractChannel,
     AbstractConnection,
     AbstractIncomingMessage,
     BrokerUnreachable,
@@ -41,6 +42,7 @@ from busway.adapters.amqp._client import (
     check_queue,
     connect,
     connect_at_start,
+    on_consumer_cancel,
     quietly,
     translated,
 )
@@ -124,7 +126,9 @@ class AmqpSource(Source):
         with translated(self._where):
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.get_queue(self.config.queue, ensure=False)
+            queue = await channel.get_queue(self.config.queue, ensure=True)
+            cancelled = anyio.Event()
+            await on_consumer_cancel(channel, cancelled.set)
 
         async def hand_off(incoming: AbstractIncomingMessage) -> None:
             # The callback only hands off; `prefetch` bounds the deliveries, so this never waits.
@@ -141,14 +145,17 @@ class AmqpSource(Source):
                 with translated(self._where):
                     await queue.consume(hand_off, no_ack=False)
                 context.stats.ready = True
-                await channel.closed()
+                await _until_closed(channel, cancelled)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             retryable, other = group.split(RetryableError)
             if other is None and retryable is not None:
                 raise _first(retryable) from None  # a lost connection, seen by a task
             raise
-        raise BrokerUnreachable(f"{self._where}: connection to RabbitMQ lost")
+        raise BrokerUnreachable(
+            f"{self._where}: channel closed (connection lost, or the broker cancelled the "
+            "consumer: was the queue deleted?)"
+        )
 
     async def _take_all(
         self,
@@ -254,6 +261,19 @@ class AmqpSource(Source):
                 await anyio.sleep(delay)
         context.stats.ready = True
         await quietly(item.incoming.ack())
+
+
+async def _until_closed(channel: AbstractChannel, cancelled: anyio.Event) -> None:
+    """Return when `channel` closes or the broker cancels its consumer."""
+    async with anyio.create_task_group() as watch:
+
+        async def closed() -> None:
+            await channel.closed()
+            watch.cancel_scope.cancel()
+
+        watch.start_soon(closed)
+        await cancelled.wait()
+        watch.cancel_scope.cancel()
 
 
 def _discard(item: _Taken) -> None:

@@ -134,3 +134,32 @@ async def test_a_missing_queue_refuses_start_and_declare_creates_it(
             return harness.stats("rabbit-in").published == 1
 
         await eventually(stored)
+
+
+async def test_a_deleted_queue_is_waited_for_and_consumed_again_once_back(
+    rabbit_server: RabbitServer, tmp_path: Path
+) -> None:
+    async with rabbit(rabbit_server.url) as client:
+        queue = await client.queue()
+        async with start_bus(_config(rabbit_server, queue), directory=tmp_path) as harness:
+            await client.publish(queue, b"first", message_id="m1")
+
+            async def first() -> bool:
+                return harness.stats("rabbit-in").published == 1
+
+            await eventually(first)
+            await client.channel.queue_delete(queue)  # the broker cancels the consumer
+
+            async def noticed() -> bool:
+                return not harness.stats("rabbit-in").ready
+
+            await eventually(noticed)
+            await client.queue(queue)
+            await client.publish(queue, b"second", message_id="m2")
+
+            async def second() -> bool:
+                return harness.stats("rabbit-in").published == 2
+
+            await eventually(second, timeout=60)
+            stored = await harness.stored("IN")
+        assert [m.id for m in stored] == ["rabbit-in:m1", "rabbit-in:m2"]
