@@ -26,6 +26,9 @@ from busway import RetryableError, default_registry
 from busway.adapters.sql.sqlite import SqliteDatabase
 from busway.testing import Harness, MemoryHub, MemorySink, MemorySinkConfig, memory_adapter
 from busway.testing.conformance import SinkCase, SinkConformance, SourceCase, SourceConformance
+from tests.amqp.client import rabbit
+from tests.amqp.conftest import rabbit_server
+from tests.amqp.servers import RabbitServer
 from tests.http_support import Receiver, Seen, serving
 from tests.sql.conftest import mariadb_server, postgres_server
 from tests.sql.engines import Engine, MariaDBEngine, PostgresEngine
@@ -34,7 +37,7 @@ from tests.support import free_port
 
 # The database servers of tests/sql serve the SQL classes here too (each started only when a
 # test here asks for it); exported so that the fixtures' names count as used.
-__all__ = ["mariadb_server", "postgres_server"]
+__all__ = ["mariadb_server", "postgres_server", "rabbit_server"]
 
 
 def _keys_in_lines(text: str) -> list[str]:
@@ -360,9 +363,69 @@ class TestHttpSource(SourceConformance):
         )
 
 
+# ------------------------------------------------------------------------------------ AMQP
+
+
+def _routed(key: str) -> bytes:
+    return orjson.dumps({"key": key, "route": "keep.it"})
+
+
+class TestAmqpSink(SinkConformance):
+    """RabbitMQ does not deduplicate: idempotency is the consumer's, on the `message_id`
+    property the sink sets to busway's message id. The reader here handles each id once,
+    as a careful consumer does, and checks that the id is the message's own."""
+
+    @pytest.fixture
+    async def sink_case(
+        self, rabbit_server: RabbitServer, tmp_path: Path
+    ) -> AsyncIterator[SinkCase]:
+        seen: dict[str, str] = {}
+        async with rabbit(rabbit_server.url) as client:
+            queue = await client.queue()
+            exchange = await client.exchange(bind={queue: "keep.#"})
+
+            async def delivered() -> list[str]:
+                for got in await client.drain(queue):
+                    key = orjson.loads(got.body)["key"]
+                    assert got.message_id == key, f"message_id {got.message_id} is not {key}"
+                    seen.setdefault(got.message_id, key)
+                return list(seen.values())
+
+            keys = f'exchange = "{exchange}"\nrouting_key = "{{body.route}}"'
+            yield SinkCase(
+                type="amqp",
+                table=f'url = "{rabbit_server.url}"\n{keys}',
+                delivered=delivered,
+                base_dir=tmp_path,
+                payload=_routed,
+                bad_payload=b'{"key": "refused", "route": "no.queue.bound"}',  # returned
+                unreachable_table=f'url = "amqp://busway:pw@127.0.0.1:{free_port()}/"\n{keys}',
+            )
+
+
+class TestAmqpSource(SourceConformance):
+    @pytest.fixture
+    async def source_case(
+        self, rabbit_server: RabbitServer, tmp_path: Path
+    ) -> AsyncIterator[SourceCase]:
+        async with rabbit(rabbit_server.url) as client:
+            queue = await client.queue()
+
+            async def feed(harness: Harness, keys: list[str]) -> None:
+                for key in keys:  # the same message_id when fed again: the same message
+                    await client.publish(queue, orjson.dumps({"key": key}), message_id=key)
+
+            yield SourceCase(
+                type="amqp",
+                table=f'url = "{rabbit_server.url}"\nqueue = "{queue}"\nformat = "json"',
+                feed=feed,
+                directory=tmp_path,
+            )
+
+
 def test_every_built_in_adapter_is_checked_here() -> None:
     """A new built-in adapter type fails this until a conformance class above covers it."""
-    covered = {"file", "http", "sqlite", "postgres", "mysql"}
+    covered = {"amqp", "file", "http", "sqlite", "postgres", "mysql"}
     assert set(default_registry().types) == covered
 
 
