@@ -16,14 +16,15 @@ Fields:
 `{{` and `}}` are literal braces. A template is compiled once, at start-up; rendering only
 joins strings. What a value may hold depends on where it goes, so each user passes an
 `escape`: percent-encoding in a URL, a safe single component in a path, no line break in a
-header. A field the message lacks, or whose value is an object, array or null, raises
-`MissingField`, a `PermanentError`: retrying cannot add a field, so the message is
-dead-lettered with the reason.
+header (an escape raises ValueError to fail the message). A field the message lacks, or whose
+value is an object, array or null, raises `MissingField`, a `PermanentError`: retrying
+cannot add a field, so the message is dead-lettered with the reason.
 
 Three syntaxes grew before this module: `{header.X}` (HTTP), `{header[X]}` / `{body[a.b]}`
-(file paths) and `{column}` (SQL subjects). The old forms still work and are rewritten to the
-one above; each use logs a deprecation warning when the config is loaded (`busway check`
-shows it) saying what to write instead. See docs/adapters/templates.md.
+(file paths) and `{column}` (SQL subjects, `busway.adapters.sql._subject`). The old forms
+still work and are rewritten to the one above; each use logs a deprecation warning when the
+config is loaded (`busway check` shows it) saying what to write instead. See
+docs/adapters/templates.md.
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ import orjson
 
 from busway import Message, PermanentError
 
-__all__ = ["Fields", "MissingField", "Template", "no_line_breaks", "parse_fields", "walk"]
+__all__ = [
+    "Fields",
+    "MissingField",
+    "Template",
+    "deprecated",
+    "no_line_breaks",
+    "parse_fields",
+    "split_fields",
+    "walk",
+    "warn_once",
+]
 
 logger = logging.getLogger("busway.config")
 
@@ -46,6 +57,7 @@ _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _SUBJECT_TOKEN = re.compile(r"^subject\[(-?\d+)\]$")
 _LEGACY_BRACKET = re.compile(r"^(header|body)\[([^\]]*)\]$")
 _MISSING = object()
+_WARNED: set[str] = set()
 
 Escape = Callable[[str], str]
 Getter = Callable[["Fields"], Any]
@@ -77,18 +89,12 @@ class Fields:
         return self._body
 
 
-def parse_fields(
-    text: str, *, extra: frozenset[str] = frozenset(), bare_is_body: bool = False
-) -> tuple[list[str], list[str]]:
-    """Split `text` into literals and canonical field names; also return deprecation notes.
+def split_fields(text: str) -> list[str]:
+    """`text` as alternating literal text (even indices) and raw field names (odd ones).
 
-    Parts alternate: even indices are literal text, odd ones field names (`header.X`,
-    `body.a.b`, `subject[1]`, `id`, ...). `extra` names fields a caller adds (the file sink's
-    `{daemon}`). `bare_is_body`: a bare `{name}` is the old SQL form of `{body.name}`.
-    ValueError names an unknown field or an unmatched brace.
+    `{{` and `}}` are literal braces; ValueError for an unmatched one.
     """
     parts: list[str] = []
-    notes: list[str] = []
     literal: list[str] = []
     position = 0
     for found in _FIELD.finditer(text):
@@ -100,22 +106,48 @@ def parse_fields(
             continue
         if token in ("{", "}"):
             raise ValueError(f"template {text!r}: unmatched {token!r} (write {token * 2})")
-        name = found.group(1).strip()
-        canonical = _canonical(name, text, extra=extra, bare_is_body=bare_is_body)
-        if canonical != name:
-            notes.append(
-                f"template {text!r}: {{{name}}} is deprecated, write {{{canonical}}} "
-                "(one syntax for every sink; see docs/adapters/templates.md)"
-            )
         parts.append("".join(literal))
-        parts.append(canonical)
+        parts.append(found.group(1).strip())
         literal = []
     literal.append(text[position:])
     parts.append("".join(literal))
+    return parts
+
+
+def warn_once(note: str) -> None:
+    """Log a deprecation note once per process (a config is decoded, then built: one note)."""
+    if note not in _WARNED:
+        _WARNED.add(note)
+        logger.warning("%s", note)
+
+
+def deprecated(text: str, old: str, new: str) -> str:
+    """The deprecation note for `{old}` in template `text`."""
+    return (
+        f"template {text!r}: {{{old}}} is deprecated, write {{{new}}} "
+        "(one syntax for every sink; see docs/adapters/templates.md)"
+    )
+
+
+def parse_fields(text: str, *, extra: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Split `text` into literals and canonical field names; also return deprecation notes.
+
+    Parts alternate: even indices are literal text, odd ones field names (`header.X`,
+    `body.a.b`, `subject[1]`, `id`, ...). `extra` names fields a caller adds (the file sink's
+    `{daemon}`). ValueError names an unknown field or an unmatched brace.
+    """
+    parts = split_fields(text)
+    notes: list[str] = []
+    for index in range(1, len(parts), 2):
+        name = parts[index]
+        canonical = _canonical(name, text, extra=extra)
+        if canonical != name:
+            notes.append(deprecated(text, name, canonical))
+        parts[index] = canonical
     return parts, notes
 
 
-def _canonical(name: str, text: str, *, extra: frozenset[str], bare_is_body: bool) -> str:
+def _canonical(name: str, text: str, *, extra: frozenset[str]) -> str:
     if name in ("id", "subject", "stream", "seq") or name in extra:
         return name
     if _SUBJECT_TOKEN.match(name):
@@ -128,8 +160,6 @@ def _canonical(name: str, text: str, *, extra: frozenset[str], bare_is_body: boo
             if prefix == "body." and "" in name[len(prefix) :].split("."):
                 raise ValueError(f"template {text!r}: empty key in {{{name}}}")
             return name
-    if bare_is_body and name.isidentifier():
-        return f"body.{name}"
     raise ValueError(
         f"template {text!r}: unknown field {{{name}}}; expected id, subject, subject[N], "
         f"stream, seq, header.Name or body.path.to.field"
@@ -153,7 +183,6 @@ class Template:
         *,
         escape: Escape = lambda value: value,
         extra: Mapping[str, Getter] | None = None,
-        bare_is_body: bool = False,
         where: str = "",
     ) -> Template:
         """Compile `text` (ValueError naming a bad field); logs each deprecated form once.
@@ -161,7 +190,7 @@ class Template:
         `where` says which config key holds the template, for the deprecation warning.
         """
         extra = dict(extra or {})
-        pieces, notes = parse_fields(text, extra=frozenset(extra), bare_is_body=bare_is_body)
+        pieces, notes = parse_fields(text, extra=frozenset(extra))
         parts: list[str | tuple[str, Getter]] = []
         for index, piece in enumerate(pieces):
             if index % 2 == 0:
@@ -170,7 +199,7 @@ class Template:
             else:
                 parts.append((piece, extra.get(piece) or _getter(piece)))
         for note in notes:
-            logger.warning("%s%s", f"{where}: " if where else "", note)
+            warn_once(f"{where}: {note}" if where else note)
         return cls(text, tuple(parts), escape, tuple(notes))
 
     @property
@@ -199,16 +228,24 @@ class Template:
                 out.append(part)
             else:
                 name, getter = part
-                out.append(escape(_scalar(getter(fields), name, self.text, fields.message)))
+                value = _scalar(getter(fields), name, self.text, fields.message)
+                try:
+                    out.append(escape(value))
+                except ValueError as exc:
+                    message = fields.message
+                    raise MissingField(
+                        f"message {message.id} on {message.subject}: {{{name}}} {exc}"
+                    ) from None
         return "".join(out)
 
 
-def no_line_breaks(field: str) -> Escape:
-    """An escape for header-like values: MissingField if a value holds CR, LF or NUL."""
+def no_line_breaks(where: str) -> Escape:
+    """An escape for header-like values: a value holding CR, LF or NUL fails its message
+    (it would end the header early and start another)."""
 
     def escape(value: str) -> str:
         if any(char in value for char in "\r\n\0"):
-            raise MissingField(f"a value for {field} holds a line break, which it cannot carry")
+            raise ValueError(f"holds a line break, which cannot go into {where}")
         return value
 
     return escape
@@ -270,7 +307,23 @@ def _scalar(value: Any, name: str, text: str, message: Message) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return orjson.dumps(value).decode()
-    what = "missing" if value is None else f"a {type(value).__name__}, not a scalar"
+    what = (
+        f"missing: {_absent(name, message)}"
+        if value is None
+        else (f"a {type(value).__name__}, not a scalar")
+    )
     raise MissingField(
         f"message {message.id} on {message.subject}: {{{name}}} of template {text!r} is {what}"
     )
+
+
+def _absent(name: str, message: Message) -> str:
+    """What is missing, in the words of the message's own parts."""
+    if name.startswith("header."):
+        return f"header {name[len('header.') :]!r} is missing"
+    if name.startswith("body."):
+        return f"the body has no field {name[len('body.') :]!r}"
+    token = _SUBJECT_TOKEN.match(name)
+    if token:
+        return f"subject {message.subject!r} has no token {token.group(1)}"
+    return f"{{{name}}} is missing"

@@ -50,9 +50,11 @@ class MailTemplate:
     ) -> None:
         header = no_line_breaks
         self.sender = sender
-        self.to = [Template.compile(t, escape=header("to"), where="$.to") for t in to]
-        self.cc = [Template.compile(t, escape=header("cc"), where="$.cc") for t in cc]
-        self.subject = Template.compile(subject, escape=header("subject"), where="$.subject")
+        self.to = [Template.compile(t, escape=header("the To header"), where="$.to") for t in to]
+        self.cc = [Template.compile(t, escape=header("the Cc header"), where="$.cc") for t in cc]
+        self.subject = Template.compile(
+            subject, escape=header("the Subject header"), where="$.subject"
+        )
         self.body = Template.compile(body, where="$.body") if body is not None else None
         self.subtype = content_type.split("/", 1)[1]
         self.domain = domain
