@@ -7,9 +7,11 @@ Locally a missing `sshd` skips the tests with the package to install; under CI (
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -100,11 +102,14 @@ class SshServer:
             raise TimeoutError(f"sshd did not start: {self.log.read_text()[-2000:]}") from None
 
     def stop(self) -> None:
-        """Stop the listener and every session it started (they are its process group's)."""
+        """Stop the listener and the sessions it forked, as a server going down would."""
         process = self.process
         if process is None:
             return
         self.process = None
+        for session in _children(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(session, signal.SIGTERM)
         if process.poll() is None:
             process.terminate()
             try:
@@ -120,3 +125,19 @@ class SshServer:
             f'private_key = "{key or self.client_key}", '
             f'known_hosts = "{known_hosts or self.known_hosts}" }}'
         )
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (sshd forks one process per connection)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (in parentheses) may hold spaces: the parent pid follows it.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found

@@ -18,7 +18,7 @@ import pytest
 from busway import Message, RetryableError, StartupError, default_registry
 from busway._config.plan import build_plan
 from busway.adapters.sftp import SftpSink
-from busway.testing import Harness, eventually, start_bus
+from busway.testing import eventually, start_bus
 from tests.sftp_support import SshServer
 from tests.support import decode_test_config
 
@@ -156,26 +156,33 @@ async def test_source_resumes_a_file_left_in_processing(sshd: SshServer) -> None
 
 
 async def test_source_waits_for_a_file_to_stop_growing(sshd: SshServer) -> None:
+    """A partner writing in place: the file is taken whole, once it stopped changing."""
     inbox = sshd.root / "outbox"
     inbox.mkdir()
-    text = source_toml(sshd, inbox).replace('stable_for = "0s"', 'stable_for = "1s"')
+    text = source_toml(sshd, inbox).replace('stable_for = "0s"', 'stable_for = "2s"')
     async with start_bus(text) as harness:
         growing = inbox / "slow.jsonl"
         growing.write_bytes(b'{"n": 1}\n')
-        # Still there (not claimed) while it keeps changing within stable_for.
         for n in range(2, 5):
-            await harness_pause(harness, 0.3)
-            assert growing.exists()
-            with growing.open("ab") as file:
-                file.write(orjson.dumps({"n": n}) + b"\n")
-            os.utime(growing, (n * 1000, n * 1000))
+            await writer_pause(0.2)  # the writer's pace, well inside stable_for
+            append_line(growing, n)
         await files_in(inbox / "done", ["slow.jsonl"])
         stored = await harness.stored("FILES")
     assert [orjson.loads(m.data)["n"] for m in stored] == [1, 2, 3, 4]
+    # Lines 1-4 of one file: had it been claimed while growing, the rest would have come as
+    # a second file starting at line 1.
+    assert [m.headers["Busway-File-Line"] for m in stored] == ["1", "2", "3", "4"]
 
 
-async def harness_pause(harness: Harness, seconds: float) -> None:
-    """Let the bus run for `seconds` (a wait for time itself, not for a condition)."""
+def append_line(path: Path, n: int) -> None:
+    with path.open("ab") as file:
+        file.write(orjson.dumps({"n": n}) + b"\n")
+    os.utime(path, (n * 1000, n * 1000))  # a new mtime whatever the clock's resolution
+
+
+async def writer_pause(seconds: float) -> None:
+    """Time passing between a writer's appends (it simulates the writer, it waits for
+    nothing the test checks)."""
     await anyio.sleep(seconds)
 
 
@@ -224,6 +231,33 @@ async def test_source_waits_for_an_unreachable_server_then_publishes(
         sshd.start()
         stored = await got.wait(1, timeout=60)
     assert orjson.loads(stored[0].data) == {"n": 1}
+
+
+async def test_source_rides_out_a_server_outage_and_loses_nothing(
+    sshd: SshServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    inbox = sshd.root / "outbox"
+    inbox.mkdir()
+    caplog.set_level(logging.WARNING)
+    async with (
+        start_bus(source_toml(sshd, inbox)) as harness,
+        harness.collect("files.>") as got,
+    ):
+        upload(inbox, "before.jsonl", [b'{"n": 1}'])
+        await got.wait(1, timeout=30)
+        sshd.stop()  # the listener and the source's open session
+
+        async def noticed() -> bool:
+            return "poll failed, retrying" in caplog.text
+
+        await eventually(noticed, timeout=30)
+        assert harness.stats("partner").ready is False
+        upload(inbox, "during.jsonl", [b'{"n": 2}', b'{"n": 3}'])
+        sshd.start()
+        stored = await got.wait(3, timeout=60)
+        await files_in(inbox / "done", ["before.jsonl", "during.jsonl"])
+        assert harness.stats("partner").ready is True
+    assert sorted(orjson.loads(m.data)["n"] for m in stored) == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------------------- sink

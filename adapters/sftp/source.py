@@ -241,11 +241,13 @@ class SftpSource(Source):
                 context.stats.count_error("auth")
                 context.logger.error("%s", exc)
                 backoff = _MAX_BACKOFF
-            except (DeliveryError, RemoteError) as exc:
+            except Exception as exc:  # a source must outlive any one failure
                 context.stats.ready = False
-                context.stats.count_error("retryable")
+                expected = isinstance(exc, DeliveryError | RemoteError)
+                context.stats.count_error("retryable" if expected else "source_error")
                 backoff = min(_MAX_BACKOFF, max(0.5, backoff * 2))
-                context.logger.warning("poll failed, retrying in %.1fs: %s", backoff, exc)
+                log = context.logger.warning if expected else context.logger.exception
+                log("poll failed, retrying in %.1fs: %s", backoff, exc)
             await anyio.sleep(backoff)
 
     async def _poll(self, sftp: SftpClient, context: SourceContext) -> None:
