@@ -13,7 +13,7 @@ import asyncio
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from tests.amqp.client import rabbit
 from tests.amqp.conftest import rabbit_server
 from tests.amqp.servers import RabbitServer
 from tests.http_support import Receiver, Seen, serving
+from tests.sftp_support import SshServer
+from tests.smtp_support import MailServer
 from tests.sql.conftest import mariadb_server, postgres_server
 from tests.sql.engines import Engine, MariaDBEngine, PostgresEngine
 from tests.sql.servers import MariaDBServer, PostgresServer
@@ -423,9 +425,103 @@ class TestAmqpSource(SourceConformance):
             )
 
 
+# ---------------------------------------------------------------------------- sftp sink, source
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SshServer]:
+    server = SshServer(tmp_path / "sshd")
+    yield server
+    server.stop()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+
+
+class TestSftpSink(SinkConformance):
+    """Files named from the message id (the default): a redelivery finds its file there."""
+
+    @pytest.fixture
+    def sink_case(self, sshd: SshServer, tmp_path: Path) -> SinkCase:
+        outbox = sshd.root / "out"
+
+        async def delivered() -> list[str]:
+            return [orjson.loads(path.read_bytes())["key"] for path in _files(outbox)]
+
+        server = sshd.server_table()
+        unreachable = server.replace(f"port = {sshd.port}", f"port = {free_port()}")
+        return SinkCase(
+            type="sftp",
+            table=f'path = "{outbox}"\nname_template = "{{body.key}}.json"\n{server}',
+            delivered=delivered,
+            base_dir=tmp_path,
+            bad_payload=b'{"no_key_here": 1}',  # its file cannot be named
+            unreachable_table=f'path = "{outbox}"\n{unreachable}',
+        )
+
+
+class TestSftpSource(SourceConformance):
+    @pytest.fixture
+    def source_case(self, sshd: SshServer, tmp_path: Path) -> SourceCase:
+        inbox = sshd.root / "outbox"
+        inbox.mkdir()
+
+        async def feed(harness: Harness, keys: list[str]) -> None:
+            lines = b"".join(orjson.dumps({"key": key}) + b"\n" for key in keys)
+            staging = inbox / ".staging.part"
+            staging.write_bytes(lines)
+            staging.rename(inbox / f"{keys[0]}.jsonl")  # appears whole
+
+        async def refeed(harness: Harness, keys: list[str]) -> None:
+            # The same file (same size and mtime) back where the partner left it, as a crash
+            # before `done/` would leave it.
+            done = inbox / "done" / f"{keys[0]}.jsonl"
+            done.rename(inbox / done.name)
+
+        return SourceCase(
+            type="sftp",
+            table=f'path = "{inbox}"\nstable_for = "0s"\ninterval = "100ms"\n'
+            + sshd.server_table(),
+            feed=feed,
+            refeed=refeed,
+            directory=tmp_path,
+        )
+
+
+# ------------------------------------------------------------------------------------ smtp sink
+
+
+class TestSmtpSink(SinkConformance):
+    """SMTP cannot refuse a duplicate: a redelivery is a second mail with the same
+    `Message-ID` (tests/test_smtp.py checks that), so the sink does not claim idempotence."""
+
+    @pytest.fixture
+    def sink_case(self, tmp_path: Path) -> Iterator[SinkCase]:
+        server = MailServer(tmp_path)
+
+        async def delivered() -> list[str]:
+            return [orjson.loads(r.mail.get_content())["key"] for r in server.mails]
+
+        common = 'security = "none"\nsender = "busway@example.com"\nto = ["ops@example.com"]\n'
+        common += 'subject = "key {body.key}"\ntimeout = "5s"\n'
+        try:
+            yield SinkCase(
+                type="smtp",
+                table=f'host = "127.0.0.1"\nport = {server.port}\n{common}',
+                delivered=delivered,
+                base_dir=tmp_path,
+                idempotent=False,
+                bad_payload=b'{"no_key_here": 1}',  # its subject cannot be filled
+                unreachable_table=f'host = "127.0.0.1"\nport = {free_port()}\n{common}',
+            )
+        finally:
+            server.stop()
+
+
 def test_every_built_in_adapter_is_checked_here() -> None:
     """A new built-in adapter type fails this until a conformance class above covers it."""
-    covered = {"amqp", "file", "http", "sqlite", "postgres", "mysql"}
+    covered = {"amqp", "file", "http", "sqlite", "postgres", "mysql", "sftp", "smtp"}
     assert set(default_registry().types) == covered
 
 

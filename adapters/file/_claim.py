@@ -79,6 +79,11 @@ class Claim:
     identity: str
     resumed: bool
 
+    @property
+    def message_key(self) -> str:
+        """What names the file in its message ids: its identity."""
+        return self.identity
+
     def open(self) -> BinaryIO:
         """A buffered reader of the file; closing it keeps the claim (it is a `dup`)."""
         return os.fdopen(os.dup(self.fd), "rb", buffering=_READ_BUFFER)

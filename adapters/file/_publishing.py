@@ -18,13 +18,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 import anyio
 import orjson
 
 from busway import ComponentStats, PublishAck, SourceContext
-from busway.adapters.file._claim import Claim
 from busway.adapters.file._names import printable
 from busway.adapters.file._records import (
     CsvReader,
@@ -35,9 +34,34 @@ from busway.adapters.file._records import (
     WholeFileReader,
 )
 
-__all__ = ["FileFailed", "FilePublisher", "ReaderSettings"]
+__all__ = ["FileFailed", "FilePublisher", "PublishedFile", "ReaderSettings"]
 
 _BATCH = 512  # records read per worker-thread hop
+
+
+class PublishedFile(Protocol):
+    """What publishing needs of a file: a local `Claim`, or a remote file the `sftp` source
+    downloaded. `identity` keys its checkpoint (letters and digits only); `message_key` goes
+    into its message ids, `<source>:<message_key>:<record>`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def message_key(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def mtime_ns(self) -> int: ...
+
+    def open(self) -> BinaryIO:
+        """A reader of the file's bytes, from the start."""
+        ...
 
 
 class FileFailed(Exception):
@@ -91,7 +115,7 @@ class FilePublisher:
         self.window = window
         self.checkpoint_every = checkpoint_every
 
-    async def publish(self, claim: Claim, context: SourceContext) -> None:
+    async def publish(self, claim: PublishedFile, context: SourceContext) -> None:
         """Publish every record of `claim` and await every PubAck; raises FileFailed.
 
         PublishError (JetStream did not confirm) propagates: the caller retries the file,
@@ -110,7 +134,7 @@ class FilePublisher:
         except FileFormatError as exc:
             raise FileFailed(str(exc)) from None
 
-    async def forget(self, claim: Claim, context: SourceContext) -> None:
+    async def forget(self, claim: PublishedFile, context: SourceContext) -> None:
         """Drop the file's checkpoint once it is finished (moved to done/ or failed/)."""
         try:
             await context.state.delete(f"file.{claim.identity}")
@@ -120,12 +144,12 @@ class FilePublisher:
             )
 
     async def _publish_records(
-        self, claim: Claim, context: SourceContext, reader: RecordReader, key: str
+        self, claim: PublishedFile, context: SourceContext, reader: RecordReader, key: str
     ) -> None:
         stats = context.stats
         publish = context.publisher.publish_pipelined
         subject = self.subject
-        prefix = f"{context.name}:{claim.identity}:"
+        prefix = f"{context.name}:{claim.message_key}:"
         base = self._base_headers(claim)
         row_header = self.settings.format == "csv"
         window = self.window
@@ -167,7 +191,7 @@ class FilePublisher:
             stats.published += 1
         return number, offset
 
-    def _base_headers(self, claim: Claim) -> dict[str, str]:
+    def _base_headers(self, claim: PublishedFile) -> dict[str, str]:
         headers = {"Busway-File": claim.name}
         if self.settings.format == "whole":
             mtime = datetime.datetime.fromtimestamp(claim.mtime_ns / 1e9, tz=datetime.UTC)
@@ -180,7 +204,9 @@ class FilePublisher:
             headers["Content-Type"] = "application/json"
         return headers
 
-    async def _dead_letter(self, claim: Claim, context: SourceContext, record: Record) -> None:
+    async def _dead_letter(
+        self, claim: PublishedFile, context: SourceContext, record: Record
+    ) -> None:
         origin = f"{claim.name}:{record.line}"
         await context.dead_letter(
             record.data,
@@ -195,7 +221,7 @@ class FilePublisher:
             message_id=f"{claim.identity}:{record.number}",
         )
 
-    def _first_bad(self, claim: Claim) -> Record | None:
+    def _first_bad(self, claim: PublishedFile) -> Record | None:
         """The first bad record of the file (a read-only pass before anything is published)."""
         with claim.open() as file:
             reader = self.settings.reader(file, (0, None))
