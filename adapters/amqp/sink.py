@@ -43,6 +43,8 @@ from busway import (
     RetryableError,
     Sink,
 )
+from busway.adapters._template import Fields as MessageFields
+from busway.adapters._template import Template, no_line_breaks
 from busway.adapters.amqp._client import (
     AbstractChannel,
     AbstractConnection,
@@ -55,7 +57,6 @@ from busway.adapters.amqp._client import (
     publish,
 )
 from busway.adapters.amqp._config import AmqpSinkConfig, safe_url
-from busway.adapters.http.templates import MessageFields, Template
 
 __all__ = ["AmqpSink", "create_sink"]
 
@@ -67,7 +68,7 @@ _KNOWN_EXCHANGES = 1024
 
 def _template(text: str, key: str) -> Template:
     try:
-        return Template.compile(text, url=False)
+        return Template.compile(text, escape=no_line_breaks(f"the {key}"), where=f"$.{key}")
     except ValueError as exc:
         raise ConfigError(str(exc), path=f"$.{key}") from None
 
