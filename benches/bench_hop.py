@@ -120,8 +120,9 @@ async def out_messages(url: str) -> int:
         await client.close()
 
 
-async def run_busway_hop(url: str, count: int, window: int, shape: str) -> float:
-    """Seconds for a busway route to drain `count` messages (all outputs stored, inputs acked)."""
+async def run_busway_hop(url: str, count: int, window: int, shape: str) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process) for a busway route to drain `count` messages
+    (all outputs stored, inputs acked), both timed from the first message taken."""
     registry = default_registry()
     config = decode_config(
         f"""
@@ -158,10 +159,10 @@ max_in_flight = 4000
         stats = bus.metrics.stats[0]
         while not stats.received:  # noqa: ASYNC110 - a counter, no event
             await anyio.sleep(0.0005)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         while stats.published < count or stats.in_flight:  # noqa: ASYNC110 - a counter, no event
             await anyio.sleep(0.002)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
 
 
 def main() -> None:
@@ -185,6 +186,9 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, list[float]] = {"raw": [], "busway": []}
+    # CPU seconds of this process per message: less swayed than msg/s by other load on the
+    # machine (a busy neighbour slows a hop down but does not make it burn more CPU).
+    cpu_per_message: dict[str, list[float]] = {"raw": [], "busway": []}
     with tempfile.TemporaryDirectory(prefix="busway-bench-") as store:
         server, url = start_server(Path(store), args.sync)
         if args.pin:
@@ -201,6 +205,7 @@ def main() -> None:
                         prepare, url, args.count, args.size, backend_options={"use_uvloop": True}
                     )
                     if impl == "raw":
+                        cpu_before = time.process_time()  # the raw hop's own connect included
                         seconds = anyio.run(
                             run_raw_hop,
                             url,
@@ -210,8 +215,9 @@ def main() -> None:
                             TRANSFORM_PY,
                             backend_options={"use_uvloop": True},
                         )
+                        cpu = time.process_time() - cpu_before
                     else:
-                        seconds = anyio.run(
+                        seconds, cpu = anyio.run(
                             run_busway_hop,
                             url,
                             args.count,
@@ -223,6 +229,7 @@ def main() -> None:
                     assert stored == args.count, f"{impl}: OUT holds {stored}, not {args.count}"
                     rate = args.count / seconds
                     results[impl].append(rate)
+                    cpu_per_message[impl].append(cpu / args.count * 1e6)
                     print(
                         json.dumps(
                             {
@@ -233,6 +240,7 @@ def main() -> None:
                                 "count": args.count,
                                 "size": args.size,
                                 "msgs_per_s": round(rate),
+                                "cpu_us_per_msg": round(cpu / args.count * 1e6, 1),
                             }
                         ),
                         flush=True,
@@ -246,6 +254,12 @@ def main() -> None:
         f"\nhop ({args.route} route), sync={args.sync}, {args.count} x {args.size} B, "
         f"median of {args.rounds}: "
         f"raw nats-py {raw:,.0f} msg/s, busway {ours:,.0f} msg/s, ratio {ours / raw:.2f}"
+    )
+    raw_cpu = statistics.median(cpu_per_message["raw"])
+    our_cpu = statistics.median(cpu_per_message["busway"])
+    print(
+        f"CPU per message (this process): raw nats-py {raw_cpu:.1f} us, busway {our_cpu:.1f} us, "
+        f"ratio {our_cpu / raw_cpu:.2f}"
     )
 
 
