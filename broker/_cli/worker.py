@@ -23,17 +23,26 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
 import msgspec
+from prometheus_client.core import Metric
+from prometheus_client.registry import CollectorRegistry
 
 from busway._bus import Bus
 from busway._config.model import Config
 
-__all__ = ["ENVIRONMENT_VARIABLE", "SetState", "WorkerBus", "WorkerChannel", "WorkerRole"]
+__all__ = [
+    "ENVIRONMENT_VARIABLE",
+    "SetState",
+    "WorkerBus",
+    "WorkerChannel",
+    "WorkerRegistry",
+    "WorkerRole",
+]
 
 ENVIRONMENT_VARIABLE = "BUSWAY_WORKER"
 
@@ -103,6 +112,10 @@ class WorkerBus(Bus):
         super().__init__(role.apply(config), reuse_port=True)
         self._role = role
         self._set = SetState.initial(role)
+        # Before anything else registers (the listener does at start): every series it serves
+        # carries this worker's number, so workers' counters never merge into one series.
+        self.metrics_registry = WorkerRegistry(role.index)
+        self.metrics_registry.register(self.metrics)
 
     def update_set(self, state: SetState) -> None:
         """The supervisor's latest description of the set."""
@@ -120,6 +133,28 @@ class WorkerBus(Bus):
         checks = super().readiness_reasons()
         checks["workers"] = self._set.reason
         return checks
+
+
+class WorkerRegistry(CollectorRegistry):
+    """A registry whose samples all carry `worker="N"`.
+
+    A scrape of the shared port reaches one worker; the label keeps each worker's counters a
+    series of their own (a restarted worker's start from zero like any restarted process),
+    so `sum without (worker) (rate(...))` gives the set's rates.
+    """
+
+    def __init__(self, worker: int) -> None:
+        super().__init__(auto_describe=True)
+        self.worker = str(worker)
+
+    def collect(self) -> Iterable[Metric]:
+        """The registered collectors' metrics, each sample labelled with the worker."""
+        for metric in super().collect():
+            metric.samples = [
+                sample._replace(labels={**sample.labels, "worker": self.worker})
+                for sample in metric.samples
+            ]
+            yield metric
 
 
 class WorkerChannel:
