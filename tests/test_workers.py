@@ -20,10 +20,12 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from busway._cli.supervisor import parse_workers
 from tests.configs import config_toml, stream_table
-from tests.support import Daemon, Daemons, wait_for
+from tests.files_support import drop, jsonl, messages_of, names, source_config
+from tests.support import Daemon, Daemons, NatsServer, eventually, wait_for
 
 WORKERS_READY = re.compile(r"busway ready: (\d+) worker\(s\)")
 
@@ -222,3 +224,38 @@ def test_workers_auto_is_one_per_cpu_and_bad_counts_are_refused() -> None:
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match="--workers expects a number from 1 to 1024"):
             parse_workers(bad)
+
+
+@pytest.mark.anyio
+async def test_workers_on_one_inbox_publish_every_file_once_on_an_external_server(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path, daemons: Daemons
+) -> None:
+    """A directory source is claimed file by file (rename + lock), so N workers on one inbox
+    publish each record once, as N daemons do; with `[nats] servers` no server is embedded."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = tmp_path / "busway.toml"
+    config.write_text(
+        f'pid_file = "{tmp_path / "busway.pid"}"\n'
+        + source_config(nats_server, unique, inbox, options='stable_for = "50ms"')
+    )
+    daemon = daemons.start(config, "--workers", "2")
+    await eventually(lambda: _ready_async(daemon), timeout=90)
+    files, lines = 30, 20
+    for n in range(files):
+        drop(inbox / f"part{n:03}.jsonl", jsonl(lines, start=n * lines))
+
+    async def all_done() -> bool:
+        return len(names(inbox / "done")) == files
+
+    await eventually(all_done, timeout=60)
+    found = await messages_of(nc, f"IN_{unique}")
+    assert sorted(orjson.loads(m.data)["n"] for m in found) == list(range(files * lines))
+    assert "embedded nats-server" not in daemon.output()
+    assert await daemon.stop() == 0
+
+
+async def _ready_async(daemon: Daemon) -> bool:
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, daemon.output()
+    return ready_count(daemon) == 1
