@@ -18,7 +18,9 @@ default`); `--sync both` runs each.
     python benches/bench_scaling.py                       # sync always, 20k msgs, 1 round
     python benches/bench_scaling.py --sync both --count 30000 --rounds 2
 
-Not a test: figures depend on the machine (quote them with its core count and load).
+Not a test: figures depend on the machine (quote them with its core count and load). The
+CPU per message is the robust figure; the rate also measures what else the machine runs (the
+"cores" columns say how much CPU each side actually got while timed).
 """
 
 from __future__ import annotations
@@ -237,9 +239,10 @@ def main() -> None:
             median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             table.append((sync, label, median))
     cores = os.cpu_count()
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
         f"\nroute hop, {args.count} x 256 B, one nats-server, {cores} CPU(s), "
-        f"median of {args.rounds}, {time.strftime('%Y-%m-%d')}"
+        f"median of {args.rounds}, {time.strftime('%Y-%m-%d')}, load average at the end {load}"
     )
     print(
         f"{'sync':<8}{'setup':<14}{'msg/s':>9}{'busway CPU/msg':>16}{'server CPU/msg':>16}"
