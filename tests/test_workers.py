@@ -161,6 +161,21 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(
         post(f"{base}/orders", n)
     victim = worker_pid(daemon, 1)
     os.kill(victim, signal.SIGKILL)
+    # The surviving worker answers for the set: not ready while worker 1 restarts (at least
+    # the 1 s back-off), yet alive (the supervisor is mending it; a restart would not help).
+    reasons: list[str] = []
+
+    def set_not_ready() -> bool:
+        response = httpx.get(f"{base}/readyz", timeout=10)
+        if response.status_code == 503:
+            reasons.append(response.json()["reasons"].get("workers", ""))
+        return bool(reasons)
+
+    wait_for(set_not_ready, "/readyz 503 while worker 1 restarts", 10)
+    assert reasons[0].startswith(
+        "1 of 2 workers running: worker 1 restarting (was killed by SIGKILL)"
+    )
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
     for n in range(100, 300):  # while worker 1 is dead and while it restarts
         post(f"{base}/orders", n)
     wait_for(lambda: ready_count(daemon) == 1 and worker_pid(daemon, 1) != victim, "restart", 60)
@@ -171,6 +186,7 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(
     # ack_wait), so it may be written twice; none may be missing.
     wait_for(lambda: all_orders(out) == set(range(400)), "all 400 orders written", 90)
     assert "worker 1 (pid" in daemon.output() and "was killed by SIGKILL" in daemon.output()
+    wait_for(lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200, "set ready")
     assert daemon.process is not None and daemon.process.poll() is None
 
 

@@ -264,8 +264,7 @@ class Supervisor:
         reason = None
         if running < self.count:
             down = [
-                f"worker {w.index} "
-                + (f"restarting ({w.last_exit})" if w.last_exit else "starting")
+                f"worker {w.index} {_condition(w)}"
                 for w in self.workers
                 if not (w.ready and w.alive)
             ]
@@ -447,6 +446,15 @@ async def _watch_embedded(supervisor: Supervisor, embedded: EmbeddedNatsServer) 
         await embedded.watch()
     except BuswayError as exc:
         supervisor.fail(exc)
+
+
+def _condition(worker: _Worker) -> str:
+    """Why a worker is not running, for `/readyz`: it exited (not yet seen by its slot's task,
+    or waiting to be restarted) or it is (re)starting."""
+    process = worker.process
+    if process is not None and process.poll() is not None:
+        return f"restarting ({_exit_description(process.returncode)})"
+    return f"restarting ({worker.last_exit})" if worker.last_exit else "starting"
 
 
 async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
