@@ -106,6 +106,10 @@ class Bus(AsyncContextManagerMixin):
     twice is a ConfigError naming both. The bus leaves process-wide decisions to the
     application: it installs no signal handler, configures no logging and never calls
     `gc.freeze()` (`busway run` does all three; an embedding application decides for itself).
+
+    `reuse_port=True` binds `[http] listen` (and `admin_listen`) with SO_REUSEPORT, so several
+    processes of one user serve the same port (`busway run --workers`); off by default, so a
+    port already in use is an error rather than silently shared.
     """
 
     # Every public attribute is declared here, typed with public types only (re-exported from
@@ -136,9 +140,11 @@ class Bus(AsyncContextManagerMixin):
         registry: AdapterRegistry | None = None,
         adapters: Iterable[Adapter[SourceConfig, SinkConfig]] = (),
         serve_http: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
         self.serve_http = serve_http
+        self._reuse_port = reuse_port
         self._asgi = DeferredApp()
         base = registry or default_registry()
         added = list(adapters)
@@ -677,6 +683,7 @@ class Bus(AsyncContextManagerMixin):
             tls_key=self.config.resolve_path(http.tls_key) if http.tls_key else None,
             settings=http,
             registry=self.metrics_registry,
+            reuse_port=self._reuse_port,
         )
         listener.bind()
         self._listener = listener

@@ -1,6 +1,7 @@
 """The `busway` command: a thin layer over `Bus` and `load_config`.
 
     busway run busway.toml      run until SIGINT/SIGTERM, then stop gracefully (exit 0)
+    busway run --workers N busway.toml  the same in N supervised worker processes (all cores)
     busway check busway.toml    decode and compile everything without connecting
     busway test routes.test.toml  run route test cases against the compiled routes, no broker
     busway reload busway.toml   check the config, SIGHUP the running daemon, report its outcome
@@ -19,6 +20,7 @@ should not restart in a loop on it without a fix.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -39,6 +41,7 @@ from busway._bus import Bus
 from busway._cli.dlq import add_dlq_parser, run_dlq
 from busway._cli.orphans import print_orphans
 from busway._cli.route_tests import config_path_of, load_cases, run_cases
+from busway._cli.supervisor import parse_workers, supervise
 from busway._cli.support import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -47,6 +50,7 @@ from busway._cli.support import (
     one_line,
     plan_or_report,
 )
+from busway._cli.worker import WorkerBus, WorkerChannel, WorkerRole
 from busway._config.model import Config, load_config, locate_in_file, split_listen
 from busway._config.schema import (
     config_reference,
@@ -85,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path of the busway TOML file")
     run.add_argument("--log-format", choices=["human", "json"], default="human")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="run N worker processes sharing the consumers and the HTTP port (`auto`: one "
+        "per CPU), supervised by this one",
+    )
     check = commands.add_parser(
         "check", help="validate a config file: decode, compile expressions, build adapters"
     )
@@ -185,15 +195,29 @@ class _Run:
 
 
 def _run(args: argparse.Namespace) -> int:
-    configure_logging(log_format=args.log_format, level=args.log_level)
+    role = WorkerRole.take()
+    configure_logging(
+        log_format=args.log_format,
+        level=args.log_level,
+        worker=role.index if role is not None else None,
+    )
+    if role is None and args.workers is not None:
+        return _run_workers(args)
     try:
-        bus = Bus.from_file(args.config)
+        bus = Bus.from_file(args.config) if role is None else _worker_bus(args.config, role)
     except ConfigError as exc:
         logger.error("invalid configuration: %s", exc)
         return EXIT_CONFIG
     run = _Run()
+    channel = WorkerChannel(role) if role is not None else None
     anyio.run(
-        _serve, bus, args.config, run, backend="asyncio", backend_options={"use_uvloop": True}
+        _serve,
+        bus,
+        args.config,
+        run,
+        channel,
+        backend="asyncio",
+        backend_options={"use_uvloop": True},
     )
     if run.error is not None:
         if not run.started:
@@ -205,16 +229,58 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_bus(config_path: str, role: WorkerRole) -> WorkerBus:
+    registry = default_registry()
+    config = load_config(
+        config_path, source_types=registry.source_config, sink_types=registry.sink_config
+    )
+    try:
+        return WorkerBus(config, role)
+    except ConfigError as error:
+        raise locate_in_file(error, config_path) from None
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """`busway run --workers N`: supervise N workers (`busway._cli.supervisor`)."""
+    try:
+        count = parse_workers(args.workers)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
+    config = load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if plan_or_report(args.config) is None:  # a broken config: one line here, not N times
+        return EXIT_CONFIG
+    log_args = ["--log-format", args.log_format, "--log-level", args.log_level]
+    return anyio.run(
+        functools.partial(
+            supervise,
+            args.config,
+            config,
+            count,
+            log_args=log_args,
+            pid_file=config.resolve_path(config.pid_file),
+            results=_reload_results_path(config),
+            write_result=_write_reload_result,
+        ),
+        backend="asyncio",
+    )
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-async def _serve(bus: Bus, config_path: str, run: _Run) -> None:
+async def _serve(bus: Bus, config_path: str, run: _Run, channel: WorkerChannel | None) -> None:
     """Run `bus` until SIGINT/SIGTERM; a second signal, or a stuck drain, forces the exit.
 
     A signal while starting (connecting to an unreachable server, waiting for a data_dir)
     stops at once: nothing is running that needs draining. SIGHUP reloads the config file:
     checked first, applied only if valid, and the outcome written for `busway reload`.
+
+    A worker (`channel`) tells its supervisor instead: when it is ready and how each reload
+    went; the supervisor owns the pid file and the reload outcome.
     """
     grace = float(bus.config.shutdown_timeout) + 15
     results = _reload_results_path(bus.config)
@@ -229,7 +295,7 @@ async def _serve(bus: Bus, config_path: str, run: _Run) -> None:
                             logger.warning("SIGHUP while starting: ignored; reload once ready")
                             continue
                         reloads += 1
-                        tg.start_soon(_reload, bus, config_path, results, reloads)
+                        tg.start_soon(_reload, bus, config_path, results, reloads, channel)
                         continue
                     if not run.started:
                         logger.info(
@@ -253,41 +319,59 @@ async def _serve(bus: Bus, config_path: str, run: _Run) -> None:
                     # of the cyclic GC's generations, so collections triggered by per-message
                     # garbage stay cheap. Process-wide, so the CLI decides it, not `Bus`.
                     gc.freeze()
-                    pid_file = bus.config.resolve_path(bus.config.pid_file)
-                    _write_pid(pid_file)
-                    try:
+                    if channel is not None:
+                        assert isinstance(bus, WorkerBus)
+                        tg.start_soon(channel.listen, bus)
+                        channel.send("ready")
                         await bus.wait_until_stopped()
-                    finally:
-                        pid_file.unlink(missing_ok=True)
-                        results.unlink(missing_ok=True)
+                    else:
+                        pid_file = bus.config.resolve_path(bus.config.pid_file)
+                        _write_pid(pid_file)
+                        try:
+                            await bus.wait_until_stopped()
+                        finally:
+                            pid_file.unlink(missing_ok=True)
+                            results.unlink(missing_ok=True)
             except BuswayError as exc:  # reported by `_run`, as one line
                 run.error = exc
             tg.cancel_scope.cancel()
 
 
-async def _reload(bus: Bus, config_path: str, results: Path, number: int) -> None:
-    """Reload the config file into `bus`; log the outcome and write it to `results`."""
+async def _reload(
+    bus: Bus, config_path: str, results: Path, number: int, channel: WorkerChannel | None
+) -> None:
+    """Reload the config file into `bus`; log the outcome and write it to `results` (a
+    worker: tell its supervisor)."""
     logger.info("SIGHUP: reloading %s", config_path)
+
+    def outcome(path: Path, number: int, code: int, message: str) -> None:
+        if channel is None:
+            _write_reload_result(path, number, code, message)
+        else:
+            channel.send("reload", exit=code, message=message)
+
     try:
         config = load_config(
             config_path,
             source_types=bus.registry.source_config,
             sink_types=bus.registry.sink_config,
         )
+        if channel is not None:
+            config = channel.role.apply(config)
         report = await bus.reload(config)
     except ConfigError as exc:
         exc = locate_in_file(exc, config_path) if exc.line is None else exc
         message = f"reload rejected, still running the previous config: {exc}"
         logger.error("%s", message)
-        _write_reload_result(results, number, EXIT_CONFIG, message)
+        outcome(results, number, EXIT_CONFIG, message)
         return
     except BuswayError as exc:
         message = f"reload failed: {exc}"
         logger.error("%s", message)
-        _write_reload_result(results, number, EXIT_FAILURE, message)
+        outcome(results, number, EXIT_FAILURE, message)
         return
     logger.info("reload done: %s", report)
-    _write_reload_result(results, number, 0, f"reload done: {report}")
+    outcome(results, number, 0, f"reload done: {report}")
 
 
 def _reload_results_path(config: Config) -> Path:

@@ -40,7 +40,7 @@ from busway._ingress.buckets import TokenBuckets
 from busway._ingress.edge import EdgeLimits, EdgeProtocol, EdgeStats, connection_budget
 from busway._ingress.guard import ClientGuard, GuardPolicy
 
-__all__ = ["DeferredApp", "Listener", "build_app"]
+__all__ = ["DeferredApp", "Listener", "bind_socket", "build_app"]
 
 logger = logging.getLogger("busway.http")
 
@@ -146,8 +146,11 @@ class Listener:
         tls_key: Path | None = None,
         settings: HttpConfig | None = None,
         registry: CollectorRegistry | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.app = app
+        self.reuse_port = reuse_port
+        """Bind with SO_REUSEPORT: processes of one user share the port (`--workers`)."""
         self.host, self.port = split_listen(listen)
         self.tls_cert = tls_cert
         self.tls_key = tls_key
@@ -192,11 +195,15 @@ class Listener:
         if self._sockets:
             return
         self._check_tls()
-        self._sockets.append(_bind(self.host, self.port, "listen"))
+        self._sockets.append(_bind(self.host, self.port, "listen", reuse_port=self.reuse_port))
         self.port = self._sockets[0].getsockname()[1]
         if self.admin_host is not None and self.admin_port is not None:
             try:
-                self._sockets.append(_bind(self.admin_host, self.admin_port, "admin_listen"))
+                self._sockets.append(
+                    _bind(
+                        self.admin_host, self.admin_port, "admin_listen", reuse_port=self.reuse_port
+                    )
+                )
             except StartupError:
                 self.close()
                 raise
@@ -296,13 +303,30 @@ class Listener:
             server.should_exit = True
 
 
-def _bind(host: str, port: int, key: str) -> socket.socket:
+def _bind(host: str, port: int, key: str, *, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on host:port; StartupError naming `[http] key` if taken."""
+    sock = bind_socket(host, port, key, reuse_port=reuse_port)
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_socket(host: str, port: int, key: str, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port, not yet listening; StartupError naming `[http] key`.
+
+    With `reuse_port` (SO_REUSEPORT) other sockets of the same user that set it too may bind
+    the same port, and the kernel spreads new connections over those that listen: how the
+    workers of `busway run --workers` share one port. A socket that is bound but does not
+    listen receives no connections; the supervisor holds one so the port stays reserved
+    while a worker restarts.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose `proto`
     # says TCP, and without it Nagle plus delayed ACKs held every response ~44 ms.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -311,6 +335,4 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
             f"cannot listen on {host}:{port} ([http] {key}): {exc.strerror}; "
             "choose another port or stop whatever uses it"
         ) from None
-    sock.listen(2048)
-    sock.setblocking(False)
     return sock

@@ -19,6 +19,10 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message", ...extra}` per line, for log shippers."""
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -27,6 +31,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 entry[key] = value
@@ -35,14 +41,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(*, log_format: str = "human", level: str = "info") -> None:
-    """Send busway's logs (and uvicorn's) to stderr in `log_format` ("human" or "json")."""
+def configure_logging(
+    *, log_format: str = "human", level: str = "info", worker: int | None = None
+) -> None:
+    """Send busway's logs (and uvicorn's) to stderr in `log_format` ("human" or "json").
+
+    `worker` (`busway run --workers`) tags each line with the worker's number (`[w2]`, or a
+    `worker` field in JSON): the workers share the supervisor's stderr.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
+        tag = f"[w{worker}] " if worker is not None else ""
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s", "%H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
