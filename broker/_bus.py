@@ -38,7 +38,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from busway._components import DedupStore, Lease, Sink, Source, SourceContext
+from busway._components import DedupStore, Lease, Publisher, Sink, Source, SourceContext
 from busway._config.model import (
     Config,
     RouteConfig,
@@ -54,6 +54,7 @@ from busway._egress.circuit import STATE_NAMES
 from busway._egress.worker import SinkWorker
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._ingress.listener import DeferredApp, Listener, build_app
+from busway._ingress.observed import ObservedPublisher
 from busway._ingress.source_runner import run_source
 from busway._nats.cluster import (
     PubAckWatch,
@@ -80,6 +81,7 @@ from busway._nats.kv import Bucket, KeyValueState
 from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
 from busway._nats.requests import Requester
 from busway._nats.types import JetStream, NatsClient
+from busway._observe.audit import AuditTrail
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
 from busway._observe.redact import redaction
@@ -155,6 +157,7 @@ class Bus(AsyncContextManagerMixin):
         self._components: dict[tuple[str, str], _Running] = {}
         self._requester: Requester | None = None
         self._publisher: JetStreamPublisher | None = None
+        self._audit: AuditTrail | None = None
         self._state: Bucket | None = None
         self._refusals = WriteRefusals()
         self._pub_acks: PubAckWatch | None = None
@@ -283,7 +286,7 @@ class Bus(AsyncContextManagerMixin):
             self._pub_acks = PubAckWatch(
                 js, after=min(float(config.nats.ping_interval), float(config.nats.publish_timeout))
             )
-            for stream in [*config.streams, config.dead_letter_stream]:
+            for stream in [*config.streams, *config.busway_streams]:
                 await self._when_ready(f"stream {stream.name!r}", ensure_stream, js, stream)
             self._state = Bucket(
                 await self._when_ready(
@@ -300,6 +303,7 @@ class Bus(AsyncContextManagerMixin):
             self._publisher = JetStreamPublisher(
                 js, timeout=config.nats.publish_timeout, refusals=self._refusals
             )
+            self._audit = AuditTrail(js, config.audit) if config.audit.enabled else None
             # A crash kills every component at once: one gate for the whole process.
             self._gate = IsolationGate()
             # A short deadline: a failing message's nak waits for its ledger entry.
@@ -423,11 +427,21 @@ class Bus(AsyncContextManagerMixin):
         start; changed ones drain, then restart with the new settings on the same durable
         consumer, so what the old one had not acked is redelivered to the new one (and its
         outputs' message ids make a reprocessed message harmless). Settings of the connection
-        itself (`[nats]`, `[http]`, dead letters, state bucket) and `[redaction]` need a restart:
+        itself (`[nats]`, `[http]`, dead letters, state bucket), `[redaction]`, `[audit]` and
+        `[tracing]` need a restart:
         ConfigError.
         """
         async with self._reload_lock:
-            for section in ("nats", "cluster", "http", "dead_letter", "state_bucket", "redaction"):
+            for section in (
+                "nats",
+                "cluster",
+                "http",
+                "dead_letter",
+                "state_bucket",
+                "redaction",
+                "audit",
+                "tracing",
+            ):
                 if getattr(config, section) != getattr(self.config, section):
                     raise ConfigError(
                         f"[{section}] changed: that needs a restart, not a reload",
@@ -504,9 +518,18 @@ class Bus(AsyncContextManagerMixin):
         http_routes: list[BaseRoute] | None = (
             [] if self.config.http.listen or not self.serve_http else None
         )
+        publisher: Publisher = self._publisher
+        if self._audit is not None:  # [audit] record what the source stores
+            publisher = ObservedPublisher(
+                publisher,
+                source=source_config.name,
+                stats=stats,
+                audit=self._audit,
+                dead_letter_prefix=self.config.dead_letter.subject_prefix,
+            )
         context = SourceContext(
             name=source_config.name,
-            publisher=self._publisher,
+            publisher=publisher,
             state=KeyValueState(self._state, f"{source_config.name}."),
             stats=stats,
             logger=logging.getLogger(f"busway.source.{source_config.name}"),
@@ -660,6 +683,7 @@ class Bus(AsyncContextManagerMixin):
             "refusals": self._refusals,
             "start": component.start,
             "startup_timeout": float(self.config.cluster.startup_timeout),
+            "audit": self._audit,
         }
 
     def _bind_listener(self) -> Listener:

@@ -59,6 +59,7 @@ from busway._nats.cluster import until_ready
 from busway._nats.errors import looks_transient
 from busway._nats.jetstream import ensure_consumer, publish_confirmed
 from busway._nats.pull import ContinuousPull
+from busway._observe.audit import AuditTrail
 from busway._observe.metrics import ComponentStats
 from busway._observe.readiness import WriteRefusals
 
@@ -92,6 +93,7 @@ class ConsumerComponent(abc.ABC):
         ledger: AttemptLedger,
         start: str | None = None,
         startup_timeout: float = 0.0,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.client = client
         self.js = js
@@ -107,6 +109,8 @@ class ConsumerComponent(abc.ABC):
         self.refusals = refusals if refusals is not None else WriteRefusals()
         """Where refused writes (JetStream full) are reported, for `/readyz`."""
         self.start = start
+        self.audit = audit
+        """Where dead letters are recorded (`[audit]`); None when the trail is off."""
         self.startup_timeout = startup_timeout
         """How long declaring the consumer is retried while JetStream is not ready."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
@@ -447,6 +451,10 @@ class ConsumerComponent(abc.ABC):
             return
         self.note_stored(self.dead_letter_subject)
         self.stats.dead_lettered += 1
+        if self.audit is not None:  # [audit] who gave up on what, and why
+            await self.audit.dead_letter(
+                component=self.stats.name, kind=self.stats.kind, headers=headers, stats=self.stats
+            )
         self.logger.error(
             "dead-lettered %s seq %s to %s (%s): %s",
             message.subject,
