@@ -27,7 +27,7 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -91,6 +91,9 @@ from busway._routing.services import NatsRouteServices
 from busway._routing.worker import RouteWorker
 from busway.routers.route import Route
 
+if TYPE_CHECKING:
+    from busway._observe.spans import Spans
+
 __all__ = ["Bus", "ReloadReport"]
 
 logger = logging.getLogger("busway")
@@ -108,6 +111,9 @@ class Bus(AsyncContextManagerMixin):
     twice is a ConfigError naming both. The bus leaves process-wide decisions to the
     application: it installs no signal handler, configures no logging and never calls
     `gc.freeze()` (`busway run` does all three; an embedding application decides for itself).
+
+    `span_exporter` (an OpenTelemetry `SpanExporter`) receives the spans of `[tracing]`
+    instead of OTLP/HTTP: the SDK's in-memory exporter in tests, or your own.
     """
 
     # Every public attribute is declared here, typed with public types only (re-exported from
@@ -138,6 +144,7 @@ class Bus(AsyncContextManagerMixin):
         registry: AdapterRegistry | None = None,
         adapters: Iterable[Adapter[SourceConfig, SinkConfig]] = (),
         serve_http: bool = True,
+        span_exporter: Any = None,
     ) -> None:
         self.config = config
         self.serve_http = serve_http
@@ -158,6 +165,8 @@ class Bus(AsyncContextManagerMixin):
         self._requester: Requester | None = None
         self._publisher: JetStreamPublisher | None = None
         self._audit: AuditTrail | None = None
+        self._span_exporter = span_exporter
+        self._spans: Spans | None = None
         self._state: Bucket | None = None
         self._refusals = WriteRefusals()
         self._pub_acks: PubAckWatch | None = None
@@ -304,6 +313,9 @@ class Bus(AsyncContextManagerMixin):
                 js, timeout=config.nats.publish_timeout, refusals=self._refusals
             )
             self._audit = AuditTrail(js, config.audit) if config.audit.enabled else None
+            if config.tracing.enabled:
+                self._spans = _open_spans(config, self._span_exporter)
+                stack.push_async_callback(anyio.to_thread.run_sync, self._spans.shutdown)
             # A crash kills every component at once: one gate for the whole process.
             self._gate = IsolationGate()
             # A short deadline: a failing message's nak waits for its ledger entry.
@@ -519,12 +531,13 @@ class Bus(AsyncContextManagerMixin):
             [] if self.config.http.listen or not self.serve_http else None
         )
         publisher: Publisher = self._publisher
-        if self._audit is not None:  # [audit] record what the source stores
+        if self._audit is not None or self._spans is not None:  # [audit], [tracing]
             publisher = ObservedPublisher(
                 publisher,
                 source=source_config.name,
                 stats=stats,
                 audit=self._audit,
+                spans=self._spans,
                 dead_letter_prefix=self.config.dead_letter.subject_prefix,
             )
         context = SourceContext(
@@ -684,6 +697,7 @@ class Bus(AsyncContextManagerMixin):
             "start": component.start,
             "startup_timeout": float(self.config.cluster.startup_timeout),
             "audit": self._audit,
+            "spans": self._spans,
         }
 
     def _bind_listener(self) -> Listener:
@@ -785,6 +799,18 @@ class Bus(AsyncContextManagerMixin):
     async def _close_client(self, client: NatsClient) -> None:
         self._closing = True
         await close_connection(client)
+
+
+def _open_spans(config: Config, exporter: Any) -> Spans:
+    """`[tracing]`'s spans; imports OpenTelemetry (only now: tracing is on)."""
+    try:
+        from busway._observe.spans import open_spans
+    except ImportError as exc:
+        raise StartupError(
+            f"[tracing] enabled needs OpenTelemetry ({exc.name} is missing): "
+            "pip install 'busway[tracing]'"
+        ) from None
+    return open_spans(config.tracing, exporter)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -62,9 +62,11 @@ from busway._nats.pull import ContinuousPull
 from busway._observe.audit import AuditTrail
 from busway._observe.metrics import ComponentStats
 from busway._observe.readiness import WriteRefusals
+from busway._observe.tracing import log_extra
 
 if TYPE_CHECKING:
     from busway._nats.types import JetStream, NatsClient
+    from busway._observe.spans import Spans
 
 __all__ = ["ConsumerComponent"]
 
@@ -94,6 +96,7 @@ class ConsumerComponent(abc.ABC):
         start: str | None = None,
         startup_timeout: float = 0.0,
         audit: AuditTrail | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self.client = client
         self.js = js
@@ -111,6 +114,9 @@ class ConsumerComponent(abc.ABC):
         self.start = start
         self.audit = audit
         """Where dead letters are recorded (`[audit]`); None when the trail is off."""
+        self.spans = spans
+        """`[tracing]`'s spans; None when tracing is off (the hot path tests only that)."""
+        self._route_spans = spans if stats.kind == "route" else None
         self.startup_timeout = startup_timeout
         """How long declaring the consumer is retried while JetStream is not ready."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
@@ -216,6 +222,9 @@ class ConsumerComponent(abc.ABC):
         # [isolation] A redelivery is trusted, processed alone, or dead-lettered on arrival.
         attempt = message.attempt
         if attempt > 1 and not await self.isolation.admit(message, message.sequence, attempt):
+            return
+        if self._route_spans is not None:  # [tracing] the route's span, if sampled
+            await self._route_spans.route_hop(self.handle, message, self.stats.name)
             return
         await self.handle(message)
 
@@ -327,7 +336,13 @@ class ConsumerComponent(abc.ABC):
             return
         sequence, attempt = message.sequence, message.attempt
         error = _describe(exc)
-        self.logger.error("%s seq %s failed unexpectedly: %s", message.subject, sequence, error)
+        self.logger.error(
+            "%s seq %s failed unexpectedly: %s",
+            message.subject,
+            sequence,
+            error,
+            extra=log_extra(message.headers),
+        )
         self.logger.debug("traceback of the unexpected failure", exc_info=exc)
         transient = retry or looks_transient(exc)
         if isinstance(exc, PermanentError):
@@ -393,6 +408,7 @@ class ConsumerComponent(abc.ABC):
             attempt,
             self.retry.max_attempts,
             error,
+            extra=log_extra(message.headers),
         )
         await self.isolation.failed(  # [isolation]
             message, sequence, error, counted=reason != "dead_letter_publish"
@@ -462,6 +478,7 @@ class ConsumerComponent(abc.ABC):
             self.dead_letter_subject,
             reason,
             error,
+            extra=log_extra(message.headers),
         )
         await self.settle(message, TERM)
 

@@ -1,4 +1,4 @@
-"""A source's publisher with the audit trail (and trace context) around each publish.
+"""A source's publisher with the audit trail and the ingress span around each publish.
 
 Used only when `[audit]` or `[tracing]` is enabled: otherwise sources get the plain
 publisher and pay nothing. Every source is covered without an adapter doing anything: HTTP,
@@ -9,10 +9,14 @@ files, databases, and an application's own source. A publish to the dead-letter 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from busway._components import PublishAck, Publisher
 from busway._observe.audit import AuditTrail
 from busway._observe.metrics import ComponentStats
+
+if TYPE_CHECKING:
+    from busway._observe.spans import Spans
 
 __all__ = ["ObservedPublisher"]
 
@@ -27,9 +31,11 @@ class ObservedPublisher:
         source: str,
         stats: ComponentStats,
         audit: AuditTrail | None,
+        spans: Spans | None = None,
         dead_letter_prefix: str,
     ) -> None:
         self._inner = inner
+        self._spans = spans
         self._source = source
         self._stats = stats
         self._audit = audit
@@ -39,7 +45,13 @@ class ObservedPublisher:
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
     ) -> PublishAck:
         """Store `data` on `subject` (see `Publisher.publish`), then record it."""
-        ack = await self._inner.publish(subject, data, headers=headers)
+        headers, span = self._traced(subject, headers)
+        try:
+            ack = await self._inner.publish(subject, data, headers=headers)
+        except BaseException as exc:
+            self._end(span, exc)
+            raise
+        self._end(span)
         await self._record(subject, headers, ack)
         return ack
 
@@ -47,15 +59,41 @@ class ObservedPublisher:
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
     ) -> Awaitable[PublishAck]:
         """Send now; the result yields the PubAck once stored, and records it then."""
-        confirm = await self._inner.publish_pipelined(subject, data, headers=headers)
-        return self._confirmed(confirm, subject, headers)
+        headers, span = self._traced(subject, headers)
+        try:
+            confirm = await self._inner.publish_pipelined(subject, data, headers=headers)
+        except BaseException as exc:
+            self._end(span, exc)
+            raise
+        return self._confirmed(confirm, subject, headers, span)
 
     async def _confirmed(
-        self, confirm: Awaitable[PublishAck], subject: str, headers: Mapping[str, str] | None
+        self,
+        confirm: Awaitable[PublishAck],
+        subject: str,
+        headers: Mapping[str, str] | None,
+        span: Any,
     ) -> PublishAck:
-        ack = await confirm
+        try:
+            ack = await confirm
+        except BaseException as exc:
+            self._end(span, exc)
+            raise
+        self._end(span)
         await self._record(subject, headers, ack)
         return ack
+
+    def _traced(
+        self, subject: str, headers: Mapping[str, str] | None
+    ) -> tuple[Mapping[str, str] | None, Any]:
+        """The headers with the ingress span's context, and the span (None if none)."""
+        if self._spans is None or subject.startswith(self._dead_letters):
+            return headers, None
+        return self._spans.ingress(self._source, subject, dict(headers) if headers else None)
+
+    def _end(self, span: Any, error: BaseException | None = None) -> None:
+        if span is not None and self._spans is not None:
+            self._spans.end(span, error)
 
     async def _record(
         self, subject: str, headers: Mapping[str, str] | None, ack: PublishAck

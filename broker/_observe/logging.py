@@ -35,15 +35,26 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class HumanFormatter(logging.Formatter):
+    """`12:00:00 INFO    busway.route.x: message`, with ` [trace <id>]` on a line about a
+    message that carries W3C trace context (`extra=log_extra(headers)`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace = getattr(record, "trace_id", None)
+        return f"{line} [trace {trace}]" if trace else line
+
+
 def configure_logging(*, log_format: str = "human", level: str = "info") -> None:
     """Send busway's logs (and uvicorn's) to stderr in `log_format` ("human" or "json")."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(HumanFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
