@@ -552,6 +552,10 @@ class Bus(AsyncContextManagerMixin):
             open_dedup_store=functools.partial(self._open_dedup_store, source_config),
             open_lease=functools.partial(self._open_lease, source_config.name),
         )
+        if self._audit is not None:  # [audit] request-reply requests are ingress too
+            context.on_requested = functools.partial(
+                self._audit.requested, source_config.name, stats=stats
+            )
 
         async def run(*, task_status: TaskStatus[None]) -> None:
             await run_source(source, context, task_status=task_status, on_restarted=self._serve_app)

@@ -237,6 +237,9 @@ class SourceContext:
     open_lease: Callable[[str, float], AbstractAsyncContextManager[Lease]] | None = field(
         default=None
     )
+    on_requested: Callable[[str, Mapping[str, str]], Awaitable[None]] | None = field(default=None)
+    """Called with the subject and headers (with `Nats-Msg-Id`) of every stored request
+    (`[audit]` records it as ingress); None when nothing listens."""
 
     def note_client(self, address: str | None) -> None:
         """Name the peer that sent what this task publishes next (an HTTP request's client
@@ -283,10 +286,21 @@ class SourceContext:
         """
         if self.requester is None:
             raise RuntimeError("request-reply needs a running Bus")
-        answer = await self.requester.request(
-            subject, data, dict(headers or {}), timeout, message_id=message_id
-        )
+        try:
+            answer = await self.requester.request(
+                subject, data, dict(headers or {}), timeout, message_id=message_id
+            )
+        except TimeoutError:
+            await self._requested(subject, headers, message_id)  # stored, not answered
+            raise
+        await self._requested(subject, headers, message_id)
         return Reply(data=answer.data, headers=dict(answer.headers or {}))
+
+    async def _requested(
+        self, subject: str, headers: Mapping[str, str] | None, message_id: str
+    ) -> None:
+        if self.on_requested is not None:
+            await self.on_requested(subject, {**(headers or {}), "Nats-Msg-Id": message_id})
 
     async def dead_letter(
         self,

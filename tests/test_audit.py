@@ -248,3 +248,58 @@ subjects = ["orders.>"]
 """
     with pytest.raises(ConfigError, match="audit records go"):
         decode_test_config(text, tmp_path)
+
+
+async def test_a_request_reply_request_is_recorded_as_ingress(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    digest = hashlib.sha256(ACME_KEY.encode()).hexdigest()
+    text = f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[audit]
+enabled = true
+stream = "AUD_{unique}"
+subject_prefix = "aud{unique}"
+
+{dead_letter_table(unique)}
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[sources]]
+name = "quote"
+type = "http"
+path = "/quote"
+subject = "in{unique}.quote"
+reply_timeout = "10s"
+
+[sources.auth]
+api_keys = [{{ name = "acme", hash = "sha256:{digest}" }}]
+
+[[routes]]
+name = "answer"
+from = "in{unique}.quote"
+stages = [{{ reply = "{{price: `42`}}" }}]
+"""
+    config = decode_test_config(text, tmp_path)
+    async with (
+        Bus(config) as bus,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}") as http,
+    ):
+        answer = await http.post("/quote", json={"sku": "a"}, headers={"X-API-Key": ACME_KEY})
+        assert answer.status_code == 200
+        assert answer.json() == {"price": 42}
+
+        async def recorded() -> bool:
+            return len(await audit_records(nc, unique)) == 1
+
+        await eventually(recorded)
+    (record,) = await audit_records(nc, unique)
+    assert record["kind"] == "ingress"
+    assert record["source"] == "quote"
+    assert record["principal"] == "acme"
+    assert record["client"] == "127.0.0.1"
+    assert str(record["message_id"]).startswith("quote:")

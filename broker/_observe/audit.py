@@ -65,12 +65,13 @@ class AuditTrail:
         source: str,
         subject: str,
         headers: Mapping[str, str] | None,
-        stream: str,
-        sequence: int,
+        stream: str | None,
+        sequence: int | None,
         duplicate: bool,
         stats: ComponentStats,
     ) -> None:
-        """Record a message `source` stored (after its PubAck)."""
+        """Record a message `source` stored (after its PubAck; a request-reply request has
+        no PubAck of its own to tell its stream and sequence)."""
         headers = headers or {}
         message_id = headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
         record: dict[str, object] = {
@@ -91,6 +92,20 @@ class AuditTrail:
         if trace:
             record["trace_id"] = trace
         await self._publish("ingress", source, f"audit:ingress:{message_id}", record, stats)
+
+    async def requested(
+        self, source: str, subject: str, headers: Mapping[str, str], *, stats: ComponentStats
+    ) -> None:
+        """Record a request-reply request `source` stored (`SourceContext.request`)."""
+        await self.ingress(
+            source=source,
+            subject=subject,
+            headers=headers,
+            stream=None,
+            sequence=None,
+            duplicate=False,
+            stats=stats,
+        )
 
     async def dead_letter(
         self,
