@@ -47,7 +47,13 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from busway._observe.tracing import TRACEPARENT, TRACESTATE, is_sampled, valid_traceparent
+from busway._observe.tracing import (
+    TRACEPARENT,
+    TRACESTATE,
+    is_sampled,
+    looks_unsampled,
+    valid_traceparent,
+)
 
 if TYPE_CHECKING:
     from busway._config.model import TracingConfig
@@ -140,15 +146,14 @@ class Spans:
         if headers is None:
             headers = message.headers = {}
         parent = headers.get(TRACEPARENT)
-        if parent is not None and valid_traceparent(parent):
-            if not is_sampled(parent):
-                await handle(message)  # unsampled: forwarded untouched, no span
-                return
-        else:
-            if random.random() >= self._ratio:
-                headers[TRACEPARENT] = _unsampled()  # a new trace, not sampled: no span
-                await handle(message)
-                return
+        if parent is not None and looks_unsampled(parent):
+            await handle(message)  # unsampled: forwarded untouched, no span
+            return
+        new_trace = parent is None or not valid_traceparent(parent)
+        if new_trace and random.random() >= self._ratio:
+            headers[TRACEPARENT] = _unsampled()  # a new trace, not sampled: no span
+            await handle(message)
+            return
         span = self._tracer.start_span(
             f"route {route}",
             context=_parent(headers),
@@ -174,11 +179,11 @@ class Spans:
         started: list[_Write] = []
         for index, (delivery, _, _) in enumerate(batch):
             headers = delivery.headers
-            parent = headers.get(TRACEPARENT) if headers else None
-            if headers is None or parent is None or not valid_traceparent(parent):
+            if not headers:
                 continue
-            if not is_sampled(parent):
-                continue
+            parent = headers.get(TRACEPARENT)
+            if parent is None or looks_unsampled(parent) or not valid_traceparent(parent):
+                continue  # not sampled (or not traced): no span
             span = self._tracer.start_span(
                 f"sink {sink} write",
                 context=_parent(headers),
