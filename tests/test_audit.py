@@ -303,3 +303,55 @@ stages = [{{ reply = "{{price: `42`}}" }}]
     assert record["principal"] == "acme"
     assert record["client"] == "127.0.0.1"
     assert str(record["message_id"]).startswith("quote:")
+
+
+async def test_a_file_source_records_each_line_and_its_dead_letter(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    text = f"""
+[nats]
+servers = ["{nats_server.url}"]
+
+[audit]
+enabled = true
+stream = "AUD_{unique}"
+subject_prefix = "aud{unique}"
+
+{dead_letter_table(unique)}
+
+[[streams]]
+name = "IN_{unique}"
+subjects = ["in{unique}.>"]
+
+[[sources]]
+name = "drop"
+type = "file"
+path = "inbox"
+patterns = ["*.jsonl"]
+format = "jsonl"
+ready = "rename"
+subject = "in{unique}.rows"
+"""
+    config = decode_test_config(text, tmp_path)
+    async with Bus(config):
+        staged = tmp_path / "orders.tmp"
+        staged.write_bytes(b'{"n": 1}\nnot json\n{"n": 3}\n')
+        staged.rename(inbox / "orders.jsonl")
+
+        async def recorded() -> bool:
+            return len(await audit_records(nc, unique)) == 3
+
+        await eventually(recorded)
+    records = await audit_records(nc, unique)
+    kinds = sorted(str(r["kind"]) for r in records)
+    assert kinds == ["deadletter", "ingress", "ingress"]
+    ingress = [r for r in records if r["kind"] == "ingress"]
+    assert {r["source"] for r in ingress} == {"drop"}
+    assert all(str(r["message_id"]).startswith("drop:") for r in ingress)
+    assert all(isinstance(r["seq"], int) for r in ingress)
+    (letter,) = [r for r in records if r["kind"] == "deadletter"]
+    assert letter["component"] == "drop"
+    assert letter["component_kind"] == "source"
+    assert str(letter["origin"]).endswith(":2")
