@@ -19,6 +19,13 @@ every 2 minutes); every figure printed says which.
     python benches/bench_hop.py                      # sync always, 50k msgs, 3 rounds
     python benches/bench_hop.py --sync default --count 100000
     python benches/bench_hop.py --route switch       # a switch stage + transform instead
+    python benches/bench_hop.py --tracing off,1%     # [tracing] off vs 1 % sampling, same run
+
+`--tracing` lists the busway variants to run each round: `off` (no `[tracing]`), or a sample
+ratio such as `1%` / `100%` (`[tracing] enabled`, spans handed to an exporter that drops
+them, so the figure is busway's own cost, not a collector's). When any ratio is listed, every
+input carries a `traceparent` as an ingress would stamp it (sampled with that ratio; `off`
+gets unsampled ones), so the variants differ only by the tracing code.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -38,6 +46,7 @@ import anyio
 import nats
 import orjson
 from nats.js.api import StorageType, StreamConfig
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -94,8 +103,15 @@ def start_server(store: Path, sync: str) -> tuple[subprocess.Popen[bytes], str]:
     return process, f"nats://127.0.0.1:{port}"
 
 
-async def prepare(url: str, count: int, size: int) -> None:
-    """Fresh IN and OUT streams, IN preloaded with `count` messages (not timed)."""
+def traceparent(ratio: float) -> str:
+    """A new trace's `traceparent`, sampled with probability `ratio` (as an ingress does)."""
+    flags = "01" if random.random() < ratio else "00"
+    return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-{flags}"
+
+
+async def prepare(url: str, count: int, size: int, traced: float | None = None) -> None:
+    """Fresh IN and OUT streams, IN preloaded with `count` messages (not timed); with
+    `traced`, each carries a `traceparent` sampled with that ratio."""
     client = await nats.connect(url)
     js = client.jetstream(publish_async_max_pending=1000)
     for name, subject in (("IN", "in.>"), ("OUT", "out.>")):
@@ -107,7 +123,8 @@ async def prepare(url: str, count: int, size: int) -> None:
             )
         )
     for i in range(count):
-        await js.publish_async("in.orders", payload(i, size))
+        headers = {"traceparent": traceparent(traced)} if traced is not None else None
+        await js.publish_async("in.orders", payload(i, size), headers=headers)
     await js.publish_async_completed()
     await client.close()
 
@@ -120,10 +137,25 @@ async def out_messages(url: str) -> int:
         await client.close()
 
 
-async def run_busway_hop(url: str, count: int, window: int, shape: str) -> tuple[float, float]:
+class DroppingExporter(SpanExporter):
+    """Takes finished spans and drops them: the bench measures busway, not a collector."""
+
+    def export(self, spans: object) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def ratio_of(mode: str) -> float | None:
+    """`off` -> None; `1%` -> 0.01."""
+    return None if mode == "off" else float(mode.rstrip("%")) / 100
+
+
+async def run_busway_hop(
+    url: str, count: int, window: int, shape: str, tracing: float | None = None
+) -> tuple[float, float]:
     """(seconds, CPU seconds of this process) for a busway route to drain `count` messages
     (all outputs stored, inputs acked), both timed from the first message taken."""
     registry = default_registry()
+    traced = f"[tracing]\nenabled = true\nsample_ratio = {tracing}\n" if tracing is not None else ""
     config = decode_config(
         f"""
 [nats]
@@ -133,6 +165,7 @@ publish_window = {window}
 [http]
 listen = ""
 
+{traced}
 [[streams]]
 name = "IN"
 subjects = ["in.>"]
@@ -152,7 +185,7 @@ max_in_flight = 4000
         source_types=registry.source_config,
         sink_types=registry.sink_config,
     )
-    bus = Bus(config)
+    bus = Bus(config, span_exporter=DroppingExporter() if tracing is not None else None)
     async with bus:
         # Timed from the first message taken, like the raw hop (timed from its consumer):
         # the bus's own start-up (streams, consumers) is not part of the hop.
@@ -183,12 +216,19 @@ def main() -> None:
         default="when",
         help="busway route shape: `when` + `transform`, or a `switch` stage + `transform`",
     )
+    parser.add_argument(
+        "--tracing",
+        default="off",
+        help="busway variants, comma-separated: off, or a sample ratio such as 1%% or 100%%",
+    )
     args = parser.parse_args()
-
-    results: dict[str, list[float]] = {"raw": [], "busway": []}
+    modes = [mode.strip() for mode in args.tracing.split(",")]
+    any_traced = any(ratio_of(mode) is not None for mode in modes)
+    impls = ["raw", *(f"busway tracing={mode}" for mode in modes)]
+    results: dict[str, list[float]] = {impl: [] for impl in impls}
     # CPU seconds of this process per message: less swayed than msg/s by other load on the
     # machine (a busy neighbour slows a hop down but does not make it burn more CPU).
-    cpu_per_message: dict[str, list[float]] = {"raw": [], "busway": []}
+    cpu_per_message: dict[str, list[float]] = {impl: [] for impl in impls}
     with tempfile.TemporaryDirectory(prefix="busway-bench-") as store:
         server, url = start_server(Path(store), args.sync)
         if args.pin:
@@ -200,9 +240,15 @@ def main() -> None:
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         try:
             for round_ in range(args.rounds):
-                for impl in ("raw", "busway"):
+                for impl in impls:
+                    ratio = ratio_of(impl.rpartition("=")[2]) if impl != "raw" else None
                     anyio.run(
-                        prepare, url, args.count, args.size, backend_options={"use_uvloop": True}
+                        prepare,
+                        url,
+                        args.count,
+                        args.size,
+                        (ratio or 0.0) if any_traced else None,
+                        backend_options={"use_uvloop": True},
                     )
                     if impl == "raw":
                         cpu_before = time.process_time()  # the raw hop's own connect included
@@ -223,6 +269,7 @@ def main() -> None:
                             args.count,
                             args.window,
                             args.route,
+                            ratio,
                             backend_options={"use_uvloop": True},
                         )
                     stored = anyio.run(out_messages, url)
@@ -249,18 +296,20 @@ def main() -> None:
             server.terminate()
             server.wait()
     raw = statistics.median(results["raw"])
-    ours = statistics.median(results["busway"])
     print(
         f"\nhop ({args.route} route), sync={args.sync}, {args.count} x {args.size} B, "
-        f"median of {args.rounds}: "
-        f"raw nats-py {raw:,.0f} msg/s, busway {ours:,.0f} msg/s, ratio {ours / raw:.2f}"
+        f"median of {args.rounds}{', inputs with traceparent' if any_traced else ''}: "
+        f"raw nats-py {raw:,.0f} msg/s, {statistics.median(cpu_per_message['raw']):.1f} us CPU/msg"
     )
-    raw_cpu = statistics.median(cpu_per_message["raw"])
-    our_cpu = statistics.median(cpu_per_message["busway"])
-    print(
-        f"CPU per message (this process): raw nats-py {raw_cpu:.1f} us, busway {our_cpu:.1f} us, "
-        f"ratio {our_cpu / raw_cpu:.2f}"
-    )
+    first = statistics.median(results[impls[1]])
+    for impl in impls[1:]:
+        ours = statistics.median(results[impl])
+        cpu = statistics.median(cpu_per_message[impl])
+        print(
+            f"  {impl}: {ours:,.0f} msg/s, ratio to raw {ours / raw:.2f}, "
+            f"to {impls[1]} {ours / first:.3f}; {cpu:.1f} us CPU/msg, CPU ratio to raw "
+            f"{cpu / statistics.median(cpu_per_message['raw']):.2f}"
+        )
 
 
 def WHEN_PY(doc: dict[str, object]) -> bool:

@@ -20,6 +20,11 @@ nats-server sync mode (`always`: fsync before every PubAck, busway's embedded de
 
     python benches/bench_http.py                     # sync always
     python benches/bench_http.py --sync default --requests 5000 --messages 10000
+    python benches/bench_http.py --audit             # also busway ingest with [audit] enabled
+
+`--audit` adds a third ingest variant each round, the same source with `[audit] enabled`: each
+request then also sends its audit record (one pipelined publish, never waited for), so the
+ratio of the two busway figures is the trail's cost on the ingress path.
 """
 
 from __future__ import annotations
@@ -149,9 +154,13 @@ def decode(text: str) -> object:
     return decode_config(text, source_types=registry.source_config, sink_types=registry.sink_config)
 
 
-async def ingest_busway(nats_url: str, count: int, connections: int, body: bytes) -> float:
+async def ingest_busway(
+    nats_url: str, count: int, connections: int, body: bytes, audit: bool = False
+) -> float:
     await fresh_stream(nats_url, "IN", "in.>")
-    source = """
+    trail = '[audit]\nenabled = true\nstream = "BENCH_AUDIT"\nsubject_prefix = "bench.audit"\n'
+    source = f"""
+{trail if audit else ""}
 [[sources]]
 name = "api"
 type = "http"
@@ -261,6 +270,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--audit", action="store_true", help="also ingest with [audit] on")
+    parser.add_argument("--ingest-only", action="store_true", help="skip the sink rounds")
     args = parser.parse_args()
     body = payload(1, args.size)
     with tempfile.TemporaryDirectory() as store:
@@ -273,6 +284,7 @@ def main() -> None:
             results: dict[str, list[float]] = {
                 "ingest raw": [],
                 "ingest busway": [],
+                "ingest busway+audit": [],
                 "sink raw": [],
                 "sink busway": [],
             }
@@ -285,6 +297,14 @@ def main() -> None:
                     results["ingest busway"].append(
                         await ingest_busway(nats_url, args.requests, args.connections, body)
                     )
+                    if args.audit:
+                        results["ingest busway+audit"].append(
+                            await ingest_busway(
+                                nats_url, args.requests, args.connections, body, audit=True
+                            )
+                        )
+                    if args.ingest_only:
+                        continue
                     results["sink raw"].append(
                         await sink_raw(hook, args.messages, args.concurrency, body)
                     )
@@ -298,7 +318,7 @@ def main() -> None:
             receiver.wait()
             server.terminate()
             server.wait()
-    median = {name: statistics.median(values) for name, values in results.items()}
+    median = {name: statistics.median(values) for name, values in results.items() if values}
     print(
         f"\nnats sync={args.sync}; body {args.size} B; median of {args.rounds} rounds "
         f"(each: {', '.join(f'{v:,.0f}' for v in results['ingest busway'])} busway ingest)"
@@ -308,11 +328,19 @@ def main() -> None:
         f"req/s, ratio {median['ingest busway'] / median['ingest raw']:.2f} "
         f"({args.requests} requests over {args.connections} connections)"
     )
-    print(
-        f"sink:   raw {median['sink raw']:,.0f} POST/s, busway {median['sink busway']:,.0f} "
-        f"deliveries/s, ratio {median['sink busway'] / median['sink raw']:.2f} "
-        f"({args.messages} messages, concurrency {args.concurrency})"
-    )
+    if args.audit:
+        audited = median["ingest busway+audit"]
+        print(
+            f"ingest with [audit]: busway {audited:,.0f} req/s, "
+            f"ratio to busway without {audited / median['ingest busway']:.3f} "
+            f"(each: {', '.join(f'{v:,.0f}' for v in results['ingest busway+audit'])})"
+        )
+    if not args.ingest_only:
+        print(
+            f"sink:   raw {median['sink raw']:,.0f} POST/s, busway {median['sink busway']:,.0f} "
+            f"deliveries/s, ratio {median['sink busway'] / median['sink raw']:.2f} "
+            f"({args.messages} messages, concurrency {args.concurrency})"
+        )
     print(orjson.dumps({"sync": args.sync, **median}).decode())
 
 

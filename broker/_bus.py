@@ -27,7 +27,7 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -38,7 +38,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from busway._components import DedupStore, Lease, Sink, Source, SourceContext
+from busway._components import DedupStore, Lease, Publisher, Sink, Source, SourceContext
 from busway._config.model import (
     Config,
     RouteConfig,
@@ -54,6 +54,7 @@ from busway._egress.circuit import STATE_NAMES
 from busway._egress.worker import SinkWorker
 from busway._errors import BuswayError, ConfigError, StartupError
 from busway._ingress.listener import DeferredApp, Listener, build_app
+from busway._ingress.observed import ObservedPublisher
 from busway._ingress.source_runner import run_source
 from busway._nats.cluster import (
     PubAckWatch,
@@ -80,6 +81,7 @@ from busway._nats.kv import Bucket, KeyValueState
 from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
 from busway._nats.requests import Requester
 from busway._nats.types import JetStream, NatsClient
+from busway._observe.audit import AuditTrail
 from busway._observe.metrics import ComponentStats, MetricsCollector, new_registry
 from busway._observe.readiness import WriteRefusals, component_reason
 from busway._observe.redact import redaction
@@ -88,6 +90,9 @@ from busway._registry import Adapter, AdapterRegistry, default_registry
 from busway._routing.services import NatsRouteServices
 from busway._routing.worker import RouteWorker
 from busway.routers.route import Route
+
+if TYPE_CHECKING:
+    from busway._observe.spans import Spans
 
 __all__ = ["Bus", "ReloadReport"]
 
@@ -110,6 +115,8 @@ class Bus(AsyncContextManagerMixin):
     `reuse_port=True` binds `[http] listen` (and `admin_listen`) with SO_REUSEPORT, so several
     processes of one user serve the same port (`busway run --workers`); off by default, so a
     port already in use is an error rather than silently shared.
+    `span_exporter` (an OpenTelemetry `SpanExporter`) receives the spans of `[tracing]`
+    instead of OTLP/HTTP: the SDK's in-memory exporter in tests, or your own.
     """
 
     # Every public attribute is declared here, typed with public types only (re-exported from
@@ -141,6 +148,7 @@ class Bus(AsyncContextManagerMixin):
         adapters: Iterable[Adapter[SourceConfig, SinkConfig]] = (),
         serve_http: bool = True,
         reuse_port: bool = False,
+        span_exporter: Any = None,
     ) -> None:
         self.config = config
         self.serve_http = serve_http
@@ -161,6 +169,9 @@ class Bus(AsyncContextManagerMixin):
         self._components: dict[tuple[str, str], _Running] = {}
         self._requester: Requester | None = None
         self._publisher: JetStreamPublisher | None = None
+        self._audit: AuditTrail | None = None
+        self._span_exporter = span_exporter
+        self._spans: Spans | None = None
         self._state: Bucket | None = None
         self._refusals = WriteRefusals()
         self._pub_acks: PubAckWatch | None = None
@@ -293,7 +304,7 @@ class Bus(AsyncContextManagerMixin):
             self._pub_acks = PubAckWatch(
                 js, after=min(float(config.nats.ping_interval), float(config.nats.publish_timeout))
             )
-            for stream in [*config.streams, config.dead_letter_stream]:
+            for stream in [*config.streams, *config.busway_streams]:
                 await self._when_ready(f"stream {stream.name!r}", ensure_stream, js, stream)
             self._state = Bucket(
                 await self._when_ready(
@@ -310,6 +321,10 @@ class Bus(AsyncContextManagerMixin):
             self._publisher = JetStreamPublisher(
                 js, timeout=config.nats.publish_timeout, refusals=self._refusals
             )
+            self._audit = AuditTrail(js, config.audit) if config.audit.enabled else None
+            if config.tracing.enabled:
+                self._spans = _open_spans(config, self._span_exporter)
+                stack.push_async_callback(anyio.to_thread.run_sync, self._spans.shutdown)
             # A crash kills every component at once: one gate for the whole process.
             self._gate = IsolationGate()
             # A short deadline: a failing message's nak waits for its ledger entry.
@@ -433,11 +448,21 @@ class Bus(AsyncContextManagerMixin):
         start; changed ones drain, then restart with the new settings on the same durable
         consumer, so what the old one had not acked is redelivered to the new one (and its
         outputs' message ids make a reprocessed message harmless). Settings of the connection
-        itself (`[nats]`, `[http]`, dead letters, state bucket) and `[redaction]` need a restart:
+        itself (`[nats]`, `[http]`, dead letters, state bucket), `[redaction]`, `[audit]` and
+        `[tracing]` need a restart:
         ConfigError.
         """
         async with self._reload_lock:
-            for section in ("nats", "cluster", "http", "dead_letter", "state_bucket", "redaction"):
+            for section in (
+                "nats",
+                "cluster",
+                "http",
+                "dead_letter",
+                "state_bucket",
+                "redaction",
+                "audit",
+                "tracing",
+            ):
                 if getattr(config, section) != getattr(self.config, section):
                     raise ConfigError(
                         f"[{section}] changed: that needs a restart, not a reload",
@@ -514,9 +539,19 @@ class Bus(AsyncContextManagerMixin):
         http_routes: list[BaseRoute] | None = (
             [] if self.config.http.listen or not self.serve_http else None
         )
+        publisher: Publisher = self._publisher
+        if self._audit is not None or self._spans is not None:  # [audit], [tracing]
+            publisher = ObservedPublisher(
+                publisher,
+                source=source_config.name,
+                stats=stats,
+                audit=self._audit,
+                spans=self._spans,
+                dead_letter_prefix=self.config.dead_letter.subject_prefix,
+            )
         context = SourceContext(
             name=source_config.name,
-            publisher=self._publisher,
+            publisher=publisher,
             state=KeyValueState(self._state, f"{source_config.name}."),
             stats=stats,
             logger=logging.getLogger(f"busway.source.{source_config.name}"),
@@ -526,6 +561,10 @@ class Bus(AsyncContextManagerMixin):
             open_dedup_store=functools.partial(self._open_dedup_store, source_config),
             open_lease=functools.partial(self._open_lease, source_config.name),
         )
+        if self._audit is not None:  # [audit] request-reply requests are ingress too
+            context.on_requested = functools.partial(
+                self._audit.requested, source_config.name, stats=stats
+            )
 
         async def run(*, task_status: TaskStatus[None]) -> None:
             await run_source(source, context, task_status=task_status, on_restarted=self._serve_app)
@@ -670,6 +709,8 @@ class Bus(AsyncContextManagerMixin):
             "refusals": self._refusals,
             "start": component.start,
             "startup_timeout": float(self.config.cluster.startup_timeout),
+            "audit": self._audit,
+            "spans": self._spans,
         }
 
     def _bind_listener(self) -> Listener:
@@ -772,6 +813,18 @@ class Bus(AsyncContextManagerMixin):
     async def _close_client(self, client: NatsClient) -> None:
         self._closing = True
         await close_connection(client)
+
+
+def _open_spans(config: Config, exporter: Any) -> Spans:
+    """`[tracing]`'s spans; imports OpenTelemetry (only now: tracing is on)."""
+    try:
+        from busway._observe.spans import open_spans
+    except ImportError as exc:
+        raise StartupError(
+            f"[tracing] enabled needs OpenTelemetry ({exc.name} is missing): "
+            "pip install 'busway[tracing]'"
+        ) from None
+    return open_spans(config.tracing, exporter)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

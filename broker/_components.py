@@ -19,6 +19,7 @@ it beside the batch, so a sink cannot forget or double an ack.
 from __future__ import annotations
 
 import abc
+import contextvars
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -213,6 +214,13 @@ class Reply:
     headers: dict[str, str]
 
 
+INGRESS_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "busway_ingress_client", default=None
+)
+"""The client address of the request the current task ingests (`SourceContext.note_client`),
+which the audit trail records; None outside a request."""
+
+
 @dataclass(kw_only=True)
 class SourceContext:
     """What the engine gives a source: a publisher, durable state, the HTTP listener, metrics."""
@@ -229,6 +237,15 @@ class SourceContext:
     open_lease: Callable[[str, float], AbstractAsyncContextManager[Lease]] | None = field(
         default=None
     )
+    on_requested: Callable[[str, Mapping[str, str]], Awaitable[None]] | None = field(default=None)
+    """Called with the subject and headers (with `Nats-Msg-Id`) of every stored request
+    (`[audit]` records it as ingress); None when nothing listens."""
+
+    def note_client(self, address: str | None) -> None:
+        """Name the peer that sent what this task publishes next (an HTTP request's client
+        address): the `[audit]` trail records it beside the principal. Scoped to the current
+        task, so concurrent requests do not mix; cheap enough to call on every request."""
+        INGRESS_CLIENT.set(address)
 
     def lease(self, name: str = "", *, ttl: float) -> AbstractAsyncContextManager[Lease]:
         """Hold this source's cluster-wide lease `name`: one daemon at a time runs the block.
@@ -269,10 +286,21 @@ class SourceContext:
         """
         if self.requester is None:
             raise RuntimeError("request-reply needs a running Bus")
-        answer = await self.requester.request(
-            subject, data, dict(headers or {}), timeout, message_id=message_id
-        )
+        try:
+            answer = await self.requester.request(
+                subject, data, dict(headers or {}), timeout, message_id=message_id
+            )
+        except TimeoutError:
+            await self._requested(subject, headers, message_id)  # stored, not answered
+            raise
+        await self._requested(subject, headers, message_id)
         return Reply(data=answer.data, headers=dict(answer.headers or {}))
+
+    async def _requested(
+        self, subject: str, headers: Mapping[str, str] | None, message_id: str
+    ) -> None:
+        if self.on_requested is not None:
+            await self.on_requested(subject, {**(headers or {}), "Nats-Msg-Id": message_id})
 
     async def dead_letter(
         self,

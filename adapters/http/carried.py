@@ -10,6 +10,11 @@ hop-by-hop headers (they describe one connection, not the message), credentials 
 not travel on the bus), and busway's and NATS's own (`Busway-*`, `Nats-*`), so a caller can
 never set a message id, a hop count or a principal.
 
+W3C trace context is carried without being listed: a valid `traceparent` (version `00`,
+lowercase hex, non-zero ids) and its `tracestate` (512 characters at most) pass as they came,
+so a trace that starts at the caller continues through the routes and sinks. An invalid one
+is dropped (never carried half-parsed); listing them changes nothing.
+
 The authenticated principal is stamped by busway itself: `Busway-Principal` (the API key's
 name, or the JWT's `sub`) and, for a JWT, `Busway-Principal-Issuer` (its `iss`). A caller's own
 `Busway-Principal` header is dropped with every other header not listed.
@@ -17,6 +22,7 @@ name, or the JWT's `sub`) and, for a JWT, `Busway-Principal-Issuer` (its `iss`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
@@ -46,6 +52,9 @@ _HOP_BY_HOP = frozenset(
 _CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _RESERVED = ("busway-", "nats-")
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+_TRACE = ("traceparent", "tracestate")
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_MAX_TRACESTATE = 512
 
 
 def check_allowed(names: Iterable[str], api_key_header: str | None) -> None:
@@ -79,15 +88,22 @@ class HeaderAllowList:
     """Picks the listed headers of a request, compiled once per source."""
 
     def __init__(self, names: Iterable[str]) -> None:
-        self._names = [(name.lower(), name) for name in names]
+        self._names = [(name.lower(), name) for name in names if name.lower() not in _TRACE]
 
     def pick(self, headers: Headers) -> dict[str, str]:
-        """The listed headers present in `headers`, under their configured spelling."""
+        """The listed headers present in `headers`, under their configured spelling, and the
+        W3C trace context when valid."""
         picked: dict[str, str] = {}
         for lower, spelled in self._names:
             values = headers.getlist(lower)
             if values:
                 picked[spelled] = ", ".join(values)
+        parent = headers.get("traceparent")
+        if parent is not None and _TRACEPARENT.fullmatch(parent := parent.strip()):
+            picked["traceparent"] = parent
+            state = ",".join(headers.getlist("tracestate"))
+            if state and len(state) <= _MAX_TRACESTATE and state.isprintable():
+                picked["tracestate"] = state
         return picked
 
 

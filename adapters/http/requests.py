@@ -24,6 +24,9 @@ __all__ = ["Prepared", "Request", "RequestBuilder", "batch_id"]
 _NDJSON = "application/x-ndjson"
 
 
+_TRACE = ("traceparent", "tracestate")
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """One message's request parts before batching: where to, with what, and its body."""
@@ -34,6 +37,9 @@ class Prepared:
     body: bytes
     content_type: str
     message_id: str
+    trace: tuple[tuple[str, str], ...] = ()
+    """The message's W3C trace context (`traceparent`, `tracestate`), sent with a request of
+    this message alone (a batch carries many traces, so none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +106,18 @@ class RequestBuilder:
             else:
                 data = cloudevents.structured_body(attributes, data, content_type)
                 content_type = cloudevents.STRUCTURED
-        return Prepared(self.method, url, headers, data, content_type, message.id)
+        trace = tuple(
+            (name, value) for name in _TRACE if (value := message.headers.get(name)) is not None
+        )
+        return Prepared(self.method, url, headers, data, content_type, message.id, trace)
 
     def single(self, prepared: Prepared) -> Request:
         """The request of one message."""
         headers = dict(prepared.headers)
         headers.setdefault("Content-Type", prepared.content_type)
+        for name, value in prepared.trace:  # the config's own headers win
+            if not any(name == key.lower() for key in headers):
+                headers[name] = value
         return self._finish(prepared, headers, prepared.body, (prepared.message_id,))
 
     def batch(self, batch: Sequence[Prepared], mode: str) -> Request:

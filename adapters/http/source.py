@@ -190,6 +190,7 @@ class HttpSource(Source):
 
     async def _ingest(self, request: Request, context: SourceContext) -> Response:
         config = self.config
+        context.note_client(request.client.host if request.client else None)  # [audit]
         identity = await self._admit(request)
         self._limit(identity, request)
         subject = self._subject(request)

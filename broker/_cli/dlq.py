@@ -89,6 +89,11 @@ def add_dlq_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     replay.add_argument("--dry-run", action="store_true", help="only say what would happen")
     replay.add_argument("--limit", type=int, help="replay at most N")
+    replay.add_argument(
+        "--why",
+        metavar="TEXT",
+        help="why you replay (a ticket, a fix): recorded with your user in the [audit] trail",
+    )
 
     purge = actions.add_parser("purge", help="delete dead letters")
     _common(purge)
@@ -204,10 +209,16 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
             return 0
         if args.dlq_command == "replay":
             report = await replay_dead_letters(
-                js, config, to_subject=args.to, dry_run=args.dry_run, limit=limit, **filters
+                js,
+                config,
+                to_subject=args.to,
+                dry_run=args.dry_run,
+                limit=limit,
+                why=args.why,
+                **filters,
             )
             _print_report(report, args.json)
-            return EXIT_FAILURE if report.failed else 0
+            return EXIT_FAILURE if report.failed or report.unaudited else 0
         count = await purge_dead_letters(js, config, dry_run=args.dry_run, limit=limit, **filters)
         if args.json:
             print(msgspec.json.encode({"purged": count, "dry_run": args.dry_run}).decode())
@@ -326,6 +337,8 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
         print(f"{'skipped':<12}  {outcome.seq:<8}  {outcome.component}: {outcome.detail}")
     for outcome in report.failed:
         print(f"{'FAILED':<12}  {outcome.seq:<8}  {outcome.component}: {outcome.detail}")
+    for outcome in report.unaudited:
+        print(f"{'UNAUDITED':<12}  {outcome.seq:<8}  {outcome.component}: {outcome.detail}")
     print(
         f"{verb} {len(report.replayed)}, failed {len(report.failed)}, skipped {len(report.skipped)}"
     )

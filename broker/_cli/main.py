@@ -9,6 +9,7 @@
     busway status --orphans busway.toml   durable consumers no route or sink uses any more
     busway schema [--markdown]  the config's JSON Schema (editors) or Markdown reference
     busway dlq list|show|replay|purge busway.toml  inspect, replay or purge dead letters
+    busway audit busway.toml [--principal P] [--since T]  read the [audit] trail
 
 Exit codes: 0 success; 1 a failure at run time (the daemon stopped on an error it could not
 recover from, a reload that failed, an unreachable daemon); 2 invalid configuration, or
@@ -38,6 +39,7 @@ import anyio
 
 from busway import __version__
 from busway._bus import Bus
+from busway._cli.audit import add_audit_parser, run_audit
 from busway._cli.dlq import add_dlq_parser, run_dlq
 from busway._cli.orphans import print_orphans
 from busway._cli.route_tests import config_path_of, load_cases, run_cases
@@ -137,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("tests", help="path of the test TOML file")
     test.add_argument("--config", help="config file to test (default: the test file's `config`)")
     add_dlq_parser(commands)
+    add_audit_parser(commands)
     return parser
 
 
@@ -508,4 +511,5 @@ _COMMANDS = {
     "status": _status_command,
     "schema": _schema_command,
     "dlq": run_dlq,
+    "audit": run_audit,
 }

@@ -40,6 +40,7 @@ from busway.routers.stages import DlpRules, StageConfig
 from busway.routers.subject import covers, is_valid_subject, overlaps
 
 __all__ = [
+    "AuditConfig",
     "CircuitConfig",
     "ClientLimit",
     "ClusterConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "SinkConfig",
     "SourceConfig",
     "StreamConfig",
+    "TracingConfig",
     "decode_config",
     "load_config",
     "locate_in_file",
@@ -634,6 +636,60 @@ class RedactionConfig(DlpRules, frozen=True, kw_only=True):
     """`false`: show everything as it is (e.g. while debugging on a test system)."""
 
 
+class AuditConfig(_Strict, frozen=True, kw_only=True):
+    """The audit trail: who sent what, and what was dead-lettered or replayed, by whom and why.
+
+    Off by default. Records are small JSON documents in their own stream, read with
+    `busway audit`; each has a deterministic id, so a retried publish never records twice."""
+
+    enabled: bool = False
+    """`true`: record every ingress, dead letter and replay in the audit stream."""
+    stream: str = "BUSWAY_AUDIT"
+    """Stream holding the audit records (created by busway)."""
+    subject_prefix: str = "busway.audit"
+    """Records go to `<subject_prefix>.ingress.<source>`, `.deadletter.<component>` and
+    `.replay.<component>`."""
+    max_age: Duration = Duration(90 * 86400.0)
+    """How long audit records are kept (0: forever); pick what your retention policy says."""
+    max_bytes: int = 0
+    """Upper bound of the audit stream's size in bytes (0: unbounded); the oldest records go
+    first when it is reached."""
+
+    def __post_init__(self) -> None:
+        if self.max_age and self.max_age < _MIN_MAX_AGE:
+            raise ValueError("max_age must be at least 100ms (JetStream's minimum), or 0 to keep")
+        if self.max_bytes < 0:
+            raise ValueError("max_bytes must be 0 (unbounded) or a positive number of bytes")
+
+
+class TracingConfig(_Strict, frozen=True, kw_only=True):
+    """OpenTelemetry spans per hop (ingress, route, sink write), exported over OTLP/HTTP.
+
+    W3C `traceparent` / `tracestate` are carried through every hop whether or not this is on;
+    spans need the `tracing` extra (`pip install 'busway[tracing]'`)."""
+
+    enabled: bool = False
+    """`true`: record spans for sampled messages (off: no OpenTelemetry code runs at all)."""
+    sample_ratio: float = 0.01
+    """Share of new traces recorded (0.0 to 1.0) at the ingress; later hops follow the
+    decision a message carries in its `traceparent`."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces URL, e.g. `http://collector:4318/v1/traces` (default: the
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` environment, else
+    `http://localhost:4318/v1/traces`)."""
+    service_name: str = "busway"
+    """The `service.name` resource attribute of the spans."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError("sample_ratio must be between 0.0 and 1.0")
+        if self.otlp_endpoint is not None and urlsplit(self.otlp_endpoint).scheme not in (
+            "http",
+            "https",
+        ):
+            raise ValueError("otlp_endpoint must be an http:// or https:// URL")
+
+
 class Config(_Strict, frozen=True, kw_only=True):
     """A whole busway deployment: where NATS is, what streams exist, what flows where."""
 
@@ -649,6 +705,10 @@ class Config(_Strict, frozen=True, kw_only=True):
     redaction: RedactionConfig = RedactionConfig()
     """What is masked wherever busway shows a payload: `[redaction]` (on by default: card
     numbers and secret fields)."""
+    audit: AuditConfig = AuditConfig()
+    """The audit trail of ingress, dead letters and replays: `[audit]` (off by default)."""
+    tracing: TracingConfig = TracingConfig()
+    """OpenTelemetry spans per hop: `[tracing]` (off by default)."""
     shutdown_timeout: Duration = Duration(15.0)
     """How long a graceful stop (or a reload) waits for in-flight messages."""
     state_bucket: str = "busway_state"
@@ -708,6 +768,28 @@ class Config(_Strict, frozen=True, kw_only=True):
             # JetStream refuses a duplicate window longer than max_age.
             duplicate_window=Duration(min(window, max_age)) if max_age else window,
         )
+
+    @property
+    def audit_stream(self) -> StreamConfig:
+        """The stream busway creates for audit records (when `[audit] enabled`)."""
+        max_age = self.audit.max_age
+        window = _DUPLICATE_WINDOW
+        return StreamConfig(
+            name=self.audit.stream,
+            subjects=[f"{self.audit.subject_prefix}.>"],
+            max_age=max_age,
+            max_bytes=self.audit.max_bytes or None,
+            replicas=self.cluster.replicas,
+            duplicate_window=Duration(min(window, max_age)) if max_age else window,
+        )
+
+    @property
+    def busway_streams(self) -> list[StreamConfig]:
+        """busway's own streams: dead letters, and the audit stream when enabled."""
+        own = [self.dead_letter_stream]
+        if self.audit.enabled:
+            own.append(self.audit_stream)
+        return own
 
     def dead_letter_subject(self, component: _Consumer) -> str:
         """Where `component` dead-letters: its own `dead_letter`, or the shared prefix."""
@@ -958,7 +1040,11 @@ def _check_topology(config: Config) -> None:
                 f"stream name {stream.name!r} must be 1-64 letters, digits, '-' or '_'",
                 path=f"{path}.name",
             )
-        if stream.name in stream_names or stream.name == config.dead_letter.stream:
+        if (
+            stream.name in stream_names
+            or stream.name == config.dead_letter.stream
+            or (config.audit.enabled and stream.name == config.audit.stream)
+        ):
             raise ConfigError(f"stream name {stream.name!r} is used twice", path=f"{path}.name")
         stream_names.add(stream.name)
         if not stream.subjects:
@@ -1045,6 +1131,20 @@ def _check_busway_assets(config: Config) -> None:
     _check_subject(
         config.dead_letter.subject_prefix, "$.dead_letter.subject_prefix", wildcards=False
     )
+    if config.audit.enabled:
+        if not _NAME.match(config.audit.stream) or config.audit.stream == config.dead_letter.stream:
+            raise ConfigError(
+                f"stream name {short(config.audit.stream)!r} must be 1-64 letters, digits, "
+                "'-' or '_', and not the dead-letter stream's",
+                path="$.audit.stream",
+            )
+        _check_subject(config.audit.subject_prefix, "$.audit.subject_prefix", wildcards=False)
+        if overlaps(f"{config.audit.subject_prefix}.>", f"{config.dead_letter.subject_prefix}.>"):
+            raise ConfigError(
+                f"subject_prefix {config.audit.subject_prefix!r} overlaps the dead letters' "
+                f"{config.dead_letter.subject_prefix!r}: pick another prefix",
+                path="$.audit.subject_prefix",
+            )
     if not _BUCKET.match(config.state_bucket):
         raise ConfigError(
             f"state_bucket {short(config.state_bucket)!r} must be 1-64 letters, digits, '-' or '_'",
@@ -1072,6 +1172,11 @@ def _reserved_subjects(config: Config) -> list[tuple[str, str]]:
     return [
         (f"{config.dead_letter.subject_prefix}.>", "dead letters go"),
         (f"$KV.{config.state_bucket}.>", "the state bucket lives"),
+        *(
+            [(f"{config.audit.subject_prefix}.>", "audit records go")]
+            if config.audit.enabled
+            else []
+        ),
     ]
 
 

@@ -59,11 +59,14 @@ from busway._nats.cluster import until_ready
 from busway._nats.errors import looks_transient
 from busway._nats.jetstream import ensure_consumer, publish_confirmed
 from busway._nats.pull import ContinuousPull
+from busway._observe.audit import AuditTrail
 from busway._observe.metrics import ComponentStats
 from busway._observe.readiness import WriteRefusals
+from busway._observe.tracing import log_extra
 
 if TYPE_CHECKING:
     from busway._nats.types import JetStream, NatsClient
+    from busway._observe.spans import Spans
 
 __all__ = ["ConsumerComponent"]
 
@@ -92,6 +95,8 @@ class ConsumerComponent(abc.ABC):
         ledger: AttemptLedger,
         start: str | None = None,
         startup_timeout: float = 0.0,
+        audit: AuditTrail | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self.client = client
         self.js = js
@@ -107,6 +112,11 @@ class ConsumerComponent(abc.ABC):
         self.refusals = refusals if refusals is not None else WriteRefusals()
         """Where refused writes (JetStream full) are reported, for `/readyz`."""
         self.start = start
+        self.audit = audit
+        """Where dead letters are recorded (`[audit]`); None when the trail is off."""
+        self.spans = spans
+        """`[tracing]`'s spans; None when tracing is off (the hot path tests only that)."""
+        self._route_spans = spans if stats.kind == "route" else None
         self.startup_timeout = startup_timeout
         """How long declaring the consumer is retried while JetStream is not ready."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
@@ -212,6 +222,9 @@ class ConsumerComponent(abc.ABC):
         # [isolation] A redelivery is trusted, processed alone, or dead-lettered on arrival.
         attempt = message.attempt
         if attempt > 1 and not await self.isolation.admit(message, message.sequence, attempt):
+            return
+        if self._route_spans is not None:  # [tracing] the route's span, if sampled
+            await self._route_spans.route_hop(self.handle, message, self.stats.name)
             return
         await self.handle(message)
 
@@ -323,7 +336,13 @@ class ConsumerComponent(abc.ABC):
             return
         sequence, attempt = message.sequence, message.attempt
         error = _describe(exc)
-        self.logger.error("%s seq %s failed unexpectedly: %s", message.subject, sequence, error)
+        self.logger.error(
+            "%s seq %s failed unexpectedly: %s",
+            message.subject,
+            sequence,
+            error,
+            extra=log_extra(message.headers),
+        )
         self.logger.debug("traceback of the unexpected failure", exc_info=exc)
         transient = retry or looks_transient(exc)
         if isinstance(exc, PermanentError):
@@ -389,6 +408,7 @@ class ConsumerComponent(abc.ABC):
             attempt,
             self.retry.max_attempts,
             error,
+            extra=log_extra(message.headers),
         )
         await self.isolation.failed(  # [isolation]
             message, sequence, error, counted=reason != "dead_letter_publish"
@@ -447,6 +467,10 @@ class ConsumerComponent(abc.ABC):
             return
         self.note_stored(self.dead_letter_subject)
         self.stats.dead_lettered += 1
+        if self.audit is not None:  # [audit] who gave up on what, and why
+            await self.audit.dead_letter(
+                component=self.stats.name, kind=self.stats.kind, headers=headers, stats=self.stats
+            )
         self.logger.error(
             "dead-lettered %s seq %s to %s (%s): %s",
             message.subject,
@@ -454,6 +478,7 @@ class ConsumerComponent(abc.ABC):
             self.dead_letter_subject,
             reason,
             error,
+            extra=log_extra(message.headers),
         )
         await self.settle(message, TERM)
 

@@ -207,6 +207,8 @@ class ReplayReport(msgspec.Struct, kw_only=True):
     replayed: list[ReplayOutcome] = []
     failed: list[ReplayOutcome] = []
     skipped: list[ReplayOutcome] = []
+    unaudited: list[ReplayOutcome] = []
+    """Replayed, but its `[audit]` record could not be stored (also in `replayed`)."""
 
 
 class DeadLetterFilters(TypedDict, total=False):

@@ -14,9 +14,13 @@ sibling does not get the message twice. Selection and reading are `busway._dlq.r
 from __future__ import annotations
 
 import asyncio
+import getpass
+import logging
+import socket
 from typing import TYPE_CHECKING, Unpack
 
 import anyio
+import orjson
 
 from busway._config.model import Config
 from busway._dlq.read import (
@@ -33,7 +37,7 @@ from busway._dlq.read import (
     iter_dead_letters,
 )
 from busway._errors import BusUnavailable, JetStreamError, PublishError
-from busway._nats.jetstream import await_pub_ack
+from busway._nats.jetstream import await_pub_ack, publish_confirmed
 from busway._nats.streams import (
     NO_MESSAGE,
     delete_message,
@@ -41,12 +45,15 @@ from busway._nats.streams import (
     purge_subject,
     stream_state,
 )
+from busway._observe.audit import replay_record
 from busway.routers.subject import covers, is_valid_subject
 
 if TYPE_CHECKING:
     from busway._nats.types import JetStream, PubAck
 
 __all__ = ["purge_dead_letters", "replay_dead_letters"]
+
+logger = logging.getLogger("busway.dlq")
 
 
 async def replay_dead_letters(
@@ -57,9 +64,14 @@ async def replay_dead_letters(
     dry_run: bool = False,
     limit: int | None = None,
     timeout: float | None = None,
+    why: str | None = None,
     **filters: Unpack[DeadLetterFilters],
 ) -> ReplayReport:
     """Republish the selected dead letters, then delete each one JetStream stored again.
+
+    With `[audit] enabled`, each replayed letter is recorded in the audit stream: the
+    operating system user and host running the replay, and `why` (`busway dlq replay --why`).
+    A record that could not be stored is listed in `report.unaudited`.
 
     Each goes to `to_subject`, or to its original subject; a dead letter without one (a
     source's) is skipped unless `to_subject` is given. Headers: see `DeadLetter.replay_headers`.
@@ -80,6 +92,7 @@ async def replay_dead_letters(
     report = ReplayReport(dry_run=dry_run)
     addressed = to_subject is None
     window: list[tuple[DeadLetter, str]] = []
+    audit = _ReplayAudit(js, config, why, wait) if config.audit.enabled and not dry_run else None
     async for letter in iter_dead_letters(js, config, limit=limit, **filters):
         target = to_subject or letter.original_subject
         if target is None:
@@ -97,11 +110,58 @@ async def replay_dead_letters(
         else:
             window.append((letter, target))
             if len(window) >= _WINDOW:
-                await _replay_window(js, window, wait, report, addressed=addressed)
+                await _replay_window(js, window, wait, report, addressed=addressed, audit=audit)
                 window.clear()
     if window:
-        await _replay_window(js, window, wait, report, addressed=addressed)
+        await _replay_window(js, window, wait, report, addressed=addressed, audit=audit)
     return report
+
+
+class _ReplayAudit:
+    """Records replays in the audit stream: who (user@host), what (the letter), why."""
+
+    def __init__(self, js: JetStream, config: Config, why: str | None, timeout: float) -> None:
+        self._js = js
+        self._subject = f"{config.audit.subject_prefix}.replay."
+        self._why = why
+        self._timeout = timeout
+        try:
+            self._user = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry and no LOGNAME (a bare container)
+            self._user = "unknown"
+        self._host = socket.gethostname()
+
+    async def record(
+        self, letter: DeadLetter, target: str, ack: PubAck, report: ReplayReport
+    ) -> None:
+        record = replay_record(
+            user=self._user,
+            host=self._host,
+            why=self._why,
+            component=letter.component,
+            dead_letter_stream=letter.stream,
+            dead_letter_seq=letter.seq,
+            reason=letter.reason,
+            message_id=letter.original_id,
+            original_subject=letter.original_subject,
+            target=target,
+            stored_stream=ack.stream,
+            stored_seq=ack.seq or 0,
+        )
+        message_id = f"audit:replay:{letter.stream}:{letter.seq}"
+        try:
+            await publish_confirmed(
+                self._js,
+                self._subject + letter.component,
+                orjson.dumps(record),
+                headers={"Nats-Msg-Id": message_id},
+                timeout=self._timeout,
+            )
+        except PublishError as exc:
+            logger.warning(
+                "replay of dead letter %d not recorded in the audit: %s", letter.seq, exc
+            )
+            report.unaudited.append(_outcome(letter, target, f"audit record not stored: {exc}"))
 
 
 async def _replay_window(
@@ -111,6 +171,7 @@ async def _replay_window(
     report: ReplayReport,
     *,
     addressed: bool,
+    audit: _ReplayAudit | None = None,
 ) -> None:
     """Publish every letter of `window`, await the PubAcks, then delete the stored ones.
 
@@ -152,6 +213,8 @@ async def _replay_window(
             )
         elif problem is None:
             report.replayed.append(_outcome(letter, target, where, ack.stream, ack.seq))
+            if audit is not None:
+                await audit.record(letter, target, ack, report)
         else:
             report.failed.append(
                 _outcome(

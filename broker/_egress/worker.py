@@ -178,6 +178,8 @@ class SinkWorker(ConsumerComponent):
 
     async def _deliver(self, batch: list[_Entry]) -> list[_Entry]:
         """Write `batch` and settle each message; returns those an outage holds back."""
+        spans = self.spans  # [tracing] a write span per sampled message
+        writes = spans.sink_writes(self.stats.name, batch) if spans is not None else None
         try:  # [isolation] guarded: alone if a suspect
             await self.isolation.guard(
                 batch[0][0].reply, self.sink.write, [delivery for _, delivery, _ in batch]
@@ -195,6 +197,8 @@ class SinkWorker(ConsumerComponent):
             failures = dict.fromkeys(range(len(batch)), exc)
         else:
             failures = {}
+        if writes and spans is not None:
+            spans.end_writes(writes, failures)
         peer_down = self._record(len(batch), failures)
         now = time.monotonic()
         held: list[_Entry] = []

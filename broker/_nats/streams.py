@@ -7,10 +7,13 @@ Every function raises busway's errors (`JetStreamError` with JetStream's code, o
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
@@ -22,7 +25,9 @@ __all__ = [
     "StoredMessage",
     "StreamState",
     "delete_message",
+    "first_sequence_since",
     "publish_pipelined",
+    "publish_unawaited",
     "purge_subject",
     "stored_message",
     "stream_state",
@@ -116,3 +121,50 @@ async def publish_pipelined(
         return await js.publish_async(subject, data, headers=headers, wait_stall=timeout)
     except TRANSPORT_ERRORS as exc:
         raise publish_error(exc, subject) from exc
+
+
+async def first_sequence_since(
+    client: NatsClient, stream: str, moment: datetime, *, timeout: float = 5.0
+) -> int | None:
+    """The sequence of the first message `stream` stored at or after `moment` (None: none).
+
+    One `STREAM.MSG.GET` request with `start_time` (nats-server 2.11+): the server finds it in
+    its index, so `busway audit --since 1h` does not walk a large stream from the start.
+    """
+    request = {"start_time": moment.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+    with map_exceptions(f"cannot read stream {stream!r}"):
+        reply = await client.request(
+            f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(), timeout=timeout
+        )
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == NO_MESSAGE:
+                return None
+            raise nats.js.errors.APIError.from_error(error)
+    sequence = answer.get("message", {}).get("seq")
+    return int(sequence) if sequence else None
+
+
+async def publish_unawaited(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    message_id: str,
+    on_failure: Callable[[BaseException], None],
+) -> None:
+    """Send `data` with `Nats-Msg-Id: message_id` and do not wait for its PubAck.
+
+    For records whose loss must be seen but must not hold a message back (audit records):
+    one pipelined publish; a refusal, a missing PubAck or a send that failed is passed to
+    `on_failure` (from the event loop's callback, so it must not block).
+    """
+    future = await internals.publish_output(js, subject, data, message_id, None)
+
+    def done(result: asyncio.Future[PubAck]) -> None:
+        if result.cancelled():
+            on_failure(TimeoutError("no PubAck"))
+        elif (error := result.exception()) is not None:
+            on_failure(error)
+
+    future.add_done_callback(done)

@@ -41,6 +41,20 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class HumanFormatter(logging.Formatter):
+    """`12:00:00 INFO    busway.route.x: message`, with ` [trace <id>]` on a line about a
+    message that carries W3C trace context (`extra=log_extra(headers)`), and `[wN] ` before
+    the logger name in a worker of `busway run --workers`."""
+
+    def __init__(self, tag: str = "") -> None:
+        super().__init__(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace = getattr(record, "trace_id", None)
+        return f"{line} [trace {trace}]" if trace else line
+
+
 def configure_logging(
     *, log_format: str = "human", level: str = "info", worker: int | None = None
 ) -> None:
@@ -54,9 +68,7 @@ def configure_logging(
         handler.setFormatter(JsonFormatter(worker))
     else:
         tag = f"[w{worker}] " if worker is not None else ""
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(HumanFormatter(tag))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
