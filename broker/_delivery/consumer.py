@@ -258,7 +258,7 @@ class ConsumerComponent(abc.ABC):
         now = time.monotonic()
         if (
             self.pull.released != settled
-            or self.stats.in_flight < self.max_in_flight
+            or len(self.pull.held) < self.max_in_flight  # own slots: partitions share stats
             or not self.stats.ready
         ):
             self._stall_mark = (self.pull.released, now)
