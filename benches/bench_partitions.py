@@ -10,7 +10,7 @@ strict order costs without partitions) and `max_in_flight = 1024` (no order at a
 
 Not a test: figures depend on the machine. Quote them with the command line.
 
-    python benches/bench_partitions.py                    # 4000 msgs, sync default and always
+    python benches/bench_partitions.py                    # 4000 msgs, 3 rounds, both sync modes
     python benches/bench_partitions.py --count 10000 --sync default
 """
 
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import datetime
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,7 +124,7 @@ async def run_shape(
 
         await wait_until(drained, f"{name}: outputs stored", timeout=600)
         first = await js.get_msg(f"OUT_{name}", seq=1)
-        last = await js.get_msg(f"OUT_{name}", last=f"out{name}.x")
+        last = await js.get_msg(f"OUT_{name}", seq=count)
         return (count - 1) / max(1e-6, _stored_at(last) - _stored_at(first))
     finally:
         await client.close()
@@ -153,6 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=4000)
     parser.add_argument("--sync", choices=["default", "always", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
     args = parser.parse_args()
     syncs = ["default", "always"] if args.sync == "both" else [args.sync]
     shapes = [
@@ -160,23 +162,36 @@ def main() -> None:
         ("unpartitioned, max_in_flight 1 (stream order)", 0, 1, 1),
         *((f"{p} partition(s), {d} daemon(s)", p, d, 1) for p in (1, 4, 16) for d in (1, 2)),
     ]
-    print(f"{args.count} messages of ~250 bytes over {KEYS} keys; rate = msgs/s at the output")
+    print(
+        f"{args.count} messages of ~250 bytes over {KEYS} keys; msgs/s at the output, "
+        f"median of {args.rounds} round(s) (shapes alternate within a round)"
+    )
     for sync in syncs:
         with tempfile.TemporaryDirectory(prefix="busway-bench-partitions-") as tmp:
             work = Path(tmp)
             (work / "nats").mkdir()
             server, url = start_server(work / "nats", sync)
+            rates: dict[str, list[float]] = {label: [] for label, *_ in shapes}
             try:
-                for index, (label, partitions, daemons, max_in_flight) in enumerate(shapes):
-                    rate = asyncio.run(
-                        run_shape(
-                            url, work, f"b{index}", partitions, daemons, max_in_flight, args.count
+                for round_ in range(args.rounds):
+                    for index, (label, partitions, daemons, max_in_flight) in enumerate(shapes):
+                        name = f"b{round_}x{index}"
+                        rates[label].append(
+                            asyncio.run(
+                                run_shape(
+                                    url, work, name, partitions, daemons, max_in_flight, args.count
+                                )
+                            )
                         )
-                    )
-                    print(f"sync {sync:7}  {label:48} {rate:8.0f} msg/s", flush=True)
             finally:
                 server.terminate()
                 server.wait()
+            for label, runs in rates.items():
+                runs_text = " ".join(f"{rate:.0f}" for rate in runs)
+                print(
+                    f"sync {sync:7}  {label:48} {statistics.median(runs):7.0f} msg/s ({runs_text})",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
