@@ -504,7 +504,8 @@ class RouteConfig(_Consumer, frozen=True, kw_only=True):
     daemons. `max_in_flight` then counts per partition (see docs/partitions.md)."""
     partition_lease_ttl: Duration = Duration(10.0)
     """How long a partition's owner may go silent before another daemon takes the partition
-    over (after a crash it moves within `1.5 x` this); only with `partitioned = true`."""
+    over: after a crash its partitions move within `2.5 x` this (see docs/partitions.md);
+    only with `partitioned = true`."""
 
 
 class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
