@@ -14,8 +14,10 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from busway import Bus
+from busway._cli.orphans import orphaned_consumers
 from busway._config.model import StreamConfig, StreamPartition
 from busway._errors import ConfigError
+from busway._nats.cluster import ConsumerSummary
 from busway._nats.partition_subjects import consumer_filter, partition_filter, subject_transform
 from busway._routing.partitions import assign
 from tests.configs import config_toml, stream_table
@@ -146,3 +148,19 @@ async def test_a_partitioned_route_and_a_plain_one_both_read_a_partitioned_strea
     assert consumers == {f"busway-route-r{unique}-p{i}" for i in range(4)} | {
         f"busway-route-plain{unique}"
     }
+
+
+def test_orphans_are_the_partitions_beyond_the_count_and_the_unpartitioned_consumer(
+    nats_server: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    stream = stream_table(f"EV_{unique}", f"ev{unique}.*") + "partition = { count = 2 }\n"
+    config = decode_test_config(
+        _route_config(
+            nats_server, unique, stream=stream, route="partitioned = true\nmax_in_flight = 1"
+        ),
+        tmp_path,
+    )
+    names = [f"busway-route-r{unique}{suffix}" for suffix in ("", "-p0", "-p1", "-p2")]
+    consumers = [ConsumerSummary(f"EV_{unique}", name, 0, 0) for name in names]
+    orphans = [c.name for c in orphaned_consumers(config, consumers)]
+    assert orphans == [f"busway-route-r{unique}", f"busway-route-r{unique}-p2"]
