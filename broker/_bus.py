@@ -529,6 +529,7 @@ class Bus(AsyncContextManagerMixin):
             make_worker=functools.partial(self._route_worker, route_config, route, stats),
             stats=stats,
             timeout=float(self.config.nats.publish_timeout),
+            drain_timeout=float(self.config.shutdown_timeout),
         )
         await self._supervise(
             ("route", route_config.name), route_config, stats, partitioned.run, partitioned

@@ -59,6 +59,7 @@ class PartitionedRoute:
         make_worker: Callable[[int], RouteWorker],
         stats: ComponentStats,
         timeout: float,
+        drain_timeout: float,
     ) -> None:
         self.name = name
         self.count = count
@@ -84,7 +85,8 @@ class PartitionedRoute:
         self.stopping = False
         self._changed = anyio.Event()
         self._timeout = timeout
-        self._drain_timeout = 30.0
+        self._drain_timeout = drain_timeout
+        """How long a partition handed over may take to settle what it holds."""
 
     # -- what the bus sees -----------------------------------------------------------------
 
@@ -108,7 +110,7 @@ class PartitionedRoute:
     async def drain(self, timeout: float) -> bool:
         """Stop taking partitions; drain the ones held (each hands back what it holds)."""
         self.stopping = True
-        self._drain_timeout = timeout
+        self._drain_timeout = min(self._drain_timeout, timeout)
         self._notify()
         drained = False
         with anyio.move_on_after(timeout):
