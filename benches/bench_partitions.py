@@ -73,12 +73,9 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def running_partitions(logs: list[Path]) -> int:
-    total = 0
-    for log in logs:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        total += text.count("running here") - text.count("handed back")
-    return total
+def running_on(log_text: str) -> int:
+    """Partitions a daemon runs now, by its log."""
+    return log_text.count("running here") - log_text.count("handed back")
 
 
 async def wait_until(check: object, what: str, timeout: float = 120) -> None:
@@ -106,8 +103,10 @@ async def run_shape(
                 return False
             if partitions == 0:
                 return True
-            shared = all("running here" in text for text in texts) or daemons == 1
-            return shared and running_partitions(logs) == partitions
+            fair = sorted(
+                partitions // daemons + (i < partitions % daemons) for i in range(daemons)
+            )
+            return sorted(running_on(text) for text in texts) == fair
 
         await wait_until(ready, f"{name}: daemons ready")
         window: list[asyncio.Future[object]] = []
