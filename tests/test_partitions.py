@@ -12,12 +12,15 @@ from pathlib import Path
 import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.errors import KeyNotFoundError
 
 from busway import Bus
 from busway._cli.orphans import orphaned_consumers
 from busway._config.model import StreamConfig, StreamPartition
 from busway._errors import ConfigError
 from busway._nats.cluster import ConsumerSummary
+from busway._nats.jetstream import state_bucket
+from busway._nats.lease import LeaseKeeper, lease_key
 from busway._nats.partition_subjects import consumer_filter, partition_filter, subject_transform
 from busway._routing.partitions import assign
 from tests.configs import config_toml, stream_table
@@ -164,3 +167,19 @@ def test_orphans_are_the_partitions_beyond_the_count_and_the_unpartitioned_consu
     consumers = [ConsumerSummary(f"EV_{unique}", name, 0, 0) for name in names]
     orphans = [c.name for c in orphaned_consumers(config, consumers)]
     assert orphans == [f"busway-route-r{unique}", f"busway-route-r{unique}-p2"]
+
+
+async def test_a_lease_whose_last_renewal_went_unanswered_is_still_released(
+    nc: NatsClient, unique: str
+) -> None:
+    """A partition handed over cancels the lease's renewal task; a renewal stored by the server
+    whose answer never arrived leaves the holder one revision behind. Releasing must still
+    delete the key (it names this holder), or the next owner waits a whole ttl."""
+    bucket = await state_bucket(nc.jetstream(), "busway_state")
+    key = lease_key(f"=route.r{unique}", "p0")
+    keeper = LeaseKeeper(bucket, key, ttl=30.0, holder="me")
+    async with keeper.hold() as lease:
+        entry = await bucket.get(key)
+        await bucket.update(key, entry.value or b"", last=lease.revision)  # the lost answer
+    with pytest.raises(KeyNotFoundError):
+        await bucket.get(key)
