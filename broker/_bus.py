@@ -684,7 +684,9 @@ class Bus(AsyncContextManagerMixin):
         assert self._js is not None
         assert self._gate is not None
         assert self._ledger is not None
+        consumed = self.config.consumed_stream(component)
         return {
+            "partitioned_stream": consumed is not None and consumed.partition is not None,
             "client": self._client,
             "js": self._js,
             "gate": self._gate,
@@ -692,9 +694,7 @@ class Bus(AsyncContextManagerMixin):
             "publish_timeout": self.config.nats.publish_timeout,
             "stream": stream,
             # On a partitioned stream the stored subjects end in the partition token.
-            "filter_subject": consumer_filter(
-                component.from_, self.config.consumed_stream(component)
-            ),
+            "filter_subject": consumer_filter(component.from_, consumed),
             "durable": f"busway-{kind}-{component.name}",
             "max_in_flight": component.max_in_flight,
             "ack_wait": float(component.ack_wait),

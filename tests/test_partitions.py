@@ -183,3 +183,31 @@ async def test_a_lease_whose_last_renewal_went_unanswered_is_still_released(
         await bucket.update(key, entry.value or b"", last=lease.revision)  # the lost answer
     with pytest.raises(KeyNotFoundError):
         await bucket.get(key)
+
+
+async def test_a_dead_letter_of_a_partitioned_stream_names_the_subject_as_published(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    """Stored as `ev.k1.<partition>`, published as `ev.k1`: a replay must go to the latter,
+    which the stream captures (the former it does not)."""
+    stream = stream_table(f"EV_{unique}", f"ev{unique}.*") + "partition = { count = 4 }\n"
+    text = config_toml(
+        nats_server,
+        streams=[stream, stream_table(f"OUT_{unique}", f"out{unique}.>")],
+        dead_letter=unique,
+    ) + (
+        f'[[routes]]\nname = "r{unique}"\nfrom = "ev{unique}.*"\nto = ["out{unique}.x"]\n'
+        'partitioned = true\nmax_in_flight = 1\ntransform = "{n: n}"\n'
+    )
+    config = decode_test_config(text, tmp_path)
+    js = nc.jetstream()
+    async with Bus(config):
+        await js.publish(f"ev{unique}.k1", b"not json")
+
+        async def dead_lettered() -> bool:
+            return int((await js.stream_info(f"DL_{unique}")).state.messages) >= 1
+
+        await eventually(dead_lettered)
+    [letter] = await stream_messages(nc, f"DL_{unique}")
+    assert letter.headers is not None
+    assert letter.headers["Busway-Original-Subject"] == f"ev{unique}.k1"

@@ -92,6 +92,7 @@ class ConsumerComponent(abc.ABC):
         ledger: AttemptLedger,
         start: str | None = None,
         startup_timeout: float = 0.0,
+        partitioned_stream: bool = False,
     ) -> None:
         self.client = client
         self.js = js
@@ -108,6 +109,9 @@ class ConsumerComponent(abc.ABC):
         """Where refused writes (JetStream full) are reported, for `/readyz`."""
         self.start = start
         self.startup_timeout = startup_timeout
+        self.partitioned_stream = partitioned_stream
+        """The stream appends a partition token to stored subjects: a dead letter records the
+        subject as published, without it, so a replay goes where the stream captures it."""
         """How long declaring the consumer is retried while JetStream is not ready."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
@@ -420,7 +424,9 @@ class ConsumerComponent(abc.ABC):
             kind=self.stats.kind,
             reason=reason,
             error=error,
-            subject=message.subject,
+            subject=message.subject.rpartition(".")[0]
+            if self.partitioned_stream
+            else message.subject,
             stream=self.stream,
             sequence=sequence,
             attempt=attempt,
