@@ -855,11 +855,18 @@ class ReloadReport:
 
 def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]]]:
     """`((kind, name), (config, built component))` of every component in `plan`."""
+
+    # The partitions of the stream a consumer reads decide its consumers' filters (and a
+    # partitioned route's consumers): a reload that changes them restarts it.
+    def layout(component: RouteConfig | SinkConfig) -> object:
+        stream = plan.config.consumed_stream(component)
+        return stream.partition if stream is not None else None
+
     return [
-        *((("sink", c.name), (c, s)) for c, s in plan.sinks),
+        *((("sink", c.name), ((c, layout(c)), s)) for c, s in plan.sinks),
         # A route's hop limit is part of what it runs with: a route that a reload puts into a
         # cycle (or takes out of one) restarts, like a route whose own settings changed.
-        *((("route", c.name), ((c, plan.hop_limit(c)), r)) for c, r in plan.routes),
+        *((("route", c.name), ((c, plan.hop_limit(c), layout(c)), r)) for c, r in plan.routes),
         *((("source", c.name), (c, s)) for c, s in plan.sources),
     ]
 

@@ -211,3 +211,29 @@ async def test_a_dead_letter_of_a_partitioned_stream_names_the_subject_as_publis
     [letter] = await stream_messages(nc, f"DL_{unique}")
     assert letter.headers is not None
     assert letter.headers["Busway-Original-Subject"] == f"ev{unique}.k1"
+
+
+async def test_a_reload_that_changes_the_partition_count_restarts_the_route_on_it(
+    nats_server: NatsServer, nc: NatsClient, unique: str, tmp_path: Path
+) -> None:
+    def config_with(count: int) -> str:
+        stream = (
+            stream_table(f"EV_{unique}", f"ev{unique}.*") + f"partition = {{ count = {count} }}\n"
+        )
+        return _route_config(
+            nats_server, unique, stream=stream, route="partitioned = true\nmax_in_flight = 1"
+        )
+
+    js = nc.jetstream()
+    async with Bus(decode_test_config(config_with(2), tmp_path)) as bus:
+        report = await bus.reload(decode_test_config(config_with(4), tmp_path))
+        assert f"route:r{unique}" in report.changed
+        for key in range(20):
+            await js.publish(f"ev{unique}.k{key}", orjson.dumps({"key": key}))
+
+        async def all_routed() -> bool:
+            return int((await js.stream_info(f"OUT_{unique}")).state.messages) >= 20
+
+        await eventually(all_routed)
+    stored = await stream_messages(nc, f"EV_{unique}")
+    assert {m.subject.rsplit(".", 1)[1] for m in stored} - {"0", "1"}, "no key beyond p1"
