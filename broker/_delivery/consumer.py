@@ -109,10 +109,10 @@ class ConsumerComponent(abc.ABC):
         """Where refused writes (JetStream full) are reported, for `/readyz`."""
         self.start = start
         self.startup_timeout = startup_timeout
+        """How long declaring the consumer is retried while JetStream is not ready."""
         self.partitioned_stream = partitioned_stream
         """The stream appends a partition token to stored subjects: a dead letter records the
         subject as published, without it, so a replay goes where the stream captures it."""
-        """How long declaring the consumer is retried while JetStream is not ready."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
         self.pull = ContinuousPull(
