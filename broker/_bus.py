@@ -79,6 +79,7 @@ from busway._nats.jetstream import (
 )
 from busway._nats.kv import Bucket, KeyValueState
 from busway._nats.lease import LeaseKeeper, lease_key, new_holder_id
+from busway._nats.partition_subjects import consumer_filter, partition_filter
 from busway._nats.requests import Requester
 from busway._nats.types import JetStream, NatsClient
 from busway._observe.audit import AuditTrail
@@ -87,6 +88,7 @@ from busway._observe.readiness import WriteRefusals, component_reason
 from busway._observe.redact import redaction
 from busway._observe.status import ComponentStatus, StatusReport
 from busway._registry import Adapter, AdapterRegistry, default_registry
+from busway._routing.partitions import PartitionedRoute
 from busway._routing.services import NatsRouteServices
 from busway._routing.worker import RouteWorker
 from busway.routers.route import Route
@@ -384,7 +386,7 @@ class Bus(AsyncContextManagerMixin):
         consumer_error: str | None = None
         pending = ack_pending = redelivered = None
         worker = running.worker
-        if worker is not None and self._js is not None:
+        if isinstance(worker, ConsumerComponent) and self._js is not None:
             try:
                 state = await consumer_state(self._js, worker.stream, worker.durable)
             except BuswayError as exc:
@@ -429,8 +431,9 @@ class Bus(AsyncContextManagerMixin):
             for running in list(self._components.values()):
                 stats = running.stats
                 worker = running.worker
-                if worker is not None and self._js is not None:
+                if worker is not None:
                     stats.max_in_flight = worker.max_in_flight
+                if isinstance(worker, ConsumerComponent) and self._js is not None:
                     with contextlib.suppress(BuswayError):  # a lost sample is not an error
                         state = await consumer_state(self._js, worker.stream, worker.durable)
                         stats.pending = state.pending
@@ -515,20 +518,57 @@ class Bus(AsyncContextManagerMixin):
         await self._supervise(("sink", sink_config.name), sink_config, stats, worker.run, worker)
 
     async def _start_route(self, route_config: RouteConfig, route: Route) -> None:
+        stats = ComponentStats(route_config.name, "route")
+        if route_config.partitioned:
+            await self._start_partitioned_route(route_config, route, stats)
+            return
+        worker = self._route_worker(route_config, route, stats)
+        await self._supervise(("route", route_config.name), route_config, stats, worker.run, worker)
+
+    def _route_worker(
+        self, route_config: RouteConfig, route: Route, stats: ComponentStats, partition: int = -1
+    ) -> RouteWorker:
+        """The worker of a route, or of its partition `partition` (a consumer of its own)."""
         assert self._js is not None
         assert self._requester is not None
-        stats = ComponentStats(route_config.name, "route")
-        worker = RouteWorker(
+        settings = self._consumer_settings(route_config, "route")
+        if partition >= 0:
+            settings["durable"] += f"-p{partition}"
+            settings["filter_subject"] = partition_filter(route_config.from_, partition)
+        return RouteWorker(
             route=route,
             services=NatsRouteServices(
                 self._js, self._requester, replicas=self.config.cluster.replicas
             ),
             state_bucket=self.config.state_bucket,
+            state_scope=f"{route_config.name}.p{partition}" if partition >= 0 else None,
             hop_limit=self.plan.hop_limit(route_config),
             stats=stats,
-            **self._consumer_settings(route_config, "route"),
+            **settings,
         )
-        await self._supervise(("route", route_config.name), route_config, stats, worker.run, worker)
+
+    async def _start_partitioned_route(
+        self, route_config: RouteConfig, route: Route, stats: ComponentStats
+    ) -> None:
+        """A route read one consumer per partition, partitions shared out between daemons."""
+        assert self._state is not None
+        stream = self.config.consumed_stream(route_config)
+        assert stream is not None
+        assert stream.partition is not None
+        partitioned = PartitionedRoute(
+            name=route_config.name,
+            count=stream.partition.count,
+            ttl=float(route_config.partition_lease_ttl),
+            holder=self._holder_id,
+            bucket=self._state,
+            make_worker=functools.partial(self._route_worker, route_config, route, stats),
+            stats=stats,
+            timeout=float(self.config.nats.publish_timeout),
+            drain_timeout=float(self.config.shutdown_timeout),
+        )
+        await self._supervise(
+            ("route", route_config.name), route_config, stats, partitioned.run, partitioned
+        )
 
     async def _start_source(self, source_config: SourceConfig, source: Source) -> None:
         assert self._js is not None
@@ -624,7 +664,7 @@ class Bus(AsyncContextManagerMixin):
         config: object,
         stats: ComponentStats,
         run: Callable[..., Awaitable[None]],
-        worker: ConsumerComponent | None,
+        worker: ConsumerComponent | PartitionedRoute | None,
         http_routes: list[BaseRoute] | None = None,
     ) -> None:
         """Run one component in its own cancel scope, so a reload can stop it alone."""
@@ -677,7 +717,7 @@ class Bus(AsyncContextManagerMixin):
         self._asgi.app = self.app
 
     @property
-    def _workers(self) -> list[ConsumerComponent]:
+    def _workers(self) -> list[ConsumerComponent | PartitionedRoute]:
         return [r.worker for r in self._components.values() if r.worker is not None]
 
     def _is_stored(self, subject: str) -> bool:
@@ -693,14 +733,17 @@ class Bus(AsyncContextManagerMixin):
         assert self._js is not None
         assert self._gate is not None
         assert self._ledger is not None
+        consumed = self.config.consumed_stream(component)
         return {
+            "partitioned_stream": consumed is not None and consumed.partition is not None,
             "client": self._client,
             "js": self._js,
             "gate": self._gate,
             "ledger": self._ledger,
             "publish_timeout": self.config.nats.publish_timeout,
             "stream": stream,
-            "filter_subject": component.from_,
+            # On a partitioned stream the stored subjects end in the partition token.
+            "filter_subject": consumer_filter(component.from_, consumed),
             "durable": f"busway-{kind}-{component.name}",
             "max_in_flight": component.max_in_flight,
             "ack_wait": float(component.ack_wait),
@@ -844,7 +887,8 @@ class _Running:
 
     config: object
     stats: ComponentStats
-    worker: ConsumerComponent | None
+    worker: ConsumerComponent | PartitionedRoute | None
+    """What drains; a partitioned route's partitions are consumers of their own."""
     http_routes: list[BaseRoute] | None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -875,11 +919,18 @@ class ReloadReport:
 
 def _components(plan: Plan) -> list[tuple[tuple[str, str], tuple[object, object]]]:
     """`((kind, name), (config, built component))` of every component in `plan`."""
+
+    # The partitions of the stream a consumer reads decide its consumers' filters (and a
+    # partitioned route's consumers): a reload that changes them restarts it.
+    def layout(component: RouteConfig | SinkConfig) -> object:
+        stream = plan.config.consumed_stream(component)
+        return stream.partition if stream is not None else None
+
     return [
-        *((("sink", c.name), (c, s)) for c, s in plan.sinks),
+        *((("sink", c.name), ((c, layout(c)), s)) for c, s in plan.sinks),
         # A route's hop limit is part of what it runs with: a route that a reload puts into a
         # cycle (or takes out of one) restarts, like a route whose own settings changed.
-        *((("route", c.name), ((c, plan.hop_limit(c)), r)) for c, r in plan.routes),
+        *((("route", c.name), ((c, plan.hop_limit(c), layout(c)), r)) for c, r in plan.routes),
         *((("source", c.name), (c, s)) for c, s in plan.sources),
     ]
 

@@ -25,7 +25,13 @@ _PREFIXES = ("busway-route-", "busway-sink-")
 
 def orphaned_consumers(config: Config, consumers: list[ConsumerSummary]) -> list[ConsumerSummary]:
     """The busway consumers (`busway-route-*`, `busway-sink-*`) `config` does not declare."""
-    used = {f"busway-route-{route.name}" for route in config.routes}
+    used: set[str] = set()
+    for route in config.routes:
+        stream = config.consumed_stream(route) if route.partitioned else None
+        if stream is not None and stream.partition is not None:  # one consumer per partition
+            used |= {f"busway-route-{route.name}-p{i}" for i in range(stream.partition.count)}
+        else:
+            used.add(f"busway-route-{route.name}")
     used |= {f"busway-sink-{sink.name}" for sink in config.sinks}
     return [c for c in consumers if c.name.startswith(_PREFIXES) and c.name not in used]
 

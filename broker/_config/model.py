@@ -452,6 +452,20 @@ _DUPLICATE_WINDOW = Duration(300.0)
 _MIN_MAX_AGE = 0.1  # JetStream's minimum max_age and duplicate window (error 10052)
 
 
+class StreamPartition(_Strict, frozen=True, kw_only=True):
+    """Keyed partitions of a stream (see docs/partitions.md): JetStream stores each message with
+    the partition of its key appended to its subject (`events.k1` → `events.k1.3`), through the
+    stream's subject transform `{{partition(count, key...)}}`, so a partitioned route reads each
+    partition through its own consumer, in order."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+    """Number of partitions. Changing it on a stream that holds messages re-maps keys for new
+    messages only: a key's order across the change is not kept (drain the routes first)."""
+    key: list[Annotated[int, msgspec.Meta(ge=1, le=32)]] = []
+    """Which `*` tokens of the stream's subject form the key (1 = the first `*`); default:
+    every `*`. Messages whose key tokens are equal land in the same partition."""
+
+
 class StreamConfig(_Strict, frozen=True, kw_only=True):
     """A JetStream stream busway creates (or, with `create = false`, expects to exist).
 
@@ -478,6 +492,9 @@ class StreamConfig(_Strict, frozen=True, kw_only=True):
     """Discard the oldest messages beyond this count (default: unlimited)."""
     create: bool = True
     """`false`: the stream is managed elsewhere; busway only checks it exists."""
+    partition: StreamPartition | None = None
+    """Keyed partitions (`{ count = 8, key = [1] }`): per-key order with parallelism for
+    routes with `partitioned = true`. Needs exactly one subject, with `*` tokens and no `>`."""
 
     def __post_init__(self) -> None:
         if self.replicas is not None:
@@ -582,6 +599,14 @@ class RouteConfig(_Consumer, frozen=True, kw_only=True):
     hop_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
     """Route hops a message may make before this route dead-letters it (reason `hop_limit`);
     only enforced on routes a cycle can pass through (see "Route cycles")."""
+    partitioned: bool = False
+    """Read the (partitioned) stream one consumer per partition, each partition owned by one
+    daemon at a time: per-key order, keys in parallel, aggregate groups never split across
+    daemons. `max_in_flight` then counts per partition (see docs/partitions.md)."""
+    partition_lease_ttl: Duration = Duration(10.0)
+    """How long a partition's owner may go silent before another daemon takes the partition
+    over: after a crash its partitions move within `2.5 x` this (see docs/partitions.md);
+    only with `partitioned = true`."""
 
 
 class SourceConfig(_Strict, frozen=True, kw_only=True, tag_field="type"):
@@ -745,6 +770,12 @@ class Config(_Strict, frozen=True, kw_only=True):
     def resolve_path(self, path: str) -> Path:
         """`path` made absolute against the config file's directory."""
         return (Path(self.base_dir) / os.path.expanduser(path)).resolve()
+
+    def consumed_stream(self, component: _Consumer) -> StreamConfig | None:
+        """The stream `component` reads: its `stream`, else the one capturing `from`."""
+        if component.stream is None:
+            return self.stream_for(component.from_)
+        return next((s for s in self.streams if s.name == component.stream), None)
 
     def stream_for(self, subject: str) -> StreamConfig | None:
         """The declared stream that captures `subject` (a pattern is captured if covered)."""
@@ -1065,6 +1096,8 @@ def _check_topology(config: Config) -> None:
                         f"($.streams[{k}]); JetStream refuses overlapping streams",
                         path=f"{path}.subjects[{j}]",
                     )
+        if stream.partition is not None:
+            _check_partition(stream, stream.partition, path)
 
     _check_unique_names("routes", [route.name for route in config.routes])
     _check_unique_names("sources", [source.name for source in config.sources])
@@ -1089,6 +1122,8 @@ def _check_topology(config: Config) -> None:
                     "matches: it would route its outputs again forever",
                     path=target_path,
                 )
+        if route.partitioned:
+            _check_partitioned_route(config, route, path)
         for j, stage in enumerate(route.stages):
             count = stage.aggregate.count if stage.aggregate is not None else None
             if count is not None and count > route.max_in_flight:
@@ -1235,6 +1270,60 @@ def _check_consumer(config: Config, component: _Consumer, path: str) -> None:
     dead_letter = config.dead_letter_subject(component)
     _check_subject(dead_letter, f"{path}.dead_letter", wildcards=False)
     _check_captured(config, dead_letter, f"{path}.dead_letter")
+
+
+def _check_partition(stream: StreamConfig, partition: StreamPartition, path: str) -> None:
+    """A partitioned stream: one subject (a stream has one subject transform), `*` tokens to
+    key on, no `>` (the partition is appended as the last token)."""
+    if len(stream.subjects) != 1:
+        raise ConfigError(
+            f"a partitioned stream has exactly one subject, not {len(stream.subjects)}: "
+            "JetStream applies one subject transform per stream; split it into streams",
+            path=f"{path}.subjects",
+        )
+    subject = stream.subjects[0]
+    wildcards = subject.split(".").count("*")
+    if ">" in subject.split(".") or not wildcards:
+        raise ConfigError(
+            f"subject {subject!r} of a partitioned stream needs `*` tokens to key on and no "
+            "`>` (e.g. `events.*`, the key being the `*` token)",
+            path=f"{path}.subjects[0]",
+        )
+    for k, index in enumerate(partition.key):
+        if index > wildcards:
+            raise ConfigError(
+                f"key token {index} does not exist: {subject!r} has {wildcards} `*` token(s)",
+                path=f"{path}.partition.key[{k}]",
+            )
+
+
+def _check_partitioned_route(config: Config, route: RouteConfig, path: str) -> None:
+    """A partitioned route reads a partitioned stream and keeps order within a partition."""
+    stream = config.consumed_stream(route)
+    if stream is None or stream.partition is None:
+        raise ConfigError(
+            "`partitioned = true` needs a partitioned stream: add `partition = { count = N }` "
+            f"to the [[streams]] table capturing {route.from_!r}",
+            path=f"{path}.partitioned",
+        )
+    if ">" in route.from_.split("."):
+        raise ConfigError(
+            f"a partitioned route reads `from` plus the partition token: {route.from_!r} ends "
+            "in `>`, which leaves no place for it; use `*` tokens",
+            path=f"{path}.from",
+        )
+    aggregates = any(stage.aggregate is not None for stage in route.stages)
+    if route.max_in_flight != 1 and not aggregates:
+        raise ConfigError(
+            f"max_in_flight {route.max_in_flight} on a partitioned route would let a retried "
+            "message fall behind later ones of its key: set max_in_flight = 1 (it counts per "
+            "partition; partitions run in parallel)",
+            path=f"{path}.max_in_flight",
+        )
+    if not route.partition_lease_ttl >= 1.0:
+        raise ConfigError(
+            "partition_lease_ttl must be at least 1s", path=f"{path}.partition_lease_ttl"
+        )
 
 
 def _check_subject(subject: str, path: str, *, wildcards: bool) -> None:

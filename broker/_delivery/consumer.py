@@ -97,6 +97,7 @@ class ConsumerComponent(abc.ABC):
         startup_timeout: float = 0.0,
         audit: AuditTrail | None = None,
         spans: Spans | None = None,
+        partitioned_stream: bool = False,
     ) -> None:
         self.client = client
         self.js = js
@@ -119,6 +120,9 @@ class ConsumerComponent(abc.ABC):
         self._route_spans = spans if stats.kind == "route" else None
         self.startup_timeout = startup_timeout
         """How long declaring the consumer is retried while JetStream is not ready."""
+        self.partitioned_stream = partitioned_stream
+        """The stream appends a partition token to stored subjects: a dead letter records the
+        subject as published, without it, so a replay goes where the stream captures it."""
         self.logger = logging.getLogger(f"busway.{stats.kind}.{stats.name}")
         self.stopping = False
         self.pull = ContinuousPull(
@@ -271,7 +275,7 @@ class ConsumerComponent(abc.ABC):
         now = time.monotonic()
         if (
             self.pull.released != settled
-            or self.stats.in_flight < self.max_in_flight
+            or len(self.pull.held) < self.max_in_flight  # own slots: partitions share stats
             or not self.stats.ready
         ):
             self._stall_mark = (self.pull.released, now)
@@ -440,7 +444,9 @@ class ConsumerComponent(abc.ABC):
             kind=self.stats.kind,
             reason=reason,
             error=error,
-            subject=message.subject,
+            subject=message.subject.rpartition(".")[0]
+            if self.partitioned_stream
+            else message.subject,
             stream=self.stream,
             sequence=sequence,
             attempt=attempt,

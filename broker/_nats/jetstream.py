@@ -32,6 +32,7 @@ from nats.js.api import (
     KeyValueConfig,
     PubAck,
     StorageType,
+    SubjectTransform,
 )
 from nats.js.api import StreamConfig as NatsStreamConfig
 from nats.js.kv import KeyValue
@@ -43,6 +44,7 @@ from busway._nats import internals
 from busway._nats.cluster import connect_options
 from busway._nats.errors import is_refusal, map_exceptions, publish_error, startup_errors
 from busway._nats.kv import Bucket, KeyValueDedupStore, KeyValueState
+from busway._nats.partition_subjects import subject_transform
 from busway._nats.tls import handshake_failure, is_handshake_failure, tls_options
 from busway._observe.readiness import WriteRefusals
 
@@ -357,6 +359,9 @@ async def ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
         max_msgs=stream.max_msgs,
         discard=DiscardPolicy.OLD,
     )
+    transform = subject_transform(stream)
+    if transform is not None:
+        config.subject_transform = SubjectTransform(src=transform[0], dest=transform[1])
     with startup_errors(f"cannot declare {what}"):
         try:
             await js.add_stream(config)

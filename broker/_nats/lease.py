@@ -55,6 +55,8 @@ _VALID = 0.75
 """The share of `ttl` a holder counts as valid after sending a renewal that succeeded."""
 _CHECK = 0.25
 """The share of `ttl` between two renewals, and between two looks of a contender."""
+_WRONG_LAST = (10071, 10164)
+"""JetStream's "wrong last sequence" error codes: a compare-and-set found another revision."""
 
 
 def lease_key(source: str, name: str = "") -> str:
@@ -233,13 +235,27 @@ class LeaseKeeper:
 
     async def _release(self, lease: KeyValueLease) -> None:
         try:
-            await self._bucket.delete(self.key, last=lease.revision)
+            try:
+                await self._bucket.delete(self.key, last=lease.revision)
+            except nats.js.errors.APIError as exc:
+                # A renewal cancelled in flight may have been stored without this holder
+                # learning its revision: if the key still names this holder, it is ours.
+                if exc.err_code not in _WRONG_LAST or not await self._release_current():
+                    raise
         except (nats.errors.Error, TimeoutError) as exc:  # it expires on its own
             self._logger.info(
                 "lease %s not released (%r): it expires in %.1fs", self.key, exc, self.ttl
             )
         else:
             self._logger.info("lease %s released", self.key)
+
+    async def _release_current(self) -> bool:
+        """Delete the key at its current revision if it still names this holder."""
+        entry = await self._bucket.get(self.key)
+        if self._holder_of(entry.value) != self.holder:
+            return False
+        await self._bucket.delete(self.key, last=entry.revision)
+        return True
 
     def _ttl_of(self, value: bytes | None) -> float:
         """The holder's ttl as it stored it, or ours if longer (or if the value is foreign)."""

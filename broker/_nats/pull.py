@@ -140,12 +140,13 @@ class ContinuousPull:
         unsubscribing earlier would leave them un-acked until `ack_wait`.
         """
         self._pulling = False
-        while self._stats.in_flight or self._requested:
+        while self.held or self._requested:
             self._drained = anyio.Event()
             await self._drained.wait()
 
     def _notify_drained(self) -> None:
-        if self._drained is not None and not (self._stats.in_flight or self._requested):
+        # `held`, not the stats' gauge: the partitions of a route share one stats object.
+        if self._drained is not None and not (self.held or self._requested):
             self._drained.set()
 
     def forget(self, reply: str) -> bool:
@@ -194,7 +195,7 @@ class ContinuousPull:
     async def _maybe_request(self) -> None:
         if not self._pulling or self._client.is_closed or self._client.is_reconnecting:
             return
-        free = self._capacity - self._stats.in_flight - self._requested
+        free = self._capacity - len(self.held) - self._requested
         if free < self._low_water or time.monotonic() < self._retry_at:
             return
         batch = min(free, self._batch)

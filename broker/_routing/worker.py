@@ -70,9 +70,13 @@ class RouteWorker(ConsumerComponent):
         services: RouteServices,
         state_bucket: str,
         hop_limit: int | None = None,
+        state_scope: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.state_scope = state_scope or route.name
+        """Names the route's aggregate records: one scope per consumer (a partition has its
+        own, since its consumer's ack floor only speaks for its own inputs)."""
         self.hops = HopCounter(hop_limit) if hop_limit is not None else None
         """Set on routes a cycle may pass through: they count hops and enforce the limit."""
         self.route = route
@@ -89,7 +93,7 @@ class RouteWorker(ConsumerComponent):
         """Start the in-order settler (and the aggregator, if any)."""
         tg.start_soon(self._settle_in_order)
         if self.route.aggregation is not None:
-            state = AggregateState(self.js, self.state_bucket_name, self.route.name)
+            state = AggregateState(self.js, self.state_bucket_name, self.state_scope)
             self.aggregator = Aggregator(self, self.route, self.services, state)
             await self.aggregator.open()
             tg.start_soon(self.aggregator.expire_groups)
