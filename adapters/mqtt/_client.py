@@ -21,6 +21,7 @@ from typing import Any
 
 try:
     import aiomqtt
+    from aiomqtt.exceptions import MqttConnectError
     import paho.mqtt.client as paho
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -134,7 +135,7 @@ class Session:
         inner.on_publish = on_publish
         try:
             await client.__aenter__()
-        except aiomqtt.MqttConnectError as exc:
+        except MqttConnectError as exc:
             code = int(getattr(exc.rc, "value", exc.rc or 0))
             if code in _LOGIN_REFUSED:
                 user = self._config.username

@@ -17,6 +17,7 @@ by on the source's lease and take over when the holder dies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from collections.abc import Awaitable
@@ -33,7 +34,7 @@ from busway.adapters.mqtt._topics import topic_to_subject
 
 __all__ = ["MqttSource"]
 
-_FIRST_BACKOFF = 0.2
+_SETTLE_TIMEOUT = 15.0
 
 Pending = tuple[Received, Awaitable[PublishAck] | None]
 """A message taken, and its PubAck to await (None: already stored, e.g. dead-lettered)."""
@@ -109,7 +110,12 @@ class MqttSource(Source):
             tg.start_soon(self._acknowledge, context, session, receive)
             async for message in session.messages():
                 context.stats.received += 1
-                await send.send((message, await self._publish(context, message)))
+                stored = await self._publish(context, message)
+                try:
+                    await send.send((message, stored))
+                except BaseException:
+                    await _settle([stored])
+                    raise
             # The connection ended: what was published but not acknowledged comes again.
             raise BrokerUnavailable(f"MQTT broker {session.where} closed the connection")
 
@@ -119,12 +125,22 @@ class MqttSource(Source):
         session: Session,
         receive: MemoryObjectReceiveStream[Pending],
     ) -> None:
-        async with receive:
+        try:
             async for message, stored in receive:
                 if stored is not None:
                     await stored  # PublishError: nothing more is acknowledged
                     context.stats.published += 1
                 session.ack(message)
+        finally:
+            # Left unacknowledged: the broker sends them again.
+            left: list[Awaitable[PublishAck] | None] = []
+            while True:
+                try:
+                    left.append(receive.receive_nowait()[1])
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            receive.close()
+            await _settle(left)
 
     async def _publish(
         self, context: SourceContext, message: Received
@@ -183,3 +199,14 @@ class MqttSource(Source):
         else:
             key = b"c\x00" + message.topic.encode() + b"\x00" + message.payload
         return f"{name}:{hashlib.sha256(key).hexdigest()[:40]}"
+
+
+
+async def _settle(pending: list[Awaitable[PublishAck] | None]) -> None:
+    """Await PubAcks nobody will use, ignoring their outcome: an abandoned one would leave
+    nats-py's future with an exception never retrieved (and a coroutine never awaited)."""
+    with anyio.move_on_after(_SETTLE_TIMEOUT, shield=True):
+        for stored in pending:
+            if stored is not None:
+                with contextlib.suppress(Exception):
+                    await stored
