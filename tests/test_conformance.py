@@ -27,14 +27,17 @@ from busway.adapters.sql.sqlite import SqliteDatabase
 from busway.testing import Harness, MemoryHub, MemorySink, MemorySinkConfig, memory_adapter
 from busway.testing.conformance import SinkCase, SinkConformance, SourceCase, SourceConformance
 from tests.http_support import Receiver, Seen, serving
+from tests.mqtt.broker import MosquittoBroker, Subscriber
+from tests.mqtt.conftest import mosquitto
 from tests.sql.conftest import mariadb_server, postgres_server
 from tests.sql.engines import Engine, MariaDBEngine, PostgresEngine
 from tests.sql.servers import MariaDBServer, PostgresServer
 from tests.support import free_port
 
-# The database servers of tests/sql serve the SQL classes here too (each started only when a
+# The database servers of tests/sql (and the Mosquitto broker of tests/mqtt) serve the classes
+# here too (each started only when a
 # test here asks for it); exported so that the fixtures' names count as used.
-__all__ = ["mariadb_server", "postgres_server"]
+__all__ = ["mariadb_server", "mosquitto", "postgres_server"]
 
 
 def _keys_in_lines(text: str) -> list[str]:
@@ -360,9 +363,59 @@ class TestHttpSource(SourceConformance):
         )
 
 
+# ---------------------------------------------------------------------------------------- mqtt
+
+
+class TestMqttSink(SinkConformance):
+    """QoS 1 to a Mosquitto broker; at least once, so not idempotent (a redelivered message is
+    published again; MQTT 5 subscribers can drop it by its `busway-message-id` property)."""
+
+    @pytest.fixture
+    async def sink_case(self, mosquitto: MosquittoBroker, tmp_path: Path) -> SinkCase:
+        subscriber = Subscriber(mosquitto, ["conformance/#"], client_id="conformance-reader")
+        await subscriber.subscribe()
+
+        async def delivered() -> list[str]:
+            return [orjson.loads(payload)["key"] for _, payload in await subscriber.drain()]
+
+        return SinkCase(
+            type="mqtt",
+            table=f'max_payload = 1000\nconnection = {{ url = "{mosquitto.url}" }}',
+            delivered=delivered,
+            base_dir=tmp_path,
+            idempotent=False,
+            bad_payload=b"x" * 1001,
+            unreachable_table=f'connection = {{ url = "mqtt://127.0.0.1:{free_port()}" }}',
+        )
+
+
+class TestMqttSource(SourceConformance):
+    """QoS 1 from a Mosquitto broker; the same payload on the same topic again (as the broker
+    sends it after a crash before the PUBACK) has the same id, so JetStream stores it once."""
+
+    @pytest.fixture
+    def source_case(self, mosquitto: MosquittoBroker, tmp_path: Path) -> SourceCase:
+        import aiomqtt
+
+        async def feed(harness: Harness, keys: list[str]) -> None:
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as device:
+                for key in keys:
+                    await device.publish("conformance/in", orjson.dumps({"key": key}), qos=1)
+
+        return SourceCase(
+            type="mqtt",
+            table=(
+                'topics = ["conformance/#"]\nlease_ttl = "1s"\n'
+                f'connection = {{ url = "{mosquitto.url}" }}'
+            ),
+            feed=feed,
+            directory=tmp_path,
+        )
+
+
 def test_every_built_in_adapter_is_checked_here() -> None:
     """A new built-in adapter type fails this until a conformance class above covers it."""
-    covered = {"file", "http", "sqlite", "postgres", "mysql"}
+    covered = {"file", "http", "sqlite", "postgres", "mysql", "mqtt"}
     assert set(default_registry().types) == covered
 
 

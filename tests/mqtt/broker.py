@@ -126,3 +126,51 @@ def wait_closed(port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"127.0.0.1:{port} still accepts connections after {timeout}s")
+
+
+class Subscriber:
+    """A persistent MQTT session that reads, on demand, what the broker queued for it.
+
+    `subscribe()` once; each `drain()` connects with the same client id, reads every message
+    queued since, and stops at a marker it publishes to itself (the broker delivers a
+    session's queue in order, so the marker comes last): no waiting for silence.
+    """
+
+    def __init__(self, broker: MosquittoBroker, topics: list[str], *, client_id: str) -> None:
+        self.broker = broker
+        self.topics = topics
+        self.client_id = client_id
+        self.received: list[tuple[str, bytes]] = []
+
+    async def subscribe(self) -> None:
+        """Create the session and its subscriptions (QoS 1)."""
+        import aiomqtt
+
+        async with self._client(aiomqtt) as client:
+            await client.subscribe([(topic, 1) for topic in [*self.topics, self._marker_filter]])
+
+    async def drain(self) -> list[tuple[str, bytes]]:
+        """Everything received so far (topic, payload), this drain's messages appended."""
+        import uuid
+
+        import aiomqtt
+
+        marker = f"{self._marker_filter[:-2]}/{uuid.uuid4().hex}"
+        async with self._client(aiomqtt) as client:
+            await client.subscribe([(topic, 1) for topic in [*self.topics, self._marker_filter]])
+            await client.publish(marker, b"", qos=1)
+            async for message in client.messages:
+                if message.topic.value == marker:
+                    break
+                if not message.topic.value.startswith(self._marker_filter[:-2]):
+                    self.received.append((message.topic.value, bytes(message.payload)))  # type: ignore[arg-type]
+        return list(self.received)
+
+    @property
+    def _marker_filter(self) -> str:
+        return f"busway-test-marker/{self.client_id}/#"
+
+    def _client(self, aiomqtt: object) -> object:
+        return aiomqtt.Client(  # type: ignore[attr-defined]
+            "127.0.0.1", self.broker.port, identifier=self.client_id, clean_session=False
+        )
