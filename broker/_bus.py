@@ -62,7 +62,7 @@ from busway._nats.cluster import (
     shared_consumer_notes,
     until_ready,
 )
-from busway._nats.embedded import EmbeddedNatsServer
+from busway._nats.embedded import EmbeddedNatsServer, with_resolved_paths
 from busway._nats.jetstream import (
     JetStreamPublisher,
     close_connection,
@@ -260,7 +260,8 @@ class Bus(AsyncContextManagerMixin):
             embedded = None
             if servers is None:
                 embedded = EmbeddedNatsServer(
-                    config.nats, config.resolve_path(config.nats.data_dir)
+                    with_resolved_paths(config.nats, config.resolve_path),
+                    config.resolve_path(config.nats.data_dir),
                 )
                 await embedded.start()
                 stack.push_async_callback(embedded.stop)
