@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiomqtt
+import anyio
 import orjson
 import pytest
 
@@ -57,13 +58,19 @@ async def test_a_qos1_publish_lands_once_in_the_stream_and_a_device_gets_a_route
         await listener.subscribe("commands/#", qos=1)
         for i in range(5):
             await sensor.publish("telemetry/plant.1/temp", orjson.dumps({"n": i}), qos=1)
+
+        async def all_stored() -> bool:
+            return len(await harness.stored("TELEMETRY")) >= 5
+
+        await eventually(all_stored)
         stored = await harness.stored("TELEMETRY")
         got = []
-        async for message in listener.messages:
-            got.append((message.topic.value, message.payload))
-            if len(got) == 5:
-                break
-    # The PUBACK came after the server stored it: every message is there, once, in order.
+        with anyio.move_on_after(20):  # a missing output fails the assertion below, not a hang
+            async for message in listener.messages:
+                got.append((message.topic.value, message.payload))
+                if len(got) == 5:
+                    break
+    # Every message is there, once, in order, on the subject its topic maps to.
     assert [(m.subject, orjson.loads(m.data)["n"]) for m in stored] == [
         ("telemetry.plant//1.temp", i) for i in range(5)
     ]
