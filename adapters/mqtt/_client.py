@@ -14,6 +14,7 @@ password); a broker that cannot be reached or drops the connection is `BrokerUna
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from typing import Any
 
 try:
     import aiomqtt
-    from aiomqtt.exceptions import MqttConnectError
     import paho.mqtt.client as paho
+    from aiomqtt.exceptions import MqttConnectError
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 except ImportError as exc:  # pragma: no cover - the extra is not installed
@@ -103,7 +104,7 @@ class Session:
         v5 = self._config.protocol == "5"
         properties = None
         if v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = int(self._session_expiry)
         client = aiomqtt.Client(
             self.host,
@@ -120,7 +121,7 @@ class Session:
             max_inflight_messages=self._max_inflight,
             tls_context=self._tls_context() if self._tls else None,
         )
-        inner = client._client  # paho: manual acks and PUBACK reason codes (module docstring)
+        inner: Any = client._client  # paho: manual acks and PUBACK reason codes (module docstring)
         inner.manual_ack_set(self._manual_ack)
         wrapped = inner.on_publish
 
@@ -129,14 +130,14 @@ class Session:
             mid, reason = args[2], args[3]
             waiter = self._acks.pop(mid, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(int(getattr(reason, "value", reason or 0)))
+                waiter.set_result(_code(reason))
             wrapped(*args)
 
         inner.on_publish = on_publish
         try:
             await client.__aenter__()
         except MqttConnectError as exc:
-            code = int(getattr(exc.rc, "value", exc.rc or 0))
+            code = _code(exc.rc)
             if code in _LOGIN_REFUSED:
                 user = self._config.username
                 who = f"user {user!r}" if user else "an anonymous client"
@@ -161,10 +162,8 @@ class Session:
                 waiter.cancel()
         self._acks.clear()
         if client is not None:
-            try:
+            with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
                 await asyncio.wait_for(client.__aexit__(None, None, None), 5.0)
-            except (aiomqtt.MqttError, OSError, TimeoutError):
-                pass
 
     async def subscribe(self, topics: list[str]) -> None:
         """Subscribe to every filter with QoS 1; BrokerRefused if the broker refuses one."""
@@ -174,7 +173,7 @@ class Session:
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"subscribing at {self.where} failed: {exc}") from None
         for topic, code in zip(topics, granted, strict=False):
-            value = int(getattr(code, "value", code))
+            value = _code(code)
             if value >= 0x80:
                 raise BrokerRefused(
                     f"MQTT broker {self.where} refused the subscription to {topic!r} "
@@ -223,7 +222,7 @@ class Session:
             raise BrokerUnavailable(f"not connected to MQTT broker {self.where}")
         properties = None
         if user_properties and self._config.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.UserProperty = list(user_properties.items())
         info = self._paho.publish(topic, payload, 1, retain, properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -269,6 +268,12 @@ class Session:
 def _user_properties(properties: Any) -> dict[str, str]:
     pairs = getattr(properties, "UserProperty", None) or []
     return {str(name): str(value) for name, value in pairs}
+
+
+def _code(code: object) -> int:
+    """The number of a paho `ReasonCode`, or of a plain int code (0 for None)."""
+    value = getattr(code, "value", code)
+    return value if isinstance(value, int) else 0
 
 
 def _reason(exc: BaseException) -> str:

@@ -80,10 +80,8 @@ class MqttSink(Sink):
         results = await asyncio.gather(*(self._publish(session, m) for m in batch))
         failures = {index: error for index, error in enumerate(results) if error is not None}
         if failures:
-            if any(isinstance(error, BrokerUnavailable) for error in failures.values()):
-                # The connection is suspect: the next write connects afresh.
-                if not session.connected:
-                    await session.close()
+            if not session.connected:  # the next write connects afresh
+                await session.close()
             raise BatchError(failures)
 
     async def _publish(self, session: Session, message: Message) -> DeliveryError | None:

@@ -201,7 +201,6 @@ class MqttSource(Source):
         return f"{name}:{hashlib.sha256(key).hexdigest()[:40]}"
 
 
-
 async def _settle(pending: list[Awaitable[PublishAck] | None]) -> None:
     """Await PubAcks nobody will use, ignoring their outcome: an abandoned one would leave
     nats-py's future with an exception never retrieved (and a coroutine never awaited)."""
