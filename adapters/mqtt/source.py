@@ -25,7 +25,7 @@ from collections.abc import Awaitable
 import anyio
 import orjson
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from busway import PublishAck, PublishError, Source, SourceContext, StartupError
 from busway.adapters.mqtt._client import BrokerRefused, BrokerUnavailable, Received, Session
@@ -106,6 +106,17 @@ class MqttSource(Source):
     async def _pump(self, context: SourceContext, session: Session) -> None:
         """Publish each message as it comes; an acker task PUBACKs them in order."""
         send, receive = anyio.create_memory_object_stream[Pending](self.config.max_in_flight)
+        # Closed here too: if the pump is cancelled before the acker starts, nobody else would.
+        with send, receive:
+            await self._pump_into(context, session, send, receive)
+
+    async def _pump_into(
+        self,
+        context: SourceContext,
+        session: Session,
+        send: MemoryObjectSendStream[Pending],
+        receive: MemoryObjectReceiveStream[Pending],
+    ) -> None:
         async with anyio.create_task_group() as tg, send:
             tg.start_soon(self._acknowledge, context, session, receive)
             async for message in session.messages():
