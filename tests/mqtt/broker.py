@@ -22,9 +22,18 @@ from tests.support import free_port, wait_for_port
 __all__ = ["MosquittoBroker", "mosquitto_available"]
 
 
+def _binary(name: str, directory: str) -> str:
+    """`name` on PATH, else in `directory` (Debian puts the broker in /usr/sbin)."""
+    return shutil.which(name) or f"{directory}/{name}"
+
+
+MOSQUITTO = _binary("mosquitto", "/usr/sbin")
+MOSQUITTO_PASSWD = _binary("mosquitto_passwd", "/usr/bin")
+
+
 def mosquitto_available() -> bool:
     """True when Debian's `mosquitto` (and `mosquitto_passwd`) are installed."""
-    return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
+    return Path(MOSQUITTO).is_file() and Path(MOSQUITTO_PASSWD).is_file()
 
 
 class MosquittoBroker:
@@ -40,7 +49,7 @@ class MosquittoBroker:
             passwords.touch(mode=0o600)
             for user, password in self.users.items():
                 subprocess.run(
-                    ["mosquitto_passwd", "-b", str(passwords), user, password],
+                    [MOSQUITTO_PASSWD, "-b", str(passwords), user, password],
                     check=True,
                     capture_output=True,
                 )
@@ -72,7 +81,7 @@ class MosquittoBroker:
         """Start the broker and wait until it accepts connections."""
         log = open(self.root / "stdout.log", "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(self.config)],
+            [MOSQUITTO, "-c", str(self.config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
