@@ -221,3 +221,26 @@ async def test_wait_for_broker_starts_anyway_and_connects_when_the_broker_comes(
             await eventually(lambda: harness.stats("devices").published == 1, timeout=20)
     finally:
         broker.close()
+
+
+async def test_mqtt5_ids_come_from_the_publishers_property(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Same payload, different `message-id`: two messages; same `message-id`: one."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    config = _config(mosquitto.url, extra='id_property = "message-id"').replace(
+        f'url = "{mosquitto.url}"', f'url = "{mosquitto.url}", protocol = "5"'
+    )
+    async with start_bus(config, directory=tmp_path) as harness:
+        await eventually(lambda: harness.stats("devices").ready, timeout=20)
+        async with _device(mosquitto, protocol=aiomqtt.ProtocolVersion.V5) as device:
+            for message_id in ("m-1", "m-2", "m-2"):
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.UserProperty = [("message-id", message_id)]
+                await device.publish("devices/d", b"same", qos=1, properties=properties)
+        await eventually(lambda: harness.stats("devices").published == 3, timeout=20)
+        stored = await harness.stored("IOT")
+    assert [m.data for m in stored] == [b"same", b"same"]
+    assert len({m.id for m in stored}) == 2
