@@ -106,14 +106,16 @@ async def test_the_mqtt_login_is_required_when_configured(tmp_path: Path) -> Non
         ('mqtt_listen = "0.0.0.0:1883"', "set mqtt_user and mqtt_password"),
         ('mqtt_listen = "127.0.0.1:0"', "needs a fixed port"),
         ('mqtt_user = "a"\nmqtt_password = "b"', "need mqtt_listen"),
-        ('mqtt_listen = "127.0.0.1:1883"\nmqtt_user = "a"', "both mqtt_user and mqtt_password"),
-        ('mqtt_listen = "127.0.0.1:1883"\nmqtt_user = "a"\nmqtt_password = "x\\"y"', "quotes"),
-        ('servers = ["nats://127.0.0.1:4222"]\nmqtt_listen = "127.0.0.1:1883"', "own nats-server"),
+        ('mqtt_listen = "{mqtt}"\nmqtt_user = "a"', "both mqtt_user and mqtt_password"),
+        ('mqtt_listen = "{mqtt}"\nmqtt_user = "a"\nmqtt_password = "x\\"y"', "quotes"),
+        ('servers = ["nats://{nats}"]\nmqtt_listen = "{mqtt}"', "own nats-server"),
     ],
 )
 async def test_unsafe_or_incomplete_mqtt_keys_are_refused(
     keys: str, error: str, tmp_path: Path
 ) -> None:
+    keys = keys.replace("{mqtt}", f"127.0.0.1:{free_port()}")
+    keys = keys.replace("{nats}", f"127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match=error):
         async with start_bus(f"[nats]\n{keys}\n", directory=tmp_path):
             pass
