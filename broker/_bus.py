@@ -63,7 +63,7 @@ from busway._nats.cluster import (
     shared_consumer_notes,
     until_ready,
 )
-from busway._nats.embedded import EmbeddedNatsServer, busway_permissions
+from busway._nats.embedded import EmbeddedNatsServer, busway_permissions, with_resolved_paths
 from busway._nats.jetstream import (
     JetStreamPublisher,
     close_connection,
@@ -279,7 +279,7 @@ class Bus(AsyncContextManagerMixin):
             embedded = None
             if servers is None:
                 embedded = EmbeddedNatsServer(
-                    config.nats,
+                    with_resolved_paths(config.nats, config.resolve_path),
                     config.resolve_path(config.nats.data_dir),
                     permissions=busway_permissions(config),
                     resolve=config.resolve_path,

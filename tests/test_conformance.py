@@ -30,6 +30,8 @@ from tests.amqp.client import rabbit
 from tests.amqp.conftest import rabbit_server
 from tests.amqp.servers import RabbitServer
 from tests.http_support import Receiver, Seen, serving
+from tests.mqtt.broker import MosquittoBroker, Subscriber
+from tests.mqtt.conftest import mosquitto
 from tests.sftp_support import SshServer
 from tests.smtp_support import MailServer
 from tests.sql.conftest import mariadb_server, postgres_server
@@ -39,7 +41,7 @@ from tests.support import free_port
 
 # The database servers of tests/sql serve the SQL classes here too (each started only when a
 # test here asks for it); exported so that the fixtures' names count as used.
-__all__ = ["mariadb_server", "postgres_server", "rabbit_server"]
+__all__ = ["mariadb_server", "mosquitto", "postgres_server", "rabbit_server"]
 
 
 def _keys_in_lines(text: str) -> list[str]:
@@ -519,9 +521,59 @@ class TestSmtpSink(SinkConformance):
             server.stop()
 
 
+# ---------------------------------------------------------------------------------------- mqtt
+
+
+class TestMqttSink(SinkConformance):
+    """QoS 1 to a Mosquitto broker; at least once, so not idempotent (a redelivered message is
+    published again; MQTT 5 subscribers can drop it by its `busway-message-id` property)."""
+
+    @pytest.fixture
+    async def sink_case(self, mosquitto: MosquittoBroker, tmp_path: Path) -> SinkCase:
+        subscriber = Subscriber(mosquitto, ["conformance/#"], client_id="conformance-reader")
+        await subscriber.subscribe()
+
+        async def delivered() -> list[str]:
+            return [orjson.loads(payload)["key"] for _, payload in await subscriber.drain()]
+
+        return SinkCase(
+            type="mqtt",
+            table=f'max_payload = 1000\nconnection = {{ url = "{mosquitto.url}" }}',
+            delivered=delivered,
+            base_dir=tmp_path,
+            idempotent=False,
+            bad_payload=b"x" * 1001,
+            unreachable_table=f'connection = {{ url = "mqtt://127.0.0.1:{free_port()}" }}',
+        )
+
+
+class TestMqttSource(SourceConformance):
+    """QoS 1 from a Mosquitto broker; the same payload on the same topic again (as the broker
+    sends it after a crash before the PUBACK) has the same id, so JetStream stores it once."""
+
+    @pytest.fixture
+    def source_case(self, mosquitto: MosquittoBroker, tmp_path: Path) -> SourceCase:
+        import aiomqtt
+
+        async def feed(harness: Harness, keys: list[str]) -> None:
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as device:
+                for key in keys:
+                    await device.publish("conformance/in", orjson.dumps({"key": key}), qos=1)
+
+        return SourceCase(
+            type="mqtt",
+            table=(
+                'topics = ["conformance/#"]\nlease_ttl = "1s"\n'
+                f'connection = {{ url = "{mosquitto.url}" }}'
+            ),
+            feed=feed,
+            directory=tmp_path,
+        )
+
+
 def test_every_built_in_adapter_is_checked_here() -> None:
     """A new built-in adapter type fails this until a conformance class above covers it."""
-    covered = {"amqp", "file", "http", "sqlite", "postgres", "mysql", "sftp", "smtp"}
+    covered = {"amqp", "file", "http", "sqlite", "postgres", "mysql", "mqtt", "sftp", "smtp"}
     assert set(default_registry().types) == covered
 
 

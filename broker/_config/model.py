@@ -282,6 +282,21 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
     """Reconnection attempts after losing the connection; -1 (the default) retries forever.
     When a finite number runs out, the daemon stops with an error for its supervisor to
     restart it."""
+    mqtt_listen: str = ""
+    """Embedded server: also accept MQTT 3.1.1 clients (devices) on this host:port; off when
+    empty. A topic `a/b` is the subject `a.b` (see the MQTT page). A non-loopback address
+    needs `mqtt_user`."""
+    mqtt_user: str | None = None
+    """Embedded server: the user name MQTT clients must log in with (with `mqtt_password`);
+    busway's own loopback NATS port is not affected."""
+    mqtt_password: str | None = None
+    """Password of `mqtt_user`; keep it in `${ENV}` or `${file:...}`."""
+    mqtt_tls_cert: str | None = None
+    """Embedded server: PEM certificate for TLS on the MQTT listener (with `mqtt_tls_key`)."""
+    mqtt_tls_key: str | None = None
+    """Private key (PEM) of `mqtt_tls_cert`."""
+    mqtt_tls_ca: str | None = None
+    """CA (PEM) that signs device certificates: with it, devices must present one."""
 
     def __post_init__(self) -> None:
         if not self.ping_interval >= _SHORTEST_PING:
@@ -319,6 +334,44 @@ class NatsConfig(_Strict, frozen=True, kw_only=True):
                 "certificates: set `tls_cert` and `tls_key` for busway's own connection"
             )
         _check_listen(self.listen)
+        _check_mqtt(self)
+
+
+def _check_mqtt(nats: NatsConfig) -> None:
+    """`[nats] mqtt_*`: a listener only for the embedded server, safe to expose."""
+    keys = (nats.mqtt_user, nats.mqtt_password, nats.mqtt_tls_cert, nats.mqtt_tls_key)
+    if not nats.mqtt_listen:
+        if any(key is not None for key in (*keys, nats.mqtt_tls_ca)):
+            raise ValueError("mqtt_user / mqtt_password / mqtt_tls_* need mqtt_listen")
+        return
+    if nats.servers is not None:
+        raise ValueError(
+            "mqtt_listen opens the embedded server's MQTT listener: with `servers`, enable "
+            "MQTT in your own nats-server's config instead"
+        )
+    try:
+        host, port = split_listen(nats.mqtt_listen)
+    except ValueError as exc:
+        raise ValueError(f"mqtt_listen: {exc}") from None
+    if port == 0:
+        raise ValueError("mqtt_listen needs a fixed port (devices must know where to connect)")
+    if (nats.mqtt_user is None) != (nats.mqtt_password is None):
+        raise ValueError("give both mqtt_user and mqtt_password, or neither")
+    if (nats.mqtt_tls_cert is None) != (nats.mqtt_tls_key is None):
+        raise ValueError("give both mqtt_tls_cert and mqtt_tls_key, or neither")
+    if nats.mqtt_tls_ca is not None and nats.mqtt_tls_cert is None:
+        raise ValueError("mqtt_tls_ca needs mqtt_tls_cert and mqtt_tls_key")
+    if nats.mqtt_user is None and not _is_loopback(host):
+        raise ValueError(
+            f"mqtt_listen {short(nats.mqtt_listen)!r} is reachable from other hosts: set "
+            "mqtt_user and mqtt_password so that only your devices can publish"
+        )
+    for value in (*keys, nats.mqtt_tls_ca):
+        if value is not None and _UNSAFE_IN_SERVER_CONFIG.search(value):
+            raise ValueError(
+                "mqtt_user, mqtt_password and mqtt_tls_* cannot hold quotes, backslashes or "
+                "control characters (they go into the embedded server's config file)"
+            )
 
 
 _SHORTEST_CONNECT = 0.5  # seconds

@@ -97,14 +97,16 @@ def nak_payload(delay: float) -> bytes:
 
 
 def passthrough_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """The headers an output inherits from its input: all but NATS' own (`Nats-*`, status)
-    and a replay's addressing (`Busway-Replay-For`, `Busway-Replay-Msg-Id`)."""
+    """The headers an output inherits from its input: all but NATS' own (`Nats-*`, status),
+    nats-server's MQTT markers (`Nmqtt-*`: they say "published by an MQTT client", and an
+    output carrying them never reaches MQTT subscribers) and a replay's addressing
+    (`Busway-Replay-For`, `Busway-Replay-Msg-Id`)."""
     if not headers:
         return {}
     return {
         key: value
         for key, value in headers.items()
-        if not key.startswith("Nats-") and key not in _NOT_INHERITED
+        if not key.startswith(("Nats-", "Nmqtt-")) and key not in _NOT_INHERITED
     }
 
 

@@ -60,7 +60,13 @@ class SinkWorker(ConsumerComponent):
 
     async def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
         """Open the sink and start the batcher."""
-        await self.sink.open()
+        try:
+            await self.sink.open()
+        except BaseException:
+            # The batcher, which closes the queue, never runs: close it here.
+            self._queue_in.close()
+            self._queue_out.close()
+            raise
         tg.start_soon(self._write_batches)
 
     async def drain(self, timeout: float) -> bool:

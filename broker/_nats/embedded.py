@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import nkeys
 
 from busway._config.model import Config, NatsConfig, NatsUser, route_targets, split_listen
@@ -65,6 +66,7 @@ __all__ = [
     "find_nats_server",
     "local_client",
     "process_alive",
+    "with_resolved_paths",
 ]
 
 logger = logging.getLogger("busway.nats.embedded")
@@ -232,6 +234,10 @@ class EmbeddedNatsServer:
             self.data_dir / "jetstream",
             self._config.sync,
         )
+        if self._config.mqtt_listen:
+            tls = " with TLS" if self._config.mqtt_tls_cert else ""
+            login = ", login required" if self._config.mqtt_user else ""
+            logger.info("MQTT listener on %s%s%s", self._config.mqtt_listen, tls, login)
 
     async def watch(self) -> None:
         """Restart the server on its port and store whenever it dies, until `stop()`.
@@ -362,6 +368,7 @@ class EmbeddedNatsServer:
             "}",
             *self._tls_lines(),
             *self._authorization_lines(),
+            *_mqtt_block(self._config),
             "",
         ]
         path = self.data_dir / "nats-server.conf"
@@ -441,6 +448,47 @@ class EmbeddedNatsServer:
             f"the embedded nats-server {_exit_description(process.returncode)} at start-up: "
             f"{detail}; see {log_path}"
         )
+
+
+def with_resolved_paths(config: NatsConfig, resolve: Callable[[str], Path]) -> NatsConfig:
+    """`config` with its `mqtt_tls_*` files made absolute (relative to the config file):
+    the server runs elsewhere and reads them by the path written into its config."""
+    paths = {
+        key: str(resolve(value))
+        for key in ("mqtt_tls_cert", "mqtt_tls_key", "mqtt_tls_ca")
+        if (value := getattr(config, key)) is not None
+    }
+    return msgspec.structs.replace(config, **paths) if paths else config
+
+
+def _mqtt_block(config: NatsConfig) -> list[str]:
+    """The server's `mqtt { }` block for `[nats] mqtt_listen` (none when it is off).
+
+    nats-server keeps MQTT sessions and QoS 1 state in JetStream (`$MQTT_*` streams), which
+    is why it needs the `server_name` and JetStream this server already has. The login is
+    for MQTT clients only: busway's own connection on the loopback NATS port is unchanged.
+    """
+    if not config.mqtt_listen:
+        return []
+    lines = ["mqtt {", f'  listen: "{config.mqtt_listen}"']
+    if config.mqtt_user is not None and config.mqtt_password is not None:
+        lines += [
+            "  authorization {",
+            f'    username: "{config.mqtt_user}"',
+            f'    password: "{config.mqtt_password}"',
+            "  }",
+        ]
+    if config.mqtt_tls_cert is not None and config.mqtt_tls_key is not None:
+        lines += [
+            "  tls {",
+            f'    cert_file: "{config.mqtt_tls_cert}"',
+            f'    key_file: "{config.mqtt_tls_key}"',
+        ]
+        if config.mqtt_tls_ca is not None:
+            lines += [f'    ca_file: "{config.mqtt_tls_ca}"', "    verify: true"]
+        lines.append("  }")
+    lines.append("}")
+    return lines
 
 
 async def _server_name_at(host: str, port: int, timeout: float = 2.0) -> str | None:
