@@ -4,8 +4,10 @@ publish with QoS 1, acknowledge by hand; every failure translated into busway's 
 aiomqtt 2.x has no manual acknowledgement and ignores MQTT 5 PUBACK reason codes, both of
 which busway needs (ack to the broker only after JetStream stored the message; a refused
 publish is not a delivered one). paho-mqtt, under aiomqtt, has both: this module reaches it
-through aiomqtt's `_client` attribute, and nowhere else does (tests/adapters/test_mqtt_client.py
-fails loudly if aiomqtt renames it).
+through aiomqtt's `_client` attribute, and nowhere else does. It also replaces aiomqtt's
+socket-write callback (`_watch_writes_safely`), failing a broken write into aiomqtt's
+`_disconnected` as aiomqtt does (tests/mqtt/test_topics_and_config.py fails loudly if aiomqtt
+renames either).
 
 Errors: a refused login is `BrokerRefused` (never retried on its own, message without the
 password); a broker that cannot be reached or drops the connection is `BrokerUnavailable`.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +137,7 @@ class Session:
             wrapped(*args)
 
         inner.on_publish = on_publish
+        _watch_writes_safely(client, inner)
         try:
             await client.__aenter__()
         except MqttConnectError as exc:
@@ -263,6 +267,46 @@ class Session:
         if self._config.cert_file and self._config.key_file:
             context.load_cert_chain(self._config.cert_file, self._config.key_file)
         return context
+
+
+def _watch_writes_safely(client: aiomqtt.Client, inner: Any) -> None:
+    """Replace aiomqtt's "watch the socket for writing" callback by one that cannot outlive
+    the socket.
+
+    paho asks for the socket to be watched whenever it queues a packet (a publish, a PUBACK,
+    the DISCONNECT). aiomqtt 2.x always defers the `loop.add_writer(fd)` with
+    `call_soon_threadsafe`, because paho may ask from the executor thread that runs
+    `connect()`. When the broker drops the connection, the EOF can be read (and paho close
+    the socket, unregistering a writer that was never added) after the request but before
+    the deferred call runs: `add_writer` then hits a closed fd (EBADF / "fd is not
+    registered", raised in an asynchronous callback) or, worse, whatever socket reuses that
+    number. So: on the loop's own thread register at once (paho's later unregister then
+    undoes it, in order); from another thread defer, and register only if the socket is
+    still this client's and open when the loop gets to it.
+    """
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+
+    def write() -> None:
+        # As aiomqtt's own callback: a failing write means the connection broke.
+        try:
+            inner.loop_write()
+        except Exception as exc:
+            disconnected: asyncio.Future[None] = client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    def watch(sock: Any) -> None:
+        if inner.socket() is sock and sock.fileno() >= 0:
+            loop.add_writer(sock.fileno(), write)
+
+    def on_socket_register_write(_client: Any, _userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            watch(sock)
+        else:
+            loop.call_soon_threadsafe(watch, sock)
+
+    inner.on_socket_register_write = on_socket_register_write
 
 
 def _user_properties(properties: Any) -> dict[str, str]:

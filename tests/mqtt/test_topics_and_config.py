@@ -71,12 +71,15 @@ def test_bad_mqtt_keys_are_refused_by_name(role: str, table: str, error: str) ->
 
 def test_the_paho_client_under_aiomqtt_is_where_the_adapter_reaches_it() -> None:
     """adapters/mqtt/_client.py reaches paho through `aiomqtt.Client._client` for manual
-    acks and PUBACK reason codes: an aiomqtt release that renames it must fail here."""
+    acks and PUBACK reason codes, and fails a broken write into `aiomqtt.Client._disconnected`:
+    an aiomqtt release that renames either must fail here."""
 
-    async def inner() -> object:
-        return aiomqtt.Client("127.0.0.1", 1)._client
+    async def inner() -> tuple[object, object]:
+        client = aiomqtt.Client("127.0.0.1", 1)
+        return client._client, client._disconnected
 
-    paho = asyncio.run(inner())
+    paho, disconnected = asyncio.run(inner())
+    assert isinstance(disconnected, asyncio.Future)
     assert callable(paho.manual_ack_set)  # type: ignore[attr-defined]
     assert callable(paho.ack)  # type: ignore[attr-defined]
     assert callable(paho.publish)  # type: ignore[attr-defined]
