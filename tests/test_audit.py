@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 
 from busway import Bus, ConfigError
 from busway._observe.audit_read import AuditQuery, iter_audit
-from tests.configs import dead_letter_table
+from tests.configs import config_toml, dead_letter_table, io_streams
 from tests.support import NatsServer, decode_test_config, eventually, run_cli, stream_messages
 
 pytestmark = pytest.mark.anyio
@@ -32,24 +32,9 @@ def config_text(server: NatsServer, unique: str, *, audit: bool = True) -> str:
         if audit
         else ""
     )
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-{table}
-{dead_letter_table(unique)}
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(server, streams=io_streams(unique), dead_letter=unique, body=table)
+        + f"""
 [[sources]]
 name = "api"
 type = "http"
@@ -66,6 +51,7 @@ from = "in{unique}.orders"
 when = "total > `100`"
 to = ["out{unique}.big"]
 """
+    )
 
 
 async def audit_records(nc: NatsClient, unique: str) -> list[dict[str, object]]:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from busway import Bus
 from busway._observe.logging import HumanFormatter
-from tests.configs import dead_letter_table
+from tests.configs import config_toml, io_streams
 from tests.http_support import Receiver, serving
 from tests.support import NatsServer, decode_test_config, eventually, stream_messages
 
@@ -36,24 +36,9 @@ SAMPLED = f"00-{TRACE}-{CALLER_SPAN}-01"
 
 
 def config_text(server: NatsServer, unique: str, url: str, tracing: str = "") -> str:
-    return f"""
-[nats]
-servers = ["{server.url}"]
-
-[http]
-listen = "127.0.0.1:0"
-
-{tracing}
-{dead_letter_table(unique)}
-
-[[streams]]
-name = "IN_{unique}"
-subjects = ["in{unique}.>"]
-
-[[streams]]
-name = "OUT_{unique}"
-subjects = ["out{unique}.>"]
-
+    return (
+        config_toml(server, streams=io_streams(unique), dead_letter=unique, body=tracing)
+        + f"""
 [[sources]]
 name = "api"
 type = "http"
@@ -72,6 +57,7 @@ type = "http"
 from = "out{unique}.>"
 url = "{url}/hook"
 """
+    )
 
 
 def parent_of(traceparent: str) -> tuple[str, str, str]:
